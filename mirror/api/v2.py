@@ -1,0 +1,327 @@
+"""The `/v2/` endpoints: parse and validate, call one cache API, write the response.
+
+Repository names contain `/`, so one catch-all route takes every `/v2/` path
+and the path is split at its last `/manifests/`, `/blobs/`, `/referrers/` or
+`/tags/list`. Only GET and HEAD are served; every other method is 405
+UNSUPPORTED. No policy lives here: hit, miss, TTL and stale decisions are the
+caches'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from mirror.cache.blobs import BlobCache, BlobSource
+from mirror.cache.listings import Listing, Listings
+from mirror.cache.manifests import Manifest, ManifestCache
+from mirror.errors import MirrorError, NameUnknown, RangeInvalid, SizeInvalid, Unsupported
+from mirror.logging import ACCESS_INFO, AccessInfo
+from mirror.oci import AcceptSet, Digest, Reference
+from mirror.routing import Route, Router
+
+log = structlog.get_logger(__name__)
+
+API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+READ_METHODS = frozenset({"GET", "HEAD"})
+MAX_PAGE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    router: Router
+    blobs: BlobCache
+    manifests: ManifestCache
+    listings: Listings
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    kind: str  # base, catalog, manifest, blob, tags, referrers
+    name: str = ""
+    argument: str = ""
+
+
+def parse_endpoint(tail: str) -> Endpoint:
+    """Split the part of the path after `/v2/` into the endpoint and its name."""
+    if tail == "":
+        return Endpoint("base")
+    if tail == "_catalog":
+        return Endpoint("catalog")
+    if tail.endswith("/tags/list"):
+        return Endpoint("tags", tail[: -len("/tags/list")])
+    for marker, kind in (
+        ("/manifests/", "manifest"),
+        ("/blobs/", "blob"),
+        ("/referrers/", "referrers"),
+    ):
+        name, sep, argument = tail.rpartition(marker)
+        if sep and name and argument and "/" not in argument:
+            return Endpoint(kind, name, argument)
+    raise NameUnknown("no such endpoint")
+
+
+def _page_size(request: web.Request) -> int | None:
+    text = request.query.get("n")
+    if text is None or text == "":
+        return None
+    if not text.isdigit():
+        raise SizeInvalid("n must be a non-negative integer", detail={"n": text[:20]})
+    return min(int(text), MAX_PAGE)
+
+
+def _route(request: web.Request, services: Services, name: str, reference: str = "") -> Route:
+    route = services.router.resolve(name, request.query.get("ns"))
+    info = request[ACCESS_INFO]
+    info.upstream, info.repository, info.reference = (
+        route.upstream,
+        route.repository,
+        reference or None,
+    )
+    return route
+
+
+def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
+    namespace = request.query.get("ns")
+    if namespace and response.status < 400:
+        response.headers["OCI-Namespace"] = namespace
+    info = request.get(ACCESS_INFO)
+    if info is not None:
+        response.headers["X-Request-Id"] = info.request_id
+
+
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every response carries, streamed or not, error or not."""
+    _common_headers(request, response)
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = uuid.uuid4().hex
+    request[ACCESS_INFO] = AccessInfo(request_id=request_id)
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        return await handler(request)
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+async def handle_v2(request: web.Request) -> web.StreamResponse:
+    if request.method not in READ_METHODS:
+        raise Unsupported("this mirror is read-only", headers={"Allow": "GET, HEAD"})
+    services = request.app[SERVICES]
+    endpoint = parse_endpoint(request.match_info.get("tail", ""))
+    if endpoint.kind == "base":
+        return web.json_response({})
+    if endpoint.kind == "catalog":
+        listing = await services.listings.catalog(
+            _page_size(request), request.query.get("last"), "/v2/_catalog"
+        )
+        return _listing_response(request, listing)
+    if endpoint.kind == "manifest":
+        return await _manifest(request, services, endpoint)
+    if endpoint.kind == "blob":
+        return await _blob(request, services, endpoint)
+    if endpoint.kind == "tags":
+        route = _route(request, services, endpoint.name)
+        listing = await services.listings.tags(
+            route, _page_size(request), request.query.get("last")
+        )
+        return _listing_response(request, listing)
+    route = _route(request, services, endpoint.name, endpoint.argument)
+    digest = Digest.parse(endpoint.argument)
+    listing = await services.listings.referrers(route, digest, request.query.get("artifactType"))
+    return _listing_response(request, listing)
+
+
+def _listing_response(request: web.Request, listing: Listing) -> web.Response:
+    request[ACCESS_INFO].cache = listing.cache_result
+    response = web.Response(body=listing.body, content_type=listing.content_type)
+    if listing.link:
+        response.headers["Link"] = listing.link
+    if listing.filters_applied:
+        response.headers["OCI-Filters-Applied"] = listing.filters_applied
+    return response
+
+
+# Manifests
+
+
+async def _manifest(
+    request: web.Request, services: Services, endpoint: Endpoint
+) -> web.StreamResponse:
+    route = _route(request, services, endpoint.name, endpoint.argument)
+    reference = Reference.parse(endpoint.argument)
+    accept = AcceptSet.from_headers(request.headers.getall("Accept", []))
+    head = request.method == "HEAD"
+    manifest = await services.manifests.get(route, reference, accept, head=head)
+    request[ACCESS_INFO].cache = manifest.cache_result
+    return await _send_manifest(request, manifest, head=head)
+
+
+async def _send_manifest(
+    request: web.Request, manifest: Manifest, *, head: bool
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": manifest.media_type,
+            "Docker-Content-Digest": manifest.digest,
+            "ETag": f'"{manifest.digest}"',
+            "X-Cache": _x_cache(manifest.cache_result),
+        }
+    )
+    response.content_length = manifest.size
+    if manifest.digest in request.headers.get("If-None-Match", ""):
+        response.set_status(304)
+        response.content_length = None
+        await response.prepare(request)
+        return response
+    await response.prepare(request)
+    if not head and manifest.body is not None:
+        await response.write(manifest.body)
+    await response.write_eof()
+    return response
+
+
+def _x_cache(cache_result: str) -> str:
+    return {"hit": "HIT", "stale": "STALE", "revalidated": "HIT"}.get(cache_result, "MISS")
+
+
+# Blobs
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    start: int
+    end: int  # exclusive
+
+
+def parse_range(request: web.Request, size: int | None) -> ByteRange | None:
+    """The single byte range to send, None for the whole blob; RangeInvalid if unsatisfiable."""
+    header = request.headers.get("Range")
+    if header is None:
+        return None
+    if "," in header:
+        # Multi-range: answering with the whole blob is allowed, and containers/image
+        # splits a 200 itself.
+        return None
+    try:
+        requested = request.http_range
+    except ValueError:
+        raise RangeInvalid("invalid Range header", detail={"range": header[:100]}) from None
+    if size is None:
+        return None
+    start, stop = requested.start, requested.stop
+    if start is None:
+        start = 0
+    if start < 0:  # suffix range: the last -start bytes
+        start = max(size + start, 0)
+    if start >= size:
+        raise RangeInvalid(
+            "range not satisfiable",
+            detail={"range": header[:100], "size": size},
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    end = size if stop is None else min(stop, size)
+    return ByteRange(start, end)
+
+
+async def _blob(request: web.Request, services: Services, endpoint: Endpoint) -> web.StreamResponse:
+    route = _route(request, services, endpoint.name, endpoint.argument)
+    digest = Digest.parse(endpoint.argument)
+    if request.method == "HEAD":
+        size, cache_result = await services.blobs.head(route, digest)
+        request[ACCESS_INFO].cache = cache_result
+        response = _blob_response(digest, cache_result)
+        response.content_length = size
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    source = await services.blobs.open(route, digest)
+    request[ACCESS_INFO].cache = source.cache_result
+    byte_range = parse_range(request, source.size)
+    if f'"{digest}"' in request.headers.get("If-None-Match", "") and source.path is not None:
+        response = _blob_response(digest, source.cache_result)
+        response.set_status(304)
+        await response.prepare(request)
+        return response
+    return await _send_blob(request, source, byte_range)
+
+
+def _blob_response(digest: Digest, cache_result: str) -> web.StreamResponse:
+    return web.StreamResponse(
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Docker-Content-Digest": str(digest),
+            "ETag": f'"{digest}"',
+            "Accept-Ranges": "bytes",
+            "Cache-Control": "max-age=31536000, immutable",
+            "X-Cache": _x_cache(cache_result),
+        }
+    )
+
+
+async def _send_blob(
+    request: web.Request, source: BlobSource, byte_range: ByteRange | None
+) -> web.StreamResponse:
+    response = _blob_response(source.digest, source.cache_result)
+    start, end = 0, source.size
+    if byte_range is not None and source.size is not None:
+        start, end = byte_range.start, byte_range.end
+        response.set_status(206)
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{source.size}"
+    if end is not None:
+        response.content_length = end - start
+    await response.prepare(request)
+    try:
+        if source.path is not None:
+            assert end is not None
+            await _sendfile(request, response, source, start, end - start)
+        else:
+            assert source.download is not None
+            async for chunk in source.download.iter_bytes(start, end):
+                await response.write(chunk)
+    except MirrorError as error:
+        # Headers are gone: the only honest signal left is a broken connection, which
+        # no client mistakes for a complete body.
+        log.warning("blob_transfer_aborted", digest=str(source.digest), error=error.message)
+        if request.transport is not None:
+            request.transport.abort()
+        # aiohttp's write_eof on the dead transport raises ConnectionError, which it
+        # treats as a client that went away: logged as an access line, not a crash.
+        return response
+    except ConnectionError:
+        return response  # the client hung up; the download (if any) goes on without it
+    await response.write_eof()
+    return response
+
+
+async def _sendfile(
+    request: web.Request, response: web.StreamResponse, source: BlobSource, offset: int, count: int
+) -> None:
+    assert source.path is not None
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    with open(source.path, "rb") as file:  # noqa: ASYNC230 - opening is instant; sendfile is async
+        try:
+            await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+        except NotImplementedError:
+            # No zero-copy on this transport (TLS): stream it in chunks instead.
+            file.seek(offset)
+            remaining = count
+            while remaining > 0:
+                chunk = await asyncio.to_thread(file.read, min(remaining, 1024 * 1024))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                await response.write(chunk)

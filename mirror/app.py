@@ -1,0 +1,131 @@
+"""The composition root: `create_app(config)` builds the whole mirror.
+
+Shared resources (the upstream session, the metadata store, the caches) are
+created when the app starts and closed when it stops, in one `cleanup_ctx`;
+they live behind typed `AppKey`s. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import structlog
+from aiocache import SimpleMemoryCache
+from aiohttp import web
+
+from mirror.api.errors import oci_errors
+from mirror.api.v2 import SERVICES, Services, handle_v2, on_prepare, request_context
+from mirror.cache.blobs import BlobCache
+from mirror.cache.listings import Listings
+from mirror.cache.manifests import ManifestCache, TagPolicy
+from mirror.config import MirrorConfig
+from mirror.metadata.base import MetadataStore
+from mirror.metadata.embedded import EmbeddedMetadataStore
+from mirror.routing import Router, UpstreamNames
+from mirror.storage.blobstore import BlobStore
+from mirror.upstream.client import UpstreamClient, UpstreamSettings
+
+log = structlog.get_logger(__name__)
+
+CONFIG = web.AppKey("config", MirrorConfig)
+METADATA = web.AppKey("metadata", MetadataStore)
+
+
+def build_router(config: MirrorConfig) -> Router:
+    default = config.default_upstream
+    if default is None and len(config.upstreams) == 1:
+        default = next(iter(config.upstreams))
+    return Router(
+        (
+            UpstreamNames(name, upstream.aliases, upstream.is_docker_hub)
+            for name, upstream in config.upstreams.items()
+        ),
+        default,
+    )
+
+
+def open_metadata(config: MirrorConfig, store: BlobStore) -> MetadataStore:
+    if config.metadata.backend == "redis":
+        from mirror.metadata.redis import RedisMetadataStore
+
+        assert config.metadata.redis_url is not None
+        return RedisMetadataStore(config.metadata.redis_url, config.metadata.key_prefix)
+    return EmbeddedMetadataStore(store.meta_dir)
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store = BlobStore(config.storage.root)
+    swept = store.prepare()
+    metadata = open_metadata(config, store)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
+        auto_decompress=False,
+        trust_env=False,
+    )
+    tokens = SimpleMemoryCache()
+    clients = {
+        name: UpstreamClient(
+            UpstreamSettings(
+                name=name,
+                url=upstream.url,
+                credentials=upstream.credentials,
+                connect_timeout=upstream.connect_timeout,
+                read_timeout=upstream.read_timeout,
+            ),
+            session,
+            tokens,
+        )
+        for name, upstream in config.upstreams.items()
+    }
+    credentialed = frozenset(
+        name for name, upstream in config.upstreams.items() if upstream.username
+    )
+    blobs = BlobCache(store, metadata, clients, credentialed)
+    manifests = ManifestCache(
+        store,
+        metadata,
+        clients,
+        {name: TagPolicy(u.tag_ttl, u.max_stale) for name, u in config.upstreams.items()},
+    )
+    router = build_router(config)
+    listings = Listings(
+        metadata,
+        clients,
+        {name: u.tags_list_ttl for name, u in config.upstreams.items()},
+        config.default_upstream,
+    )
+    app[SERVICES] = Services(router, blobs, manifests, listings)
+    app[METADATA] = metadata
+    await blobs.start()
+    log.info(
+        "mirror_started",
+        storage=str(store.root),
+        metadata=config.metadata.backend,
+        upstreams=sorted(config.upstreams),
+        temp_files_swept=swept,
+    )
+    try:
+        yield
+    finally:
+        await blobs.close()
+        await manifests.close()
+        await session.close()
+        await tokens.close()
+        await metadata.close()
+
+
+def create_app(config: MirrorConfig) -> web.Application:
+    app = web.Application(middlewares=[request_context, oci_errors], client_max_size=1024)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_resources)
+    app.on_response_prepare.append(on_prepare)
+    app.router.add_route("*", "/v2", handle_v2)
+    app.router.add_route("*", "/v2/{tail:.*}", handle_v2)
+    app.router.add_get("/healthz", _healthz)
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})

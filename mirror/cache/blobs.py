@@ -1,0 +1,222 @@
+"""The blob policy: serve from disk, or fetch once and share the download.
+
+`BlobCache.open` answers "give me this blob for this repository" and never
+makes the HTTP layer ask whether it is cached: it returns a `BlobSource`
+that is either a committed file (sent with sendfile) or a running
+`BlobDownload` (read as it grows).
+
+Exactly one upstream download per digest: in this process through the
+registry of running downloads; across processes and nodes through a lease in
+the metadata store. A process that loses the lease waits for the holder's
+commit (or for the lease to lapse, then takes over).
+
+Access rule: a blob reached through a credentialed upstream is served for
+another repository only once that repository is known to hold it (the
+upstream said so to a HEAD or a GET); content from public upstreams is
+content-addressed and served for any repository of a public upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from mirror.cache.fetch import BlobDownload, raise_for_upstream_status
+from mirror.concurrency import TaskOwner
+from mirror.errors import BlobUnknown, UpstreamUnavailable
+from mirror.metadata.base import BlobRecord, MetadataStore
+from mirror.oci import Digest
+from mirror.routing import Route
+from mirror.storage.blobstore import BlobStore
+from mirror.upstream.client import UpstreamClient
+
+log = structlog.get_logger(__name__)
+
+LEASE_TTL = 30.0
+LEASE_RENEW_EVERY = 10.0
+ACCESS_FLUSH_EVERY = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class BlobSource:
+    """Where a blob's bytes come from for one response."""
+
+    digest: Digest
+    size: int | None
+    cache_result: str  # "hit" or "miss"
+    path: Path | None = None  # a committed file
+    download: BlobDownload | None = None  # a download in progress
+
+
+def process_owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+
+
+class BlobCache:
+    def __init__(
+        self,
+        store: BlobStore,
+        metadata: MetadataStore,
+        clients: Mapping[str, UpstreamClient],
+        credentialed: frozenset[str],
+    ):
+        self._store = store
+        self._metadata = metadata
+        self._clients = clients
+        self._credentialed = credentialed
+        self._downloads: dict[Digest, tuple[BlobDownload, Route]] = {}
+        self._tasks = TaskOwner("blob-downloads")
+        self._owner = process_owner_id()
+        self._accessed: dict[str, float] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        self._flusher = asyncio.create_task(self._flush_access_loop(), name="blob-access-flush")
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        await self._tasks.close()
+        await self.flush_access()
+
+    @property
+    def downloads_in_flight(self) -> int:
+        return len(self._downloads)
+
+    # Reading
+
+    async def open(self, route: Route, digest: Digest) -> BlobSource:
+        """A source for the blob's bytes, fetching it if it is not here."""
+        size = self._store.size(digest)
+        if size is not None and await self._may_serve_cached(route, digest):
+            self._accessed[str(digest)] = time.time()
+            return BlobSource(digest, size, "hit", path=self._store.path(digest))
+        running = self._downloads.get(digest)
+        if running is not None and self._may_join(route, running[1]):
+            download = running[0]
+        else:
+            download = await self._start_download(route, digest)
+        await download.wait_started()
+        return BlobSource(digest, download.size, "miss", download=download)
+
+    async def head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
+        """The blob's size and the cache result, without fetching its bytes."""
+        size = self._store.size(digest)
+        if size is not None and await self._may_serve_cached(route, digest):
+            return size, "hit"
+        async with await self._client(route).open(
+            "HEAD", route.repository, f"blobs/{digest}"
+        ) as response:
+            raise_for_upstream_status(response, BlobUnknown)
+            length = response.content_length
+        await self._metadata.add_blob_repository(str(digest), route.upstream, route.repository)
+        return length, "pass-through"
+
+    def _client(self, route: Route) -> UpstreamClient:
+        return self._clients[route.upstream]
+
+    def _may_join(self, route: Route, started_for: Route) -> bool:
+        if started_for.upstream == route.upstream and started_for.repository == route.repository:
+            return True
+        return not ({route.upstream, started_for.upstream} & self._credentialed)
+
+    async def _may_serve_cached(self, route: Route, digest: Digest) -> bool:
+        holders = await self._metadata.blob_repositories(str(digest))
+        if (route.upstream, route.repository) in holders:
+            return True
+        public = route.upstream not in self._credentialed and not any(
+            upstream in self._credentialed for upstream, _ in holders
+        )
+        if public:
+            return True
+        # Ask the upstream whether this repository holds the blob, and remember a yes.
+        async with await self._client(route).open(
+            "HEAD", route.repository, f"blobs/{digest}"
+        ) as response:
+            raise_for_upstream_status(response, BlobUnknown)
+        await self._metadata.add_blob_repository(str(digest), route.upstream, route.repository)
+        return True
+
+    # Fetching
+
+    async def _start_download(self, route: Route, digest: Digest) -> BlobDownload:
+        download = BlobDownload(self._store, digest)
+        self._downloads[digest] = (download, route)
+        self._tasks.spawn(self._download(download, route), name=f"download:{digest}")
+        return download
+
+    async def _download(self, download: BlobDownload, route: Route) -> None:
+        digest = download.digest
+        lease = f"blob:{digest}"
+        try:
+            if not await self._take_lease_or_wait(lease, digest):
+                # Another process committed it while we waited: serve our readers from disk.
+                await download.adopt_committed()
+                return
+            renewer = asyncio.create_task(self._renew_lease(lease), name=f"lease:{digest}")
+            try:
+                await download.run(self._client(route), route.repository)
+            finally:
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
+                await self._metadata.release_lease(lease, self._owner)
+            if download.committed:
+                now = time.time()
+                await self._metadata.put_blob(
+                    str(digest), BlobRecord(size=download.written, created_at=now, last_access=now)
+                )
+                await self._metadata.add_blob_repository(
+                    str(digest), route.upstream, route.repository
+                )
+        except UpstreamUnavailable as exc:
+            await download.fail(exc)
+        finally:
+            self._downloads.pop(digest, None)
+
+    async def _take_lease_or_wait(self, lease: str, digest: Digest) -> bool:
+        """True once we hold the lease; False if another holder committed the blob."""
+        delay = 0.05
+        while True:
+            if await self._metadata.acquire_lease(lease, self._owner, LEASE_TTL):
+                if self._store.size(digest) is None:
+                    return True
+                await self._metadata.release_lease(lease, self._owner)
+                return False
+            if self._store.size(digest) is not None:
+                return False
+            # The holder is downloading; its commit or its lease lapsing ends the wait.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _renew_lease(self, lease: str) -> None:
+        while True:
+            await asyncio.sleep(LEASE_RENEW_EVERY)
+            if not await self._metadata.renew_lease(lease, self._owner, LEASE_TTL):
+                log.warning("lease_lost", lease=lease)
+                return
+
+    # Access times, batched so a hit never waits on a metadata write.
+
+    async def _flush_access_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ACCESS_FLUSH_EVERY)
+            try:
+                await self.flush_access()
+            except UpstreamUnavailable as exc:
+                log.warning("access_flush_failed", error=repr(exc))
+
+    async def flush_access(self) -> None:
+        if not self._accessed:
+            return
+        batch, self._accessed = self._accessed, {}
+        await self._metadata.touch_blobs(batch)

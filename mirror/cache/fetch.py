@@ -1,0 +1,207 @@
+"""One upstream blob download, shared by every client that wants the blob meanwhile.
+
+A `BlobDownload` streams the upstream body into a temp file through a
+`BlobWriter` (hashing as it goes) and publishes how many bytes are on disk.
+Each client reads the growing temp file from its own offset as bytes arrive,
+so no client waits for the whole layer, and a client that joins late starts
+from the file rather than the network. A client hanging up stops only its own
+reader; the download runs on in a task the blob cache owns.
+
+The last byte is held back from every reader until the digest and size are
+verified and the blob committed, so a client can never receive a complete body
+of unverified bytes. On a mismatch or an upstream error the temp file is
+deleted and every reader raises, which the HTTP layer turns into an aborted
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+
+from mirror.errors import (
+    BlobUnknown,
+    Denied,
+    MirrorError,
+    TooManyRequests,
+    UpstreamBadResponse,
+    UpstreamUnavailable,
+)
+from mirror.oci import Digest
+from mirror.storage.blobstore import BlobStore, BlobWriter
+from mirror.upstream.client import UpstreamClient, UpstreamResponse
+
+log = structlog.get_logger(__name__)
+
+UPSTREAM_CHUNK = 256 * 1024
+# Writes are batched into the worker thread: fewer hops, same memory bound.
+WRITE_BATCH = 1024 * 1024
+READ_CHUNK = 512 * 1024
+
+
+def raise_for_upstream_status(response: UpstreamResponse, not_found: type[MirrorError]) -> None:
+    """Turn an upstream failure status into the error the client should see."""
+    status = response.status
+    if status == 200:
+        return
+    if status == 404:
+        raise not_found("not found upstream")
+    if status in (401, 403):
+        raise Denied("the upstream refused access", detail={"upstream_status": status})
+    if status == 429:
+        retry_after = response.headers.get("Retry-After", "60")
+        raise TooManyRequests(
+            "the upstream is rate limiting this mirror",
+            headers={"Retry-After": retry_after if retry_after.isdigit() else "60"},
+        )
+    if status >= 500:
+        raise UpstreamUnavailable("the upstream failed", detail={"upstream_status": status})
+    raise UpstreamBadResponse("unexpected upstream status", detail={"upstream_status": status})
+
+
+class BlobDownload:
+    """The in-flight fetch of one blob and the readers following it."""
+
+    def __init__(self, store: BlobStore, digest: Digest):
+        self.store = store
+        self.digest = digest
+        self.size: int | None = None
+        self.written = 0
+        self.error: BaseException | None = None
+        self.committed = False
+        self.temp_path: Path | None = None
+        self._started = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._finished = False
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    async def wait_started(self) -> None:
+        """Wait for the upstream's headers; raise the failure if it failed before."""
+        await self._started.wait()
+        if self.error is not None and self.temp_path is None:
+            raise self.error
+
+    async def run(self, client: UpstreamClient, repository: str) -> None:
+        """Download, verify and commit. Never raises: the outcome is on `self`."""
+        started = time.monotonic()
+        writer: BlobWriter | None = None
+        try:
+            async with await client.open("GET", repository, f"blobs/{self.digest}") as response:
+                raise_for_upstream_status(response, BlobUnknown)
+                self.size = response.content_length
+                writer = self.store.new_writer(self.digest, self.size)
+                self.temp_path = writer.temp_path
+                self._started.set()
+                batch: list[bytes] = []
+                batched = 0
+                async for chunk in response.iter_chunks(UPSTREAM_CHUNK):
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= WRITE_BATCH:
+                        await self._append(writer, batch)
+                        batch, batched = [], 0
+                if batch:
+                    await self._append(writer, batch)
+            await asyncio.to_thread(writer.commit)
+            self.committed = True
+            log.info(
+                "blob_fetched",
+                digest=str(self.digest),
+                bytes=self.written,
+                seconds=round(time.monotonic() - started, 3),
+            )
+        except BaseException as exc:
+            self.error = (
+                exc
+                if isinstance(exc, MirrorError)
+                else UpstreamUnavailable("blob download failed", detail=repr(exc))
+            )
+            log.warning(
+                "blob_fetch_failed", digest=str(self.digest), error=repr(exc), bytes=self.written
+            )
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            if writer is not None:
+                writer.discard()
+            await self._finish()
+
+    async def adopt_committed(self) -> None:
+        """Another process committed this blob: readers follow the committed file."""
+        size = self.store.size(self.digest)
+        if size is None:
+            await self.fail(UpstreamUnavailable("blob vanished after another fetch committed it"))
+            return
+        self.size = self.written = size
+        self.temp_path = self.store.path(self.digest)
+        self.committed = True
+        await self._finish()
+
+    async def fail(self, error: MirrorError) -> None:
+        if self.error is None and not self.committed:
+            self.error = error
+        await self._finish()
+
+    async def _finish(self) -> None:
+        self._finished = True
+        self._started.set()
+        async with self._progress:
+            self._progress.notify_all()
+
+    async def _append(self, writer: BlobWriter, batch: list[bytes]) -> None:
+        data = b"".join(batch)
+        await asyncio.to_thread(_write_and_flush, writer, data)
+        self.written += len(data)
+        async with self._progress:
+            self._progress.notify_all()
+
+    def _readable_limit(self) -> int:
+        # Hold back the last byte until the blob is verified and committed.
+        return self.written if self.committed else max(self.written - 1, 0)
+
+    async def iter_bytes(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of the blob as they arrive; raises if the download fails."""
+        await self.wait_started()
+        assert self.temp_path is not None
+        try:
+            fd = os.open(self.temp_path, os.O_RDONLY)
+        except FileNotFoundError:
+            # Already committed (renamed) or already failed (deleted).
+            if not self.committed:
+                raise self.error or UpstreamUnavailable("blob download failed") from None
+            fd = os.open(self.store.path(self.digest), os.O_RDONLY)
+        try:
+            position = start
+            while end is None or position < end:
+                limit = self._readable_limit()
+                if end is not None:
+                    limit = min(limit, end)
+                if position < limit:
+                    data = os.pread(fd, min(READ_CHUNK, limit - position), position)
+                    if not data:
+                        raise UpstreamBadResponse("blob temp file shorter than recorded")
+                    position += len(data)
+                    yield data
+                    continue
+                if self.committed:
+                    break
+                if self._finished:
+                    raise self.error or UpstreamUnavailable("blob download failed")
+                async with self._progress:
+                    if self._readable_limit() <= position and not self._finished:
+                        await self._progress.wait()
+        finally:
+            os.close(fd)
+
+
+def _write_and_flush(writer: BlobWriter, data: bytes) -> None:
+    writer.write(data)
+    writer.flush()

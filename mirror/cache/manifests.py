@@ -1,0 +1,305 @@
+"""The manifest policy: immutable digests, tags on a TTL, stale answers in outages.
+
+By digest a manifest is immutable: fetched once, verified against the digest,
+kept forever. By tag, a tag record (upstream, repository, tag → digest, media
+type, checked-at) answers without any upstream call within `tag_ttl`; after
+it the tag is revalidated with a HEAD (free on Docker Hub), and a GET is made
+only for a digest we do not hold. If the upstream is unreachable, times out,
+fails with 5xx or rate-limits us, the old record is served until `max_stale`
+past its last confirmation.
+
+We always ask the upstream for all four manifest types and negotiate with the
+client locally, as distribution does: an OCI manifest or index is refused
+(404) to a client whose Accept lists only other manifest types; a Docker
+manifest list requested by tag by a client without list support resolves to
+its linux/amd64 entry; a Docker schema 2 manifest is returned whatever the
+client listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from mirror.cache.fetch import raise_for_upstream_status
+from mirror.concurrency import SingleFlight
+from mirror.errors import (
+    DigestInvalid,
+    ManifestInvalid,
+    ManifestUnknown,
+    MirrorError,
+    TooManyRequests,
+    UpstreamBadResponse,
+    UpstreamUnavailable,
+)
+from mirror.metadata.base import BlobRecord, MetadataStore, TagRecord
+from mirror.oci import (
+    DOCKER_MANIFEST_LIST,
+    MANIFEST_MAX_BYTES,
+    MANIFEST_MEDIA_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    AcceptSet,
+    Digest,
+    Reference,
+    bare_media_type,
+)
+from mirror.routing import Route
+from mirror.storage.blobstore import BlobStore
+from mirror.upstream.client import UpstreamClient, UpstreamResponse
+
+log = structlog.get_logger(__name__)
+
+ACCEPT_ALL_MANIFESTS = ", ".join(MANIFEST_MEDIA_TYPES)
+
+
+@dataclass(frozen=True, slots=True)
+class TagPolicy:
+    tag_ttl: float
+    max_stale: float
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest to send: exact upstream bytes (None for a HEAD answered from headers)."""
+
+    digest: str
+    media_type: str
+    size: int
+    body: bytes | None
+    cache_result: str  # hit, miss, revalidated, stale, pass-through
+
+
+class ManifestCache:
+    def __init__(
+        self,
+        store: BlobStore,
+        metadata: MetadataStore,
+        clients: Mapping[str, UpstreamClient],
+        policies: Mapping[str, TagPolicy],
+        clock: Callable[[], float] = time.time,
+    ):
+        self._store = store
+        self._metadata = metadata
+        self._clients = clients
+        self._policies = policies
+        self._clock = clock
+        self._by_digest: SingleFlight[tuple[str, str, str], Manifest] = SingleFlight()
+        self._by_tag: SingleFlight[tuple[str, str, str], Manifest] = SingleFlight()
+        self.stale_answers = 0
+
+    async def close(self) -> None:
+        await self._by_digest.close()
+        await self._by_tag.close()
+
+    async def get(
+        self, route: Route, reference: Reference, accept: AcceptSet, *, head: bool = False
+    ) -> Manifest:
+        if reference.digest is not None:
+            manifest = await self._by_digest_cached(route, reference.digest)
+        else:
+            assert reference.tag is not None
+            manifest = await self._by_tag_cached(route, reference.tag, head=head)
+        return await self._negotiate(route, manifest, accept, by_tag=reference.tag is not None)
+
+    # By digest
+
+    async def _by_digest_cached(self, route: Route, digest: Digest) -> Manifest:
+        manifest = await self._load(str(digest), "hit")
+        if manifest is not None:
+            return manifest
+        key = (route.upstream, route.repository, str(digest))
+        return await self._by_digest.run(key, lambda: self._fetch(route, str(digest), digest))
+
+    async def _load(self, digest: str, cache_result: str) -> Manifest | None:
+        """A manifest we hold, or None."""
+        record = await self._metadata.get_blob(digest)
+        if record is None or record.media_type is None:
+            return None
+        body = await asyncio.to_thread(self._store.read_bytes, Digest.parse(digest))
+        if body is None:
+            return None
+        return Manifest(digest, record.media_type, len(body), body, cache_result)
+
+    async def _fetch(self, route: Route, reference: str, expected: Digest | None) -> Manifest:
+        """GET a manifest from the upstream, verify it, store it."""
+        client = self._clients[route.upstream]
+        async with await client.open(
+            "GET",
+            route.repository,
+            f"manifests/{reference}",
+            headers={"Accept": ACCEPT_ALL_MANIFESTS},
+        ) as response:
+            raise_for_upstream_status(response, ManifestUnknown)
+            body = await response.read(MANIFEST_MAX_BYTES)
+            media_type = _media_type_of(response, body)
+            digest = _verified_digest(response, body, expected)
+        await asyncio.to_thread(self._store.put_bytes, digest, body)
+        now = self._clock()
+        await self._metadata.put_blob(
+            str(digest),
+            BlobRecord(size=len(body), created_at=now, last_access=now, media_type=media_type),
+        )
+        await self._metadata.add_blob_repository(str(digest), route.upstream, route.repository)
+        await self._metadata.add_repository(route.upstream, route.repository)
+        log.info(
+            "manifest_fetched",
+            upstream=route.upstream,
+            repository=route.repository,
+            digest=str(digest),
+        )
+        return Manifest(str(digest), media_type, len(body), body, "miss")
+
+    # By tag
+
+    async def _by_tag_cached(self, route: Route, tag: str, *, head: bool) -> Manifest:
+        record = await self._metadata.get_tag(route.upstream, route.repository, tag)
+        policy = self._policies[route.upstream]
+        if record is not None and self._clock() - record.checked_at < policy.tag_ttl:
+            manifest = await self._load(record.digest, "hit")
+            if manifest is not None:
+                return manifest
+        key = (route.upstream, route.repository, tag)
+        return await self._by_tag.run(
+            key, lambda: self._revalidate(route, tag, record, policy, head)
+        )
+
+    async def _revalidate(
+        self, route: Route, tag: str, record: TagRecord | None, policy: TagPolicy, head: bool
+    ) -> Manifest:
+        client = self._clients[route.upstream]
+        try:
+            async with await client.open(
+                "HEAD",
+                route.repository,
+                f"manifests/{tag}",
+                headers={"Accept": ACCEPT_ALL_MANIFESTS},
+            ) as response:
+                raise_for_upstream_status(response, ManifestUnknown)
+                announced = _announced_digest(response)
+                head_type = bare_media_type(response.headers.get("Content-Type"))
+                head_size = response.content_length
+            manifest = None
+            if announced is not None:
+                manifest = await self._load(str(announced), "revalidated")
+                if manifest is None and head and head_type in MANIFEST_MEDIA_TYPES and head_size:
+                    # A client HEAD needs no body: answer from the upstream's headers and
+                    # spare a GET, which Docker Hub counts as a pull.
+                    return Manifest(str(announced), head_type, head_size, None, "pass-through")
+            if manifest is None:
+                # By digest when we know it: the tag cannot move between HEAD and GET.
+                manifest = await self._fetch(route, str(announced or tag), announced)
+        except (UpstreamUnavailable, TooManyRequests) as exc:
+            return self._stale_or_raise(route, tag, record, policy, exc)
+        except MirrorError:
+            raise
+        await self._metadata.put_tag(
+            route.upstream,
+            route.repository,
+            tag,
+            TagRecord(
+                digest=manifest.digest, media_type=manifest.media_type, checked_at=self._clock()
+            ),
+        )
+        return manifest
+
+    def _stale_or_raise(
+        self,
+        route: Route,
+        tag: str,
+        record: TagRecord | None,
+        policy: TagPolicy,
+        error: MirrorError,
+    ) -> Manifest:
+        if record is None or self._clock() - record.checked_at > policy.tag_ttl + policy.max_stale:
+            raise error
+        body = self._store.read_bytes(Digest.parse(record.digest))
+        if body is None:
+            raise error
+        self.stale_answers += 1
+        log.warning(
+            "manifest_served_stale",
+            upstream=route.upstream,
+            repository=route.repository,
+            tag=tag,
+            age=round(self._clock() - record.checked_at),
+            error=error.message,
+        )
+        return Manifest(record.digest, record.media_type, len(body), body, "stale")
+
+    # Negotiation with the client's Accept
+
+    async def _negotiate(
+        self, route: Route, manifest: Manifest, accept: AcceptSet, *, by_tag: bool
+    ) -> Manifest:
+        media_type = manifest.media_type
+        if accept.allows(media_type):
+            return manifest
+        if media_type in (OCI_MANIFEST, OCI_INDEX):
+            raise ManifestUnknown(
+                f"{media_type} found, but the Accept header does not allow it",
+                detail={"mediaType": media_type},
+            )
+        if media_type == DOCKER_MANIFEST_LIST and by_tag and manifest.body is not None:
+            platform_digest = _amd64_entry(manifest.body)
+            if platform_digest is not None:
+                entry = await self._by_digest_cached(route, Digest.parse(platform_digest))
+                return Manifest(
+                    entry.digest, entry.media_type, entry.size, entry.body, manifest.cache_result
+                )
+        return manifest
+
+
+def _media_type_of(response: UpstreamResponse, body: bytes) -> str:
+    media_type = bare_media_type(response.headers.get("Content-Type"))
+    if media_type in MANIFEST_MEDIA_TYPES or media_type.startswith("application/vnd."):
+        return media_type
+    try:
+        declared = json.loads(body).get("mediaType")
+    except (ValueError, AttributeError):
+        raise ManifestInvalid("upstream manifest is not JSON") from None
+    if not isinstance(declared, str) or not declared:
+        raise UpstreamBadResponse("upstream manifest has no media type")
+    return declared
+
+
+def _announced_digest(response: UpstreamResponse) -> Digest | None:
+    """The upstream's Docker-Content-Digest; a malformed one is the upstream's fault."""
+    text = response.headers.get("Docker-Content-Digest")
+    if not text:
+        return None
+    try:
+        return Digest.parse(text)
+    except DigestInvalid:
+        raise UpstreamBadResponse("upstream sent an invalid Docker-Content-Digest") from None
+
+
+def _verified_digest(response: UpstreamResponse, body: bytes, expected: Digest | None) -> Digest:
+    """The body's digest, which must match the requested one and the upstream's claim."""
+    announced = _announced_digest(response)
+    algorithm = (expected or announced or Digest("sha256", "")).algorithm
+    actual = Digest.of(body, algorithm)
+    for claimed in (expected, announced):
+        if claimed is not None and claimed.algorithm == actual.algorithm and claimed != actual:
+            raise UpstreamBadResponse(
+                "upstream manifest does not match its digest",
+                detail={"expected": str(claimed), "actual": str(actual)},
+            )
+    return actual
+
+
+def _amd64_entry(body: bytes) -> str | None:
+    try:
+        manifests = json.loads(body).get("manifests", [])
+        for entry in manifests:
+            platform = entry.get("platform", {})
+            if platform.get("os") == "linux" and platform.get("architecture") == "amd64":
+                return str(entry["digest"])
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return None
+    return None

@@ -1,0 +1,247 @@
+"""Typed configuration: the YAML file, `MIRROR_*` environment overrides, validation.
+
+The key names are a contract (DESIGN.md): tools and docs rely on them. Every
+field here is documented in `config.example.yaml`. Values are validated when
+the file is loaded, and a bad one stops start-up with a message naming its key.
+
+Environment overrides use `MIRROR_` plus the key path joined by `__`, e.g.
+`MIRROR_LISTEN=127.0.0.1:6000`, `MIRROR_STORAGE__ROOT=/srv/cache`,
+`MIRROR_UPSTREAMS__DOCKER.IO__TAG_TTL=5m`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)(ms|s|m|h|d|w))", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+DOCKER_HUB_HOSTS = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the key."""
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `90`, `"90s"`, `"10m"`, `"1h30m"`, `"7d"`, `"500ms"`."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '10m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = str(value).strip().replace(" ", "")
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            seconds = float(text)
+        elif text and _DURATION_RE.sub("", text) == "":
+            seconds = sum(
+                float(n) * _DURATION_UNITS[unit.lower()] for n, unit in _DURATION_RE.findall(text)
+            )
+        else:
+            raise ValueError(f"invalid duration {value!r}: use e.g. '30s', '10m', '7d'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(_Section):
+    """One upstream registry."""
+
+    url: str
+    aliases: tuple[str, ...] = ()
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    tag_ttl: Duration = 600.0
+    max_stale: Duration = 7 * 86400.0
+    tags_list_ttl: Duration = 30.0
+    connect_timeout: Duration = 10.0
+    read_timeout: Duration = 60.0
+    docker_hub: bool | None = Field(
+        default=None, description="map one-component names to library/; auto-detected by host"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("must not carry credentials, a query or a fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_credentials(self) -> UpstreamConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set either password or password_file, not both")
+        has_secret = self.password is not None or self.password_file is not None
+        if has_secret and not self.username:
+            raise ValueError("password needs a username")
+        if self.username and not has_secret:
+            raise ValueError("username needs password or password_file")
+        if self.password_file is not None and not os.access(self.password_file, os.R_OK):
+            raise ValueError(f"password_file {self.password_file} is not readable")
+        return self
+
+    @property
+    def host(self) -> str:
+        """`host[:port]` of the upstream URL."""
+        return urlsplit(self.url).netloc
+
+    @property
+    def is_docker_hub(self) -> bool:
+        if self.docker_hub is not None:
+            return self.docker_hub
+        return urlsplit(self.url).hostname in DOCKER_HUB_HOSTS
+
+    def credentials(self) -> tuple[str, str] | None:
+        """The username and password, reading `password_file` now (it may rotate)."""
+        if not self.username:
+            return None
+        if self.password_file is not None:
+            secret = self.password_file.read_text(encoding="utf-8").strip()
+        else:
+            assert self.password is not None
+            secret = self.password.get_secret_value()
+        return self.username, secret
+
+
+class StorageConfig(_Section):
+    root: Path = Path("/var/lib/mirror")
+
+
+class MetadataConfig(_Section):
+    backend: Literal["embedded", "redis"] = "embedded"
+    redis_url: str | None = None
+    key_prefix: str = "mirror:"
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> MetadataConfig:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("backend redis needs redis_url")
+        return self
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` into its parts."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"invalid listen address {value!r}: use host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    if not host:
+        raise ValueError(f"invalid listen address {value!r}: missing host")
+    return host, int(port_text)
+
+
+class MirrorConfig(BaseSettings):
+    """The whole configuration. Build it with `load_config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MIRROR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    listen: str = "0.0.0.0:5000"
+    default_upstream: str | None = None
+    storage: StorageConfig = StorageConfig()
+    metadata: MetadataConfig = MetadataConfig()
+    log: LogConfig = LogConfig()
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values come in as init arguments; the environment wins over them.
+        return (env_settings, init_settings)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_upstreams(self) -> MirrorConfig:
+        if not self.upstreams:
+            raise ValueError("upstreams: configure at least one upstream")
+        if self.default_upstream is not None and self.default_upstream not in self.upstreams:
+            raise ValueError(
+                f"default_upstream: {self.default_upstream!r} is not one of upstreams "
+                f"({', '.join(sorted(self.upstreams))})"
+            )
+        return self
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(path: Path | str | None, **overrides: Any) -> MirrorConfig:
+    """Read the YAML file (if any), apply `MIRROR_*` and `overrides`, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+        data = loaded or {}
+    data.update(overrides)
+    try:
+        return MirrorConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None

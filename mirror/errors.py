@@ -1,0 +1,100 @@
+"""The domain's exception tree and its OCI error codes.
+
+Every failure a client can be told about is a `MirrorError` carrying an OCI
+error code and the HTTP status distribution maps it to; `api/errors.py` turns
+it into the JSON body. Lower layers raise these (or subclasses) and never let
+aiohttp, redis or diskcache exceptions escape their module unwrapped.
+
+    MirrorError
+    ├── NameInvalid, DigestInvalid, ManifestInvalid, RangeInvalid, SizeInvalid
+    ├── NameUnknown, ManifestUnknown, BlobUnknown
+    ├── Unsupported
+    ├── Unauthorized, Denied
+    ├── TooManyRequests
+    └── UpstreamError              upstream unreachable, 5xx, or broken reply
+        ├── UpstreamUnavailable    connection refused, timeout, 5xx  (503)
+        └── UpstreamBadResponse    wrong digest, size or protocol      (502)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MirrorError(Exception):
+    """A failure with an OCI error code and an HTTP status."""
+
+    code = "UNKNOWN"
+    status = 500
+
+    def __init__(self, message: str, *, detail: Any = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class NameInvalid(MirrorError):
+    code, status = "NAME_INVALID", 400
+
+
+class DigestInvalid(MirrorError):
+    code, status = "DIGEST_INVALID", 400
+
+
+class ManifestInvalid(MirrorError):
+    code, status = "MANIFEST_INVALID", 400
+
+
+class RangeInvalid(MirrorError):
+    code, status = "RANGE_INVALID", 416
+
+
+class SizeInvalid(MirrorError):
+    code, status = "SIZE_INVALID", 400
+
+
+class NameUnknown(MirrorError):
+    code, status = "NAME_UNKNOWN", 404
+
+
+class ManifestUnknown(MirrorError):
+    code, status = "MANIFEST_UNKNOWN", 404
+
+
+class BlobUnknown(MirrorError):
+    code, status = "BLOB_UNKNOWN", 404
+
+
+class Unsupported(MirrorError):
+    code, status = "UNSUPPORTED", 405
+
+
+class Unauthorized(MirrorError):
+    code, status = "UNAUTHORIZED", 401
+
+
+class Denied(MirrorError):
+    code, status = "DENIED", 403
+
+
+class TooManyRequests(MirrorError):
+    code, status = "TOOMANYREQUESTS", 429
+
+
+class UpstreamError(MirrorError):
+    """The upstream could not give a usable answer.
+
+    The OCI spec lists no code for a gateway failure; UNAVAILABLE is the code
+    distribution uses for it, and these are 5xx, where the spec leaves the body free.
+    """
+
+    code, status = "UNAVAILABLE", 502
+
+
+class UpstreamUnavailable(UpstreamError):
+    code, status = "UNAVAILABLE", 503
+
+
+class UpstreamBadResponse(UpstreamError):
+    code, status = "UNAVAILABLE", 502

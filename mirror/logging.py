@@ -1,0 +1,92 @@
+"""structlog set-up and the one access line per request.
+
+JSON lines when stderr is not a terminal, coloured key-value lines when it is.
+Context bound with `structlog.contextvars` (the request id) reaches every line
+logged while a request is handled. A processor masks anything that looks like
+a credential, whatever key it was logged under.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+_SECRET_KEYS = re.compile(r"pass(word)?|secret|token|authorization|credential", re.IGNORECASE)
+_SECRET_VALUES = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+
+
+def mask_credentials(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in event.items():
+        if _SECRET_KEYS.search(key) and value is not None and key != "event":
+            event[key] = "***"
+        elif isinstance(value, str) and _SECRET_VALUES.search(value):
+            event[key] = _SECRET_VALUES.sub(r"\1 ***", value)
+    return event
+
+
+def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            mask_credentials,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+@dataclass
+class AccessInfo:
+    """What the handlers learned about a request, for its access line."""
+
+    request_id: str
+    upstream: str | None = None
+    repository: str | None = None
+    reference: str | None = None
+    cache: str | None = None
+
+
+ACCESS_INFO = web.RequestKey("access_info", AccessInfo)
+access_log = structlog.get_logger("mirror.access")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp calls this once the response is fully sent: one line per request."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        info = request.get(ACCESS_INFO)
+        access_log.info(
+            "request",
+            request_id=info.request_id if info else None,
+            method=request.method,
+            path=request.path,
+            ns=request.query.get("ns"),
+            upstream=info.upstream if info else None,
+            repository=info.repository if info else None,
+            reference=info.reference if info else None,
+            cache=info.cache if info else None,
+            status=response.status,
+            bytes=response.body_length,
+            seconds=round(time, 4),
+            remote=request.remote,
+        )

@@ -1,0 +1,118 @@
+"""The metadata store: its records and the async interface both backends implement.
+
+The store holds what the blob files cannot say themselves: tag records
+(upstream, repository, tag → digest), blob records (size, media type for
+manifests, access times, pinning), which repositories are known to hold a
+blob, the repositories held locally, short-lived cached upstream responses
+(tags lists, referrers) and leases for single-flight downloads.
+
+Backends (`embedded.py` on diskcache, `redis.py` on Redis) pass the same
+contract suite in `tests/test_metadata_contract.py`. Records travel as JSON so
+every backend stores the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, Self
+
+from mirror.errors import UpstreamUnavailable
+
+
+class MetadataUnavailable(UpstreamUnavailable):
+    """The metadata store cannot be reached; the request cannot be cached."""
+
+    code, status = "UNAVAILABLE", 503
+
+
+class _JsonRecord:
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Self:
+        data: dict[str, Any] = json.loads(text)
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord(_JsonRecord):
+    """What a tag pointed at when the upstream last confirmed it."""
+
+    digest: str
+    media_type: str
+    checked_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRecord(_JsonRecord):
+    """A committed blob; `media_type` is set when the blob is a manifest."""
+
+    size: int
+    created_at: float
+    last_access: float
+    media_type: str | None = None
+    pinned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResponse(_JsonRecord):
+    """An upstream JSON answer (tags list, referrers) kept for a short TTL and for outages."""
+
+    status: int
+    body: str
+    content_type: str
+    stored_at: float
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class MetadataStore(Protocol):
+    """What the cache needs from a metadata backend. Every method may raise
+    `MetadataUnavailable` when the backend cannot be reached."""
+
+    async def get_tag(self, upstream: str, repository: str, tag: str) -> TagRecord | None: ...
+
+    async def put_tag(
+        self, upstream: str, repository: str, tag: str, record: TagRecord
+    ) -> None: ...
+
+    async def list_tags(self, upstream: str, repository: str) -> list[str]: ...
+
+    async def get_blob(self, digest: str) -> BlobRecord | None: ...
+
+    async def put_blob(self, digest: str, record: BlobRecord) -> None: ...
+
+    async def delete_blob(self, digest: str) -> None: ...
+
+    async def touch_blobs(self, accessed: Mapping[str, float]) -> None:
+        """Move each blob's `last_access` forward to the given time (never back)."""
+
+    async def add_blob_repository(self, digest: str, upstream: str, repository: str) -> None: ...
+
+    async def blob_in_repository(self, digest: str, upstream: str, repository: str) -> bool: ...
+
+    async def blob_repositories(self, digest: str) -> list[tuple[str, str]]: ...
+
+    async def add_repository(self, upstream: str, repository: str) -> None: ...
+
+    async def list_repositories(self) -> list[tuple[str, str]]: ...
+
+    async def get_response(self, key: str) -> CachedResponse | None: ...
+
+    async def put_response(self, key: str, response: CachedResponse) -> None: ...
+
+    async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Take the lease if nobody holds it (or the holder let it lapse)."""
+
+    async def renew_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Extend a lease we hold; False if it lapsed and someone else took it."""
+
+    async def release_lease(self, name: str, owner: str) -> None: ...
+
+    async def lease_holder(self, name: str) -> str | None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,184 @@
+"""The embedded metadata backend: diskcache (SQLite) in `<root>/meta`, zero set-up.
+
+diskcache is synchronous and process-safe: each call runs in a worker thread,
+and multi-step updates run inside `Cache.transact()` so several processes on
+one host can share the store. Leases use `Cache.add`, which is atomic and
+honours expiry, the equivalent of Redis `SET NX PX`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sqlite3
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import diskcache
+
+from mirror.metadata.base import (
+    BlobRecord,
+    CachedResponse,
+    MetadataUnavailable,
+    TagRecord,
+)
+
+T = TypeVar("T")
+
+
+def _tag_key(upstream: str, repository: str, tag: str) -> str:
+    return f"tag:{upstream}/{repository}:{tag}"
+
+
+def _repo_key(upstream: str, repository: str) -> str:
+    return f"{upstream}/{repository}"
+
+
+class EmbeddedMetadataStore:
+    """`MetadataStore` on a diskcache directory."""
+
+    def __init__(self, directory: Path):
+        # A generous SQLite timeout: several worker processes may write at once.
+        self._cache = diskcache.Cache(str(directory), timeout=30, eviction_policy="none")
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.to_thread(func, *args)
+        except (sqlite3.Error, diskcache.Timeout, OSError) as exc:
+            raise MetadataUnavailable("metadata store unavailable", detail=str(exc)) from exc
+
+    # Tags
+
+    async def get_tag(self, upstream: str, repository: str, tag: str) -> TagRecord | None:
+        raw = await self._run(self._cache.get, _tag_key(upstream, repository, tag))
+        return TagRecord.from_json(raw) if raw is not None else None
+
+    async def put_tag(self, upstream: str, repository: str, tag: str, record: TagRecord) -> None:
+        await self._run(self._put_tag_sync, upstream, repository, tag, record)
+
+    def _put_tag_sync(self, upstream: str, repository: str, tag: str, record: TagRecord) -> None:
+        self._cache.set(_tag_key(upstream, repository, tag), record.to_json())
+        self._add_to_set_sync(f"tags:{_repo_key(upstream, repository)}", tag)
+
+    async def list_tags(self, upstream: str, repository: str) -> list[str]:
+        raw = await self._run(self._cache.get, f"tags:{_repo_key(upstream, repository)}")
+        return sorted(json.loads(raw)) if raw else []
+
+    # Blobs
+
+    async def get_blob(self, digest: str) -> BlobRecord | None:
+        raw = await self._run(self._cache.get, f"blob:{digest}")
+        return BlobRecord.from_json(raw) if raw is not None else None
+
+    async def put_blob(self, digest: str, record: BlobRecord) -> None:
+        await self._run(self._cache.set, f"blob:{digest}", record.to_json())
+
+    async def delete_blob(self, digest: str) -> None:
+        await self._run(self._delete_blob_sync, digest)
+
+    def _delete_blob_sync(self, digest: str) -> None:
+        with self._cache.transact():
+            self._cache.delete(f"blob:{digest}")
+            self._cache.delete(f"blobrepos:{digest}")
+
+    async def touch_blobs(self, accessed: Mapping[str, float]) -> None:
+        await self._run(self._touch_sync, dict(accessed))
+
+    def _touch_sync(self, accessed: dict[str, float]) -> None:
+        with self._cache.transact():
+            for digest, when in accessed.items():
+                raw = self._cache.get(f"blob:{digest}")
+                if raw is None:
+                    continue
+                record = BlobRecord.from_json(raw)
+                if when > record.last_access:
+                    self._cache.set(f"blob:{digest}", replace(record, last_access=when).to_json())
+
+    async def add_blob_repository(self, digest: str, upstream: str, repository: str) -> None:
+        await self._run(
+            self._add_to_set_sync, f"blobrepos:{digest}", _repo_key(upstream, repository)
+        )
+
+    async def blob_in_repository(self, digest: str, upstream: str, repository: str) -> bool:
+        raw = await self._run(self._cache.get, f"blobrepos:{digest}")
+        return bool(raw) and _repo_key(upstream, repository) in json.loads(raw)
+
+    async def blob_repositories(self, digest: str) -> list[tuple[str, str]]:
+        raw = await self._run(self._cache.get, f"blobrepos:{digest}")
+        return _split_repo_keys(json.loads(raw) if raw else [])
+
+    # Repositories
+
+    async def add_repository(self, upstream: str, repository: str) -> None:
+        await self._run(self._add_to_set_sync, "repositories", _repo_key(upstream, repository))
+
+    async def list_repositories(self) -> list[tuple[str, str]]:
+        raw = await self._run(self._cache.get, "repositories")
+        return _split_repo_keys(json.loads(raw) if raw else [])
+
+    def _add_to_set_sync(self, key: str, member: str) -> None:
+        # Read first without the write lock: the member is almost always there already.
+        raw = self._cache.get(key)
+        if raw is not None and member in json.loads(raw):
+            return
+        with self._cache.transact():
+            raw = self._cache.get(key)
+            members = set(json.loads(raw)) if raw else set()
+            if member not in members:
+                members.add(member)
+                self._cache.set(key, json.dumps(sorted(members)))
+
+    # Cached upstream responses
+
+    async def get_response(self, key: str) -> CachedResponse | None:
+        raw = await self._run(self._cache.get, f"response:{key}")
+        return CachedResponse.from_json(raw) if raw is not None else None
+
+    async def put_response(self, key: str, response: CachedResponse) -> None:
+        await self._run(self._cache.set, f"response:{key}", response.to_json())
+
+    # Leases
+
+    async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        return await self._run(
+            functools.partial(self._cache.add, f"lease:{name}", owner, expire=ttl)
+        )
+
+    async def renew_lease(self, name: str, owner: str, ttl: float) -> bool:
+        return await self._run(self._renew_sync, name, owner, ttl)
+
+    def _renew_sync(self, name: str, owner: str, ttl: float) -> bool:
+        with self._cache.transact():
+            if self._cache.get(f"lease:{name}") != owner:
+                return False
+            self._cache.set(f"lease:{name}", owner, expire=ttl)
+            return True
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self._run(self._release_sync, name, owner)
+
+    def _release_sync(self, name: str, owner: str) -> None:
+        with self._cache.transact():
+            if self._cache.get(f"lease:{name}") == owner:
+                self._cache.delete(f"lease:{name}")
+
+    async def lease_holder(self, name: str) -> str | None:
+        holder = await self._run(self._cache.get, f"lease:{name}")
+        return str(holder) if holder is not None else None
+
+    async def ping(self) -> None:
+        await self._run(self._cache.get, "ping")
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._cache.close)
+
+
+def _split_repo_keys(keys: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for key in keys:
+        upstream, _, repository = key.partition("/")
+        pairs.append((upstream, repository))
+    return sorted(pairs)

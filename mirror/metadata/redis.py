@@ -1,0 +1,178 @@
+"""The Redis metadata backend, for several processes or nodes sharing one cache.
+
+Every key starts with a configurable prefix so one Redis can serve several
+mirrors. Records are the same JSON the embedded backend stores. Blob access
+times live in a sorted set (`ZADD GT`), which moves them forward without a
+read-modify-write and gives eviction its LRU order for free. Leases are
+`SET NX PX`; renewing and releasing check the owner atomically in Lua.
+Redis errors become `MetadataUnavailable` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from mirror.metadata.base import BlobRecord, CachedResponse, MetadataUnavailable, TagRecord
+
+T = TypeVar("T")
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisMetadataStore:
+    """`MetadataStore` on Redis."""
+
+    def __init__(self, url: str, prefix: str = "mirror:"):
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
+        )
+        self._p = prefix
+        self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
+
+    def _k(self, *parts: str) -> str:
+        return self._p + ":".join(parts)
+
+    async def _run(self, awaitable: Awaitable[T]) -> T:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            raise MetadataUnavailable(
+                "metadata store unavailable", detail=type(exc).__name__
+            ) from exc
+
+    # Tags
+
+    async def get_tag(self, upstream: str, repository: str, tag: str) -> TagRecord | None:
+        raw = await self._run(self._redis.get(self._k("tag", f"{upstream}/{repository}", tag)))
+        return TagRecord.from_json(raw) if raw is not None else None
+
+    async def put_tag(self, upstream: str, repository: str, tag: str, record: TagRecord) -> None:
+        repo = f"{upstream}/{repository}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._k("tag", repo, tag), record.to_json())
+            pipe.sadd(self._k("tags", repo), tag)
+            await self._run(pipe.execute())
+
+    async def list_tags(self, upstream: str, repository: str) -> list[str]:
+        members = await self._run(self._redis.smembers(self._k("tags", f"{upstream}/{repository}")))
+        return sorted(_text(m) for m in members)
+
+    # Blobs
+
+    async def get_blob(self, digest: str) -> BlobRecord | None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._k("blob", digest))
+            pipe.zscore(self._k("blob-access"), digest)
+            raw, accessed = await self._run(pipe.execute())
+        if raw is None:
+            return None
+        record = BlobRecord.from_json(raw)
+        if accessed is not None and float(accessed) > record.last_access:
+            record = replace(record, last_access=float(accessed))
+        return record
+
+    async def put_blob(self, digest: str, record: BlobRecord) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._k("blob", digest), record.to_json())
+            pipe.zadd(self._k("blob-access"), {digest: record.last_access}, gt=True)
+            await self._run(pipe.execute())
+
+    async def delete_blob(self, digest: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._k("blob", digest), self._k("blobrepos", digest))
+            pipe.zrem(self._k("blob-access"), digest)
+            await self._run(pipe.execute())
+
+    async def touch_blobs(self, accessed: Mapping[str, float]) -> None:
+        if accessed:
+            # Only blobs that still have a record: ZADD XX would skip new members, and
+            # GT keeps a later time another node wrote.
+            await self._run(
+                self._redis.zadd(self._k("blob-access"), dict(accessed), xx=True, gt=True)
+            )
+
+    async def add_blob_repository(self, digest: str, upstream: str, repository: str) -> None:
+        await self._run(self._redis.sadd(self._k("blobrepos", digest), f"{upstream}/{repository}"))
+
+    async def blob_in_repository(self, digest: str, upstream: str, repository: str) -> bool:
+        found = await self._run(
+            self._redis.sismember(self._k("blobrepos", digest), f"{upstream}/{repository}")
+        )
+        return bool(found)
+
+    async def blob_repositories(self, digest: str) -> list[tuple[str, str]]:
+        members = await self._run(self._redis.smembers(self._k("blobrepos", digest)))
+        return _split(members)
+
+    # Repositories
+
+    async def add_repository(self, upstream: str, repository: str) -> None:
+        await self._run(self._redis.sadd(self._k("repositories"), f"{upstream}/{repository}"))
+
+    async def list_repositories(self) -> list[tuple[str, str]]:
+        return _split(await self._run(self._redis.smembers(self._k("repositories"))))
+
+    # Cached upstream responses
+
+    async def get_response(self, key: str) -> CachedResponse | None:
+        raw = await self._run(self._redis.get(self._k("response", key)))
+        return CachedResponse.from_json(raw) if raw is not None else None
+
+    async def put_response(self, key: str, response: CachedResponse) -> None:
+        await self._run(self._redis.set(self._k("response", key), response.to_json()))
+
+    # Leases
+
+    async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        taken = await self._run(
+            self._redis.set(self._k("lease", name), owner, nx=True, px=int(ttl * 1000))
+        )
+        return bool(taken)
+
+    async def renew_lease(self, name: str, owner: str, ttl: float) -> bool:
+        renewed = await self._run(
+            self._renew(keys=[self._k("lease", name)], args=[owner, int(ttl * 1000)])
+        )
+        return bool(renewed)
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self._run(self._release(keys=[self._k("lease", name)], args=[owner]))
+
+    async def lease_holder(self, name: str) -> str | None:
+        holder = await self._run(self._redis.get(self._k("lease", name)))
+        return _text(holder) if holder is not None else None
+
+    async def ping(self) -> None:
+        await self._run(self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _split(members: Any) -> list[tuple[str, str]]:
+    pairs = []
+    for member in members:
+        upstream, _, repository = _text(member).partition("/")
+        pairs.append((upstream, repository))
+    return sorted(pairs)

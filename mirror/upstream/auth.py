@@ -1,0 +1,187 @@
+"""Answering upstream auth challenges: Bearer token flow and Basic, with a token cache.
+
+A registry says how it wants to be asked in `WWW-Authenticate`. For Bearer we
+call its token endpoint (`realm`) with `service` and `scope`, anonymously or
+with the upstream's credentials, and cache the token until `expires_in`
+(default 60 s) minus a margin. Challenges are remembered per origin so the
+next request carries a token up front instead of paying a 401 round trip.
+
+Credentials are only ever offered to the configured upstream's own origin and
+the token realm it names; a redirect target gets an anonymous token at most.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from base64 import b64encode
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import aiohttp
+import structlog
+from aiocache import SimpleMemoryCache
+
+from mirror.concurrency import SingleFlight
+from mirror.errors import UpstreamBadResponse, UpstreamUnavailable
+
+log = structlog.get_logger(__name__)
+
+_PARAM_RE = re.compile(r'([A-Za-z][\w-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
+DEFAULT_TOKEN_LIFETIME = 60.0
+TOKEN_MAX_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    scheme: str  # "bearer" or "basic", lower-case
+    realm: str | None = None
+    service: str | None = None
+    scope: str | None = None
+
+    @classmethod
+    def parse(cls, header: str) -> Challenge | None:
+        scheme, _, rest = header.strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme not in ("bearer", "basic"):
+            return None
+        params = {
+            key.lower(): value[1:-1].replace('\\"', '"') if value.startswith('"') else value
+            for key, value in _PARAM_RE.findall(rest)
+        }
+        realm = params.get("realm")
+        if scheme == "bearer" and (not realm or urlsplit(realm).scheme not in ("http", "https")):
+            return None
+        return cls(scheme, realm, params.get("service"), params.get("scope"))
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def basic_header(credentials: tuple[str, str]) -> str:
+    user, password = credentials
+    return "Basic " + b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+class Authenticator:
+    """Builds `Authorization` headers for one upstream; shares a token cache."""
+
+    def __init__(
+        self,
+        upstream_name: str,
+        upstream_origin: str,
+        credentials: Any,
+        session: aiohttp.ClientSession,
+        tokens: SimpleMemoryCache,
+        timeout: aiohttp.ClientTimeout,
+    ):
+        self._name = upstream_name
+        self._origin = upstream_origin
+        self._credentials = credentials  # callable returning (user, password) or None
+        self._session = session
+        self._tokens = tokens
+        self._timeout = timeout
+        self._challenges: dict[str, Challenge] = {}
+        self._inflight: SingleFlight[str, str] = SingleFlight()
+
+    def _is_upstream(self, origin: str) -> bool:
+        return origin == self._origin
+
+    def remember(self, origin: str, header: str) -> Challenge | None:
+        challenge = Challenge.parse(header)
+        if challenge is not None:
+            self._challenges[origin] = challenge
+        return challenge
+
+    async def header_for(self, url: str, repository: str, *, refresh: bool = False) -> str | None:
+        """The Authorization value to send to `url`, or None to go without."""
+        origin = origin_of(url)
+        challenge = self._challenges.get(origin)
+        if challenge is None:
+            return None
+        own = self._is_upstream(origin)
+        credentials = self._credentials() if own else None
+        if challenge.scheme == "basic":
+            return basic_header(credentials) if credentials else None
+        # Our own upstream is asked for the repository's pull scope; a redirect target
+        # names the scope it wants in its challenge (its paths differ from ours).
+        scope = f"repository:{repository}:pull" if own else challenge.scope
+        token = await self._token(challenge, scope, credentials, refresh=refresh)
+        return f"Bearer {token}"
+
+    async def _token(
+        self,
+        challenge: Challenge,
+        scope: str | None,
+        credentials: tuple[str, str] | None,
+        *,
+        refresh: bool,
+    ) -> str:
+        who = credentials[0] if credentials else ""
+        key = f"token:{self._name}:{challenge.realm}:{challenge.service}:{scope}:{who}"
+        if refresh:
+            await self._tokens.delete(key)
+        else:
+            cached = await self._tokens.get(key)
+            if cached is not None:
+                return str(cached)
+
+        async def fetch() -> str:
+            token, lifetime = await self._fetch_token(challenge, scope, credentials)
+            # Keep a margin so a token never expires between cache and upstream.
+            ttl = max(lifetime - min(30.0, lifetime / 4), 1.0)
+            await self._tokens.set(key, token, ttl=ttl)
+            return token
+
+        return await self._inflight.run(key, fetch)
+
+    async def _fetch_token(
+        self, challenge: Challenge, scope: str | None, credentials: tuple[str, str] | None
+    ) -> tuple[str, float]:
+        assert challenge.realm is not None
+        query = {
+            key: value for key, value in (("service", challenge.service), ("scope", scope)) if value
+        }
+        url = challenge.realm + ("&" if "?" in challenge.realm else "?") + urlencode(query)
+        headers = {"Authorization": basic_header(credentials)} if credentials else {}
+        started = time.monotonic()
+        try:
+            async with self._session.get(
+                url, headers=headers, timeout=self._timeout, allow_redirects=False
+            ) as response:
+                if response.status != 200:
+                    log.warning(
+                        "upstream_token_refused",
+                        upstream=self._name,
+                        realm=challenge.realm,
+                        scope=scope,
+                        status=response.status,
+                    )
+                    raise UpstreamBadResponse(
+                        "upstream token server refused the request",
+                        detail={"status": response.status},
+                    )
+                body = await response.content.read(TOKEN_MAX_BYTES)
+                data = json.loads(body)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable("upstream token server unreachable") from exc
+        except ValueError as exc:
+            raise UpstreamBadResponse("upstream token server sent invalid JSON") from exc
+        token = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
+        if not isinstance(token, str) or not token:
+            raise UpstreamBadResponse("upstream token server sent no token")
+        lifetime = data.get("expires_in")
+        if not isinstance(lifetime, int | float) or lifetime <= 0:
+            lifetime = DEFAULT_TOKEN_LIFETIME
+        log.debug(
+            "upstream_token_issued",
+            upstream=self._name,
+            scope=scope,
+            expires_in=lifetime,
+            seconds=round(time.monotonic() - started, 4),
+        )
+        return token, float(lifetime)

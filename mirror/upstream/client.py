@@ -1,0 +1,242 @@
+"""Talking to one upstream registry over the shared, pooled aiohttp session.
+
+`UpstreamClient.open` sends a request for `/v2/<repository>/<path>` and returns
+an `UpstreamResponse` once the status line and headers are in. Along the way it:
+- answers auth challenges (see `auth.py`), once per hop, with a fresh token
+  when the cached one was refused;
+- follows 301/302/303/307/308 itself (at most 10 hops), so that credentials
+  go only to the upstream's own origin and a redirect target's own challenge
+  is answered anonymously;
+- re-asks the registry once when a redirect target answers 403, the sign of a
+  presigned URL that expired;
+- retries once when the connection fails before any response arrived.
+
+aiohttp's exceptions stop here: callers see `UpstreamUnavailable`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import aiohttp
+import structlog
+from aiocache import SimpleMemoryCache
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from mirror.errors import UpstreamBadResponse, UpstreamUnavailable
+from mirror.upstream.auth import Authenticator, origin_of
+
+log = structlog.get_logger(__name__)
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10
+USER_AGENT = "registry-mirror/0.1 (+pull-through cache)"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """What the client needs to know about one upstream (values, not the config)."""
+
+    name: str
+    url: str
+    credentials: Callable[[], tuple[str, str] | None]
+    connect_timeout: float
+    read_timeout: float
+
+
+def redact_url(url: str) -> str:
+    """A URL safe to log: presigned query strings carry signatures, so drop them."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", "")) + (
+        "?…" if parts.query else ""
+    )
+
+
+class UpstreamResponse:
+    """An upstream answer whose body has not been read yet. Release it when done."""
+
+    def __init__(self, response: aiohttp.ClientResponse, redirected_elsewhere: bool):
+        self._response = response
+        self.status = response.status
+        self.headers: CIMultiDictProxy[str] = response.headers
+        self.url = str(response.url)
+        self.redirected_elsewhere = redirected_elsewhere
+
+    @property
+    def content_length(self) -> int | None:
+        return self._response.content_length
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body, refusing one larger than `limit` bytes."""
+        if self.content_length is not None and self.content_length > limit:
+            raise UpstreamBadResponse("upstream response is too large", detail={"limit": limit})
+        try:
+            body = await self._response.content.read(limit + 1)
+            # read(n) may return less than is there; drain up to the limit.
+            while len(body) <= limit:
+                more = await self._response.content.read(limit + 1 - len(body))
+                if not more:
+                    break
+                body += more
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable("upstream connection failed while reading") from exc
+        if len(body) > limit:
+            raise UpstreamBadResponse("upstream response is too large", detail={"limit": limit})
+        return body
+
+    async def iter_chunks(self, size: int) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_chunked(size):
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable("upstream connection failed mid-transfer") from exc
+
+    def release(self) -> None:
+        self._response.release()
+
+    def close(self) -> None:
+        """Drop the connection (a body we will not read must not be drained)."""
+        self._response.close()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close() if exc is not None else self.release()
+
+
+class UpstreamClient:
+    """Requests to one upstream registry."""
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        session: aiohttp.ClientSession,
+        tokens: SimpleMemoryCache,
+    ):
+        self.settings = settings
+        self.name = settings.name
+        self._base = settings.url.rstrip("/")
+        self._origin = origin_of(self._base)
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
+        )
+        self._auth = Authenticator(
+            settings.name, self._origin, settings.credentials, session, tokens, self._timeout
+        )
+
+    def url_for(self, repository: str, path: str) -> str:
+        return f"{self._base}/v2/{repository}/{path}"
+
+    async def open(
+        self,
+        method: str,
+        repository: str,
+        path: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> UpstreamResponse:
+        """Send the request; return the final response after auth and redirects."""
+        url = self.url_for(repository, path)
+        response = await self._attempt(method, url, repository, headers)
+        if response.status == 403 and response.redirected_elsewhere:
+            # A presigned URL the registry gave us expired; a new request gets a new one.
+            log.info("upstream_presigned_refused", upstream=self.name, url=redact_url(response.url))
+            response.close()
+            response = await self._attempt(method, url, repository, headers)
+        return response
+
+    async def _attempt(
+        self, method: str, url: str, repository: str, headers: Mapping[str, str] | None
+    ) -> UpstreamResponse:
+        try:
+            return await self._follow(method, url, repository, headers)
+        except (aiohttp.ClientConnectionError, TimeoutError) as first:
+            # Nothing reached a client yet, and GET/HEAD are idempotent: one retry.
+            log.info("upstream_retry", upstream=self.name, error=repr(first))
+            try:
+                return await self._follow(method, url, repository, headers)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamUnavailable(
+                    "upstream unreachable", detail={"upstream": self.name}
+                ) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                "upstream request failed", detail={"upstream": self.name}
+            ) from exc
+
+    async def _follow(
+        self, method: str, url: str, repository: str, headers: Mapping[str, str] | None
+    ) -> UpstreamResponse:
+        redirected_elsewhere = False
+        for _hop in range(MAX_REDIRECTS + 1):
+            response = await self._send_authenticated(method, url, repository, headers)
+            location = response.headers.get("Location")
+            if response.status not in REDIRECT_STATUSES or not location:
+                return UpstreamResponse(response, redirected_elsewhere)
+            response.release()
+            target = urljoin(url, location)
+            if urlsplit(target).scheme not in ("http", "https"):
+                raise UpstreamBadResponse("upstream redirected to a non-HTTP URL")
+            if response.status == 303:
+                method = "GET"
+            if origin_of(target) != self._origin:
+                redirected_elsewhere = True
+            url = target
+        raise UpstreamBadResponse("upstream redirected too many times")
+
+    async def _send_authenticated(
+        self, method: str, url: str, repository: str, headers: Mapping[str, str] | None
+    ) -> aiohttp.ClientResponse:
+        response = await self._send(method, url, repository, headers, refresh_token=False)
+        if response.status != 401:
+            return response
+        challenge_header = response.headers.get("WWW-Authenticate", "")
+        response.release()
+        if self._auth.remember(origin_of(url), challenge_header) is None:
+            return await self._send(method, url, repository, headers, refresh_token=False)
+        return await self._send(method, url, repository, headers, refresh_token=True)
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        repository: str,
+        headers: Mapping[str, str] | None,
+        *,
+        refresh_token: bool,
+    ) -> aiohttp.ClientResponse:
+        request_headers: CIMultiDict[str] = CIMultiDict(headers or {})
+        # Byte-exact bodies: never let anything in between compress them for us.
+        request_headers["Accept-Encoding"] = "identity"
+        request_headers["User-Agent"] = USER_AGENT
+        authorization = await self._auth.header_for(url, repository, refresh=refresh_token)
+        if authorization:
+            request_headers["Authorization"] = authorization
+        started = time.monotonic()
+        response = await self._session.request(
+            method,
+            url,
+            headers=request_headers,
+            allow_redirects=False,
+            timeout=self._timeout,
+        )
+        log.debug(
+            "upstream_request",
+            upstream=self.name,
+            method=method,
+            url=redact_url(url),
+            status=response.status,
+            seconds=round(time.monotonic() - started, 4),
+        )
+        return response

@@ -1,0 +1,1 @@
+"""Test-support library: real upstream registries, token servers, images and skopeo drivers."""

@@ -1,0 +1,113 @@
+"""Loopback networking helpers: free ports, bounded polling and a tiny sync HTTP client.
+
+Everything here talks to 127.0.0.1 only. The HTTP client is built on ``http.client`` rather
+than ``urllib`` so that proxy environment variables can never route test traffic off the
+machine, and so that error responses are ordinary return values instead of exceptions that
+hold open sockets.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.message import Message
+
+LOOPBACK = "127.0.0.1"
+# Sent unless the caller overrides it, so test-driven requests are recognisable in access logs.
+USER_AGENT = "registry-mirror-tests/1"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float = 10,
+    interval: float = 0.02,
+    message: str = "",
+) -> None:
+    """Poll ``predicate`` until it returns true; raise ``TimeoutError`` after ``timeout`` s.
+
+    The predicate is always evaluated at least once, and once more after the deadline has
+    passed, so a slow final poll cannot turn a success into a spurious timeout.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() >= deadline:
+            if predicate():
+                return
+            raise TimeoutError(message or f"condition not met within {timeout} s: {predicate!r}")
+        time.sleep(interval)
+
+
+def port_open(host: str, port: int) -> bool:
+    """True when a TCP connection to ``host:port`` succeeds right now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10) -> None:
+    """Wait until something accepts TCP connections on ``host:port``."""
+    wait_until(
+        lambda: port_open(host, port),
+        timeout=timeout,
+        message=f"nothing listening on {host}:{port} after {timeout} s",
+    )
+
+
+@dataclass(frozen=True)
+class HTTPResponse:
+    """A fully read HTTP response; ``headers`` lookups are case-insensitive."""
+
+    status: int
+    headers: Message
+    body: bytes
+
+    def header(self, name: str, default: str = "") -> str:
+        value = self.headers.get(name)
+        return default if value is None else str(value)
+
+
+def http_request(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30,
+) -> HTTPResponse:
+    """Send one plain-HTTP request and return the whole response (any status).
+
+    Redirects are not followed: registries answer uploads with ``Location`` headers that the
+    caller must interpret itself.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or parts.hostname is None:
+        raise ValueError(f"only plain http URLs are supported: {url!r}")
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    try:
+        sent = dict(headers or {})
+        if not any(name.lower() == "user-agent" for name in sent):
+            sent["User-Agent"] = USER_AGENT
+        conn.request(method, target, body=body, headers=sent)
+        resp = conn.getresponse()
+        data = resp.read()
+        return HTTPResponse(status=resp.status, headers=resp.msg, body=data)
+    finally:
+        conn.close()
