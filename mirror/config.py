@@ -155,7 +155,7 @@ class LogConfig(_Section):
 def parse_listen(value: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port` into its parts."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise ValueError(f"invalid listen address {value!r}: use host:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -1,0 +1,144 @@
+"""Fixtures shared by the suite: real upstream registries seeded with our images, and mirrors.
+
+Two session-wide upstreams run the CNCF distribution registry: one open, one behind
+`auth: token` with a token server, both seeded with `standard_images()` under
+`test/<kind>:v1`. Each test gets its own mirror (fresh storage root) served in-process
+on a free loopback port, so real clients like skopeo can pull through it while the test
+inspects its state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from support.images import Image, push, push_with_token, standard_images
+from support.registry import Registry
+from support.tokenserver import TokenServer
+
+from mirror.app import create_app
+from mirror.config import MirrorConfig, load_config
+
+PUSHER, PUSHER_PASSWORD = "pusher", "pusher-secret"
+TAG = "v1"
+
+
+@dataclass
+class Upstream:
+    registry: Registry
+    images: dict[str, Image]
+    token_server: TokenServer | None = None
+
+    @property
+    def url(self) -> str:
+        return self.registry.url
+
+    @staticmethod
+    def repo(kind: str) -> str:
+        return f"test/{kind}"
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, Image]:
+    return standard_images()
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory: pytest.TempPathFactory, images: dict[str, Image]) -> Iterator[Upstream]:
+    with Registry(tmp_path_factory.mktemp("upstream")) as registry:
+        for kind, image in images.items():
+            push(registry.url, Upstream.repo(kind), image, TAG)
+        yield Upstream(registry, images)
+
+
+@pytest.fixture(scope="session")
+def token_upstream(
+    tmp_path_factory: pytest.TempPathFactory, images: dict[str, Image]
+) -> Iterator[Upstream]:
+    workdir = tmp_path_factory.mktemp("token-upstream")
+    with (
+        TokenServer(users={PUSHER: PUSHER_PASSWORD}, workdir=workdir / "tokens") as tokens,
+        Registry(workdir / "registry", token_auth=tokens.registry_settings()) as registry,
+    ):
+        for kind, image in images.items():
+            push_with_token(
+                registry.url, Upstream.repo(kind), image, TAG, tokens, PUSHER, PUSHER_PASSWORD
+            )
+        yield Upstream(registry, images, tokens)
+
+
+@dataclass
+class Mirror:
+    server: TestServer
+    config: MirrorConfig
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    @property
+    def root(self) -> Path:
+        return self.config.storage.root
+
+    def blob_files(self) -> list[Path]:
+        return sorted(p for p in (self.root / "blobs").rglob("*") if p.is_file())
+
+    def temp_files(self) -> list[Path]:
+        return sorted((self.root / "tmp").iterdir())
+
+
+MirrorFactory = Callable[..., Awaitable[Mirror]]
+
+
+def mirror_config(root: Path, upstreams: dict[str, dict[str, Any]], **settings: Any) -> MirrorConfig:
+    return load_config(
+        None,
+        listen="127.0.0.1:0",
+        storage={"root": str(root)},
+        upstreams=upstreams,
+        log={"level": "debug", "format": "json"},
+        **settings,
+    )
+
+
+@pytest.fixture
+async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
+    """Start a mirror in-process: `await make_mirror({"name": {"url": ...}}, default_upstream=...)`."""
+    servers: list[TestServer] = []
+    count = 0
+
+    async def factory(upstreams: dict[str, dict[str, Any]], **settings: Any) -> Mirror:
+        nonlocal count
+        count += 1
+        settings.setdefault("default_upstream", next(iter(upstreams)))
+        config = mirror_config(tmp_path / f"mirror-{count}", upstreams, **settings)
+        server = TestServer(create_app(config), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return Mirror(server, config)
+
+    yield factory
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def mirror(make_mirror: MirrorFactory, upstream: Upstream) -> Mirror:
+    """A mirror of the open upstream, with a long tag TTL."""
+    return await make_mirror({"local": {"url": upstream.url, "tag_ttl": "1h"}})
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
