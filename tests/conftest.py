@@ -49,7 +49,9 @@ def images() -> dict[str, Image]:
 
 
 @pytest.fixture(scope="session")
-def upstream(tmp_path_factory: pytest.TempPathFactory, images: dict[str, Image]) -> Iterator[Upstream]:
+def upstream(
+    tmp_path_factory: pytest.TempPathFactory, images: dict[str, Image]
+) -> Iterator[Upstream]:
     with Registry(tmp_path_factory.mktemp("upstream")) as registry:
         for kind, image in images.items():
             push(registry.url, Upstream.repo(kind), image, TAG)
@@ -99,7 +101,9 @@ class Mirror:
 MirrorFactory = Callable[..., Awaitable[Mirror]]
 
 
-def mirror_config(root: Path, upstreams: dict[str, dict[str, Any]], **settings: Any) -> MirrorConfig:
+def mirror_config(
+    root: Path, upstreams: dict[str, dict[str, Any]], **settings: Any
+) -> MirrorConfig:
     return load_config(
         None,
         listen="127.0.0.1:0",
@@ -141,4 +145,3 @@ async def mirror(make_mirror: MirrorFactory, upstream: Upstream) -> Mirror:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
-

@@ -102,7 +102,7 @@ class BlobCache:
             self._accessed[str(digest)] = time.time()
             return BlobSource(digest, size, "hit", path=self._store.path(digest))
         running = self._downloads.get(digest)
-        if running is not None and self._may_join(route, running[1]):
+        if running is not None and running[0].error is None and self._may_join(route, running[1]):
             download = running[0]
         else:
             download = await self._start_download(route, digest)

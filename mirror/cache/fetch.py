@@ -38,8 +38,7 @@ from mirror.upstream.client import UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger(__name__)
 
-UPSTREAM_CHUNK = 256 * 1024
-# Writes are batched into the worker thread: fewer hops, same memory bound.
+# What has arrived is written in one hop to the worker thread, up to this much.
 WRITE_BATCH = 1024 * 1024
 READ_CHUNK = 512 * 1024
 
@@ -100,15 +99,7 @@ class BlobDownload:
                 writer = self.store.new_writer(self.digest, self.size)
                 self.temp_path = writer.temp_path
                 self._started.set()
-                batch: list[bytes] = []
-                batched = 0
-                async for chunk in response.iter_chunks(UPSTREAM_CHUNK):
-                    batch.append(chunk)
-                    batched += len(chunk)
-                    if batched >= WRITE_BATCH:
-                        await self._append(writer, batch)
-                        batch, batched = [], 0
-                if batch:
+                async for batch in response.iter_batches(WRITE_BATCH):
                     await self._append(writer, batch)
             await asyncio.to_thread(writer.commit)
             self.committed = True
@@ -156,8 +147,7 @@ class BlobDownload:
         async with self._progress:
             self._progress.notify_all()
 
-    async def _append(self, writer: BlobWriter, batch: list[bytes]) -> None:
-        data = b"".join(batch)
+    async def _append(self, writer: BlobWriter, data: bytes) -> None:
         await asyncio.to_thread(_write_and_flush, writer, data)
         self.written += len(data)
         async with self._progress:

@@ -88,10 +88,27 @@ class UpstreamResponse:
             raise UpstreamBadResponse("upstream response is too large", detail={"limit": limit})
         return body
 
-    async def iter_chunks(self, size: int) -> AsyncIterator[bytes]:
+    async def iter_batches(self, max_batch: int) -> AsyncIterator[bytes]:
+        """The body in pieces: whatever has arrived, up to `max_batch` bytes at a time.
+
+        A fast upstream yields large batches (few hops to the writer thread); a
+        slow one yields each piece as soon as it lands, so readers never wait
+        for a batch to fill.
+        """
+        content = self._response.content
         try:
-            async for chunk in self._response.content.iter_chunked(size):
-                yield chunk
+            while True:
+                first = await content.readany()
+                if not first:
+                    return
+                parts, size = [first], len(first)
+                while size < max_batch:
+                    more = content.read_nowait(max_batch - size)
+                    if not more:
+                        break
+                    parts.append(more)
+                    size += len(more)
+                yield b"".join(parts) if len(parts) > 1 else first
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnavailable("upstream connection failed mid-transfer") from exc
 

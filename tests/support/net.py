@@ -8,6 +8,7 @@ hold open sockets.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import socket
 import time
@@ -111,3 +112,9 @@ def http_request(
         return HTTPResponse(status=resp.status, headers=resp.msg, body=data)
     finally:
         conn.close()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10, message: str = "") -> None:
+    """`wait_until` for async tests: polls in a worker thread so the event loop (and the
+    in-process mirror on it) keeps running while we wait."""
+    await asyncio.to_thread(wait_until, predicate, timeout, 0.02, message)

@@ -1,0 +1,241 @@
+"""Upstream faults a real registry cannot produce, through a programmable fake upstream.
+
+A blob cut off mid-transfer or with the wrong digest must reach the client as a failed
+transfer and leave nothing in the cache; manifests that do not match their digest are
+refused; 5xx, 429 and silence become clear OCI errors or stale answers, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from conftest import Mirror, MirrorFactory
+from support.fake_upstream import (
+    FakeUpstream,
+    digest_of,
+    hang,
+    reset_after,
+    serve,
+    stall_after,
+    status,
+)
+from support.net import eventually, free_port
+
+from mirror.oci import OCI_MANIFEST
+
+REPO = "team/app"
+BLOB = os.urandom(3 * 1024 * 1024 + 17)
+BLOB_DIGEST = digest_of(BLOB)
+BLOB_PATH = f"/v2/{REPO}/blobs/{BLOB_DIGEST}"
+MANIFEST = json.dumps(
+    {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []}, indent=2
+).encode()
+MANIFEST_DIGEST = digest_of(MANIFEST)
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+def fake() -> FakeUpstream:
+    return FakeUpstream()
+
+
+@pytest.fixture
+async def fake_mirror(
+    fake: FakeUpstream, aiohttp_server: ServerFactory, make_mirror: MirrorFactory
+) -> Mirror:
+    server = await aiohttp_server(fake.app(), host="127.0.0.1")
+    return await make_mirror(
+        {"fake": {"url": str(server.make_url("")).rstrip("/"), "tag_ttl": 0, "read_timeout": "2s"}}
+    )
+
+
+async def read_blob(http: aiohttp.ClientSession, mirror: Mirror) -> bytes:
+    async with http.get(f"{mirror.url}{BLOB_PATH}") as response:
+        assert response.status == 200
+        return await response.read()
+
+
+async def test_reset_mid_blob_fails_the_transfer_and_commits_nothing(
+    fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    fake.on("GET", BLOB_PATH, reset_after(BLOB, len(BLOB) // 2), serve(BLOB))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_blob(http, fake_mirror)
+    assert fake_mirror.blob_files() == []
+    await eventually(lambda: fake_mirror.temp_files() == [], timeout=5)
+
+    assert await read_blob(http, fake_mirror) == BLOB
+    assert fake.count("GET", BLOB_PATH) == 2
+
+
+async def test_wrong_digest_fails_the_transfer_and_commits_nothing(
+    fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    corrupted = bytearray(BLOB)
+    corrupted[12345] ^= 0xFF
+    fake.on("GET", BLOB_PATH, serve(bytes(corrupted), digest=BLOB_DIGEST), serve(BLOB))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_blob(http, fake_mirror)
+    assert fake_mirror.blob_files() == []
+    await eventually(lambda: fake_mirror.temp_files() == [], timeout=5)
+
+    assert await read_blob(http, fake_mirror) == BLOB
+    assert len(fake_mirror.blob_files()) == 1
+
+
+async def test_short_body_with_right_prefix_is_never_served_whole(
+    fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    # Every byte the client gets is right, but the last one never comes: the client must
+    # see a broken transfer, not a short blob.
+    fake.on("GET", BLOB_PATH, reset_after(BLOB, len(BLOB) - 1))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_blob(http, fake_mirror)
+    assert fake_mirror.blob_files() == []
+
+
+async def test_clients_get_first_bytes_before_a_slow_download_completes(
+    fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+    first_part = 256 * 1024
+    fake.on("GET", BLOB_PATH, stall_after(BLOB, first_part, release))
+    clients = 8
+    got_first_bytes = 0
+    all_started = asyncio.Event()
+
+    async def client() -> bytes:
+        nonlocal got_first_bytes
+        async with http.get(f"{fake_mirror.url}{BLOB_PATH}") as response:
+            assert response.status == 200
+            assert response.headers["Content-Length"] == str(len(BLOB))
+            received = await response.content.readexactly(1024)
+            got_first_bytes += 1
+            if got_first_bytes == clients:
+                all_started.set()
+            return received + await response.read()
+
+    tasks = [asyncio.create_task(client()) for _ in range(clients)]
+    # Every client has bytes while the upstream still withholds most of the blob.
+    await asyncio.wait_for(all_started.wait(), timeout=10)
+    assert not release.is_set()
+    assert fake_mirror.blob_files() == []
+    release.set()
+    bodies = await asyncio.gather(*tasks)
+    assert all(body == BLOB for body in bodies)
+    assert fake.count("GET", BLOB_PATH) == 1
+
+
+async def test_client_hanging_up_does_not_stop_the_download(
+    fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+    fake.on("GET", BLOB_PATH, stall_after(BLOB, 64 * 1024, release))
+    async with http.get(f"{fake_mirror.url}{BLOB_PATH}") as response:
+        await response.content.readexactly(1024)
+        response.close()
+    release.set()
+    await eventually(lambda: len(fake_mirror.blob_files()) == 1, timeout=10)
+    assert fake_mirror.blob_files()[0].read_bytes() == BLOB
+    assert await read_blob(http, fake_mirror) == BLOB
+    assert fake.count("GET", BLOB_PATH) == 1
+
+
+async def test_manifest_with_wrong_digest_is_refused_and_not_cached(
+    fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    path = f"/v2/{REPO}/manifests/{MANIFEST_DIGEST}"
+    tampered = MANIFEST.replace(b"2", b"3", 1)
+    fake.on(
+        "GET",
+        path,
+        serve(tampered, content_type=OCI_MANIFEST, digest=MANIFEST_DIGEST),
+        serve(MANIFEST, content_type=OCI_MANIFEST),
+    )
+    async with http.get(f"{fake_mirror.url}{path}") as response:
+        assert response.status == 502
+        assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+    assert fake_mirror.blob_files() == []
+    async with http.get(f"{fake_mirror.url}{path}") as response:
+        assert response.status == 200
+        assert await response.read() == MANIFEST
+
+
+async def test_tag_whose_body_contradicts_the_upstream_digest_header_is_refused(
+    fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    path = f"/v2/{REPO}/manifests/latest"
+    other = digest_of(b"something else")
+    fake.on("HEAD", path, status(500))
+    fake.on("GET", path, serve(MANIFEST, content_type=OCI_MANIFEST, digest=other))
+    async with http.get(f"{fake_mirror.url}{path}") as response:
+        assert response.status in (502, 503)
+    assert fake_mirror.blob_files() == []
+
+
+@pytest.mark.parametrize("code", [500, 502, 503])
+async def test_upstream_5xx_with_nothing_cached_is_503(
+    code: int, fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    path = f"/v2/{REPO}/manifests/latest"
+    fake.on("HEAD", path, status(code))
+    async with http.get(f"{fake_mirror.url}{path}") as response:
+        assert response.status == 503
+        assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_upstream_429_with_nothing_cached_is_429_with_retry_after(
+    fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    path = f"/v2/{REPO}/manifests/latest"
+    fake.on("HEAD", path, status(429, {"Retry-After": "42"}))
+    async with http.get(f"{fake_mirror.url}{path}") as response:
+        assert response.status == 429
+        assert response.headers["Retry-After"] == "42"
+        assert (await response.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+
+@pytest.mark.parametrize("failure", ["429", "503", "silence"])
+async def test_cached_tag_is_served_stale_when_the_upstream_fails(
+    failure: str, fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    path = f"/v2/{REPO}/manifests/latest"
+    fake.on("HEAD", path, serve(MANIFEST, content_type=OCI_MANIFEST))
+    fake.on(
+        "GET", f"/v2/{REPO}/manifests/{MANIFEST_DIGEST}", serve(MANIFEST, content_type=OCI_MANIFEST)
+    )
+    async with http.get(f"{fake_mirror.url}{path}") as response:
+        assert response.status == 200
+        assert response.headers["X-Cache"] == "MISS"
+
+    release = asyncio.Event()
+    broken = {"429": status(429), "503": status(503), "silence": hang(release)}[failure]
+    fake.on("HEAD", path, broken)
+    try:
+        async with http.get(f"{fake_mirror.url}{path}") as response:
+            assert response.status == 200
+            assert response.headers["X-Cache"] == "STALE"
+            assert response.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
+            assert await response.read() == MANIFEST
+    finally:
+        release.set()
+
+
+async def test_unreachable_upstream_fails_fast_for_uncached_content(
+    make_mirror: MirrorFactory, http: aiohttp.ClientSession
+) -> None:
+    closed = free_port()  # nothing listens here
+    mirror = await make_mirror({"gone": {"url": f"http://127.0.0.1:{closed}"}})
+    for path in (f"/v2/{REPO}/manifests/latest", BLOB_PATH, f"/v2/{REPO}/tags/list"):
+        async with http.get(
+            f"{mirror.url}{path}", timeout=aiohttp.ClientTimeout(total=10)
+        ) as response:
+            assert response.status == 503, path
+            assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
