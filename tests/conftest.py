@@ -116,7 +116,7 @@ def mirror_config(
 
 @pytest.fixture
 async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
-    """Start a mirror in-process: `await make_mirror({"name": {"url": ...}}, default_upstream=...)`."""
+    """Start a mirror in-process: `await make_mirror({"name": {"url": ...}}, **settings)`."""
     servers: list[TestServer] = []
     count = 0
 
