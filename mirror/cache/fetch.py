@@ -164,10 +164,12 @@ class BlobDownload:
         try:
             fd = os.open(self.temp_path, os.O_RDONLY)
         except FileNotFoundError:
-            # Already committed (renamed) or already failed (deleted).
-            if not self.committed:
+            # Renamed into blobs/ (perhaps a moment before `committed` is set: only a
+            # verified blob is ever renamed there), or deleted after a failure.
+            try:
+                fd = os.open(self.store.path(self.digest), os.O_RDONLY)
+            except FileNotFoundError:
                 raise self.error or UpstreamUnavailable("blob download failed") from None
-            fd = os.open(self.store.path(self.digest), os.O_RDONLY)
         try:
             position = start
             while end is None or position < end:

@@ -84,13 +84,15 @@ class Listings:
             tags = json.loads(response.body).get("tags") or []
         except (ValueError, AttributeError):
             tags = []
-        link = None
+        # Apply n and last here too: distribution 2.8 ignores them for tags lists, and
+        # the spec wants lexical order, which 2.8 does not give an unpaginated list.
+        page, more = paginate([str(tag) for tag in tags], n, last)
         upstream_link = response.headers.get("Link")
         if upstream_link:
             link = self._rewrite_link(route, upstream_link)
-        return Listing(
-            _tags_body(route.client_name, [str(t) for t in tags]), "application/json", result, link
-        )
+        else:
+            link = self._link(route, n, page[-1]) if more and n and page else None
+        return Listing(_tags_body(route.client_name, page), "application/json", result, link)
 
     async def referrers(self, route: Route, digest: Digest, artifact_type: str | None) -> Listing:
         query = {"artifactType": artifact_type} if artifact_type else {}
