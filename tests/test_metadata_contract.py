@@ -1,0 +1,137 @@
+"""The metadata store contract, run once per backend: embedded (diskcache) and Redis.
+
+Both backends must behave identically for everything the cache relies on: tag and blob
+records, repository sets, cached responses, access times that only move forward, and
+leases that exclude, lapse and can only be renewed or released by their owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from support.redis_server import RedisServer
+
+from mirror.metadata.base import BlobRecord, CachedResponse, MetadataStore, TagRecord
+from mirror.metadata.embedded import EmbeddedMetadataStore
+from mirror.metadata.redis import RedisMetadataStore
+
+DIGEST = "sha256:" + "1" * 64
+OTHER = "sha256:" + "2" * 64
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(params=["embedded", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataStore]:
+    backend: MetadataStore
+    if request.param == "embedded":
+        backend = EmbeddedMetadataStore(tmp_path / "meta")
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        # A prefix per test keeps tests apart on the shared server.
+        backend = RedisMetadataStore(server.url, prefix=f"t{time.monotonic_ns()}:")
+    yield backend
+    await backend.close()
+
+
+async def test_tags(store: MetadataStore) -> None:
+    assert await store.get_tag("hub", "library/alpine", "3") is None
+    record = TagRecord(digest=DIGEST, media_type="application/x", checked_at=1.5)
+    await store.put_tag("hub", "library/alpine", "3", record)
+    await store.put_tag("hub", "library/alpine", "latest", record)
+    await store.put_tag("ghcr", "library/alpine", "other", record)
+    assert await store.get_tag("hub", "library/alpine", "3") == record
+    assert await store.get_tag("ghcr", "library/alpine", "3") is None
+    assert await store.list_tags("hub", "library/alpine") == ["3", "latest"]
+    newer = TagRecord(digest=OTHER, media_type="application/y", checked_at=2.0)
+    await store.put_tag("hub", "library/alpine", "3", newer)
+    assert await store.get_tag("hub", "library/alpine", "3") == newer
+
+
+async def test_blobs_and_access_times(store: MetadataStore) -> None:
+    assert await store.get_blob(DIGEST) is None
+    record = BlobRecord(size=10, created_at=100.0, last_access=100.0, media_type=None)
+    await store.put_blob(DIGEST, record)
+    assert await store.get_blob(DIGEST) == record
+
+    await store.touch_blobs({DIGEST: 150.0, OTHER: 150.0})
+    touched = await store.get_blob(DIGEST)
+    assert touched is not None
+    assert touched.last_access == 150.0
+    assert await store.get_blob(OTHER) is None  # touching never creates a record
+    await store.touch_blobs({DIGEST: 120.0})  # never moves back
+    touched = await store.get_blob(DIGEST)
+    assert touched is not None
+    assert touched.last_access == 150.0
+
+    manifest = BlobRecord(
+        size=5, created_at=1, last_access=1, media_type="application/m", pinned=True
+    )
+    await store.put_blob(OTHER, manifest)
+    assert await store.get_blob(OTHER) == manifest
+
+    await store.add_blob_repository(DIGEST, "hub", "a/b")
+    await store.delete_blob(DIGEST)
+    assert await store.get_blob(DIGEST) is None
+    assert await store.blob_repositories(DIGEST) == []
+
+
+async def test_repositories(store: MetadataStore) -> None:
+    await store.add_blob_repository(DIGEST, "hub", "library/alpine")
+    await store.add_blob_repository(DIGEST, "hub", "library/alpine")
+    await store.add_blob_repository(DIGEST, "ghcr", "org/app")
+    assert await store.blob_in_repository(DIGEST, "hub", "library/alpine")
+    assert not await store.blob_in_repository(DIGEST, "hub", "library/nginx")
+    assert not await store.blob_in_repository(OTHER, "hub", "library/alpine")
+    assert await store.blob_repositories(DIGEST) == [("ghcr", "org/app"), ("hub", "library/alpine")]
+
+    assert await store.list_repositories() == []
+    await store.add_repository("hub", "library/alpine")
+    await store.add_repository("ghcr", "org/app")
+    await store.add_repository("hub", "library/alpine")
+    assert await store.list_repositories() == [("ghcr", "org/app"), ("hub", "library/alpine")]
+
+
+async def test_cached_responses(store: MetadataStore) -> None:
+    assert await store.get_response("tags:hub/x?") is None
+    response = CachedResponse(200, '{"tags":[]}', "application/json", 3.0, {"Link": "<a>"})
+    await store.put_response("tags:hub/x?", response)
+    assert await store.get_response("tags:hub/x?") == response
+
+
+async def test_leases_exclude_and_check_the_owner(store: MetadataStore) -> None:
+    assert await store.acquire_lease("blob:x", "one", ttl=30)
+    assert not await store.acquire_lease("blob:x", "two", ttl=30)
+    assert await store.lease_holder("blob:x") == "one"
+    assert not await store.renew_lease("blob:x", "two", ttl=30)
+    await store.release_lease("blob:x", "two")  # not the owner: no effect
+    assert await store.lease_holder("blob:x") == "one"
+    assert await store.renew_lease("blob:x", "one", ttl=30)
+    await store.release_lease("blob:x", "one")
+    assert await store.lease_holder("blob:x") is None
+    assert await store.acquire_lease("blob:x", "two", ttl=30)
+
+
+async def test_leases_lapse(store: MetadataStore) -> None:
+    assert await store.acquire_lease("blob:y", "one", ttl=0.2)
+    # Each attempt is a round trip to the store; keep trying, within a bound, until it lapses.
+    deadline = time.monotonic() + 5
+    while not await store.acquire_lease("blob:y", "two", ttl=30):
+        assert time.monotonic() < deadline, "lease never lapsed"
+    assert await store.lease_holder("blob:y") == "two"
+    assert not await store.renew_lease("blob:y", "one", ttl=30)
+
+
+async def test_concurrent_lease_attempts_have_one_winner(store: MetadataStore) -> None:
+    results = await asyncio.gather(
+        *(store.acquire_lease("blob:z", f"o{i}", ttl=30) for i in range(20))
+    )
+    assert sum(results) == 1
