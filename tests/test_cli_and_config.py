@@ -1,0 +1,210 @@
+"""The `mirror` command as an operator meets it: config validation and a served process.
+
+Bad configuration stops start-up with a message naming the key; environment overrides
+apply; a real `mirror serve` process pulls through a credentialed token-auth upstream
+and writes one JSON access line per request, with no credential in any line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import PUSHER, PUSHER_PASSWORD, TAG, Upstream
+from support.net import free_port, http_request, port_open, wait_until
+from support.skopeo import skopeo_copy
+
+from mirror.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_mirror(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+def write_config(path: Path, data: dict[str, object]) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_example_config_is_valid() -> None:
+    result = run_mirror("check-config", "--config", str(ROOT / "config.example.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"listen": "nowhere"}, "listen:"),
+        ({"default_upstream": "quay.io"}, "default_upstream"),
+        ({"upstreams": {"x": {"url": "ftp://example"}}}, "upstreams.x.url"),
+        (
+            {"upstreams": {"x": {"url": "https://e", "tag_ttl": "ten minutes"}}},
+            "upstreams.x.tag_ttl",
+        ),
+        ({"upstreams": {"x": {"url": "https://e", "max_stale": "-1s"}}}, "upstreams.x.max_stale"),
+        ({"upstreams": {"x": {"url": "https://e", "tls": True}}}, "upstreams.x.tls: unknown key"),
+        ({"upstreams": {"x": {"url": "https://e", "username": "u"}}}, "upstreams.x"),
+        ({"metadata": {"backend": "redis"}}, "metadata"),
+        ({"metadata": {"backend": "etcd"}}, "metadata.backend"),
+        ({"storage": {"root": "/x", "size": 1}}, "storage.size: unknown key"),
+    ],
+)
+def test_bad_config_names_the_key(change: dict[str, object], named: str, tmp_path: Path) -> None:
+    data: dict[str, object] = {
+        "listen": "127.0.0.1:5000",
+        "upstreams": {"docker.io": {"url": "https://registry-1.docker.io"}},
+        **change,
+    }
+    path = write_config(tmp_path / "bad.yaml", data)
+    result = run_mirror("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert named in result.stderr, result.stderr
+    result = run_mirror("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert named in result.stderr
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    result = run_mirror("check-config", "--config", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2
+    assert "cannot read config file" in result.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("listen: [unclosed", encoding="utf-8")
+    result = run_mirror("check-config", "--config", str(broken))
+    assert result.returncode == 2
+    assert "not valid YAML" in result.stderr
+
+
+def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_config(
+        tmp_path / "c.yaml",
+        {"upstreams": {"docker.io": {"url": "https://registry-1.docker.io", "tag_ttl": "10m"}}},
+    )
+    monkeypatch.setenv("MIRROR_LISTEN", "127.0.0.1:6123")
+    monkeypatch.setenv("MIRROR_STORAGE__ROOT", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("MIRROR_UPSTREAMS__DOCKER.IO__TAG_TTL", "90s")
+    config = load_config(path)
+    assert config.listen_address == ("127.0.0.1", 6123)
+    assert config.storage.root == tmp_path / "elsewhere"
+    assert config.upstreams["docker.io"].tag_ttl == 90
+    assert config.upstreams["docker.io"].url == "https://registry-1.docker.io"
+    monkeypatch.setenv("MIRROR_UPSTREAMS__DOCKER.IO__MAX_STALE", "soon")
+    with pytest.raises(ConfigError, match=r"upstreams\.docker\.io\.max_stale"):
+        load_config(path)
+
+
+def test_durations_and_listen_forms(tmp_path: Path) -> None:
+    config = load_config(
+        None,
+        listen="[::1]:5000",
+        upstreams={"a": {"url": "http://127.0.0.1:1", "tag_ttl": "1h30m", "max_stale": 45}},
+    )
+    assert config.listen_address == ("::1", 5000)
+    assert config.upstreams["a"].tag_ttl == 5400
+    assert config.upstreams["a"].max_stale == 45
+
+
+@pytest.fixture
+def served_mirror(tmp_path: Path, token_upstream: Upstream) -> Iterator[tuple[str, Path, Path]]:
+    """`mirror serve` as a process, with the token upstream's credentials from a file."""
+    secret = tmp_path / "password"
+    secret.write_text(PUSHER_PASSWORD + "\n", encoding="utf-8")
+    port = free_port()
+    config = write_config(
+        tmp_path / "mirror.yaml",
+        {
+            "listen": f"127.0.0.1:{port}",
+            "storage": {"root": str(tmp_path / "data")},
+            "log": {"format": "json", "level": "debug"},
+            "upstreams": {
+                "private": {
+                    "url": token_upstream.url,
+                    "username": PUSHER,
+                    "password_file": str(secret),
+                }
+            },
+        },
+    )
+    log_path = tmp_path / "mirror.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mirror", "serve", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: _ready(port), timeout=20, message="mirror serve did not start")
+        yield f"127.0.0.1:{port}", log_path, tmp_path / "data"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+
+
+def _ready(port: int) -> bool:
+    return (
+        port_open("127.0.0.1", port)
+        and http_request("GET", f"http://127.0.0.1:{port}/v2/").status == 200
+    )
+
+
+def test_served_process_pulls_with_credentials_and_logs_cleanly(
+    served_mirror: tuple[str, Path, Path], token_upstream: Upstream, tmp_path: Path
+) -> None:
+    host, log_path, data = served_mirror
+    tokens = token_upstream.token_server
+    assert tokens is not None
+    before = len(tokens.requests)
+    skopeo_copy(f"docker://{host}/{Upstream.repo('oci')}:{TAG}", f"dir:{tmp_path / 'out'}")
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == token_upstream.images[
+        "oci"
+    ].manifest
+
+    asked = tokens.requests[before:]
+    assert asked
+    assert all(request.username == PUSHER and request.authorized for request in asked)
+
+    # Every line is JSON; the access lines say what happened; no credential anywhere.
+    wait_until(lambda: b'"event": "request"' in log_path.read_bytes(), timeout=10)
+    text = log_path.read_text(encoding="utf-8")
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    access = [line for line in lines if line.get("event") == "request"]
+    manifest_lines = [line for line in access if "/manifests/" in line["path"]]
+    assert manifest_lines
+    for line in manifest_lines:
+        for field in (
+            "request_id",
+            "method",
+            "upstream",
+            "repository",
+            "reference",
+            "cache",
+            "status",
+            "bytes",
+            "seconds",
+        ):
+            assert field in line, field
+        assert line["upstream"] == "private"
+        assert line["repository"] == Upstream.repo("oci")
+    assert {line["cache"] for line in access if "/blobs/" in line["path"]} == {"miss"}
+    assert PUSHER_PASSWORD not in text
+    assert "eyJ" not in text  # how every JWT (the upstream's tokens) begins
+    assert "cHVzaGVy" not in text  # base64 of the username, as in a Basic header
+    assert (data / "tmp").exists()
