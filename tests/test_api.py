@@ -338,3 +338,21 @@ async def test_hub_one_component_names_map_to_library(
     async with http.get(f"{mirror.url}/v2/busybox/manifests/{TAG}") as response:
         assert response.status == 200
         assert json.loads(await response.read())["mediaType"] == OCI_MANIFEST
+
+
+async def test_head_by_tag_of_an_uncached_manifest_costs_no_upstream_get(
+    mirror: Mirror, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    # Version checkers HEAD tags all day; Docker Hub counts GETs, so the mirror answers a
+    # HEAD for a digest it does not hold from the upstream's HEAD alone.
+    image = upstream.images["docker"]
+    registry = upstream.registry
+    mark = registry.mark()
+    url = f"{mirror.url}/v2/{repo('docker')}/manifests/{TAG}"
+    async with http.head(url) as response:
+        assert response.status == 200
+        assert response.headers["Docker-Content-Digest"] == image.digest
+        assert response.headers["Content-Length"] == str(len(image.manifest))
+        assert response.headers["Content-Type"] == DOCKER_MANIFEST
+    registry.wait_for_access("HEAD", f"/manifests/{TAG}", since=mark)
+    assert registry.requests(method="GET", path_contains="/manifests/", since=mark) == []
