@@ -48,3 +48,8 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         )
     except web.HTTPNotFound:
         return error_response(NameUnknown("no such endpoint"))
+    except (web.HTTPException, ConnectionError):
+        raise  # aiohttp's own answers, and clients that hung up
+    except Exception as exc:  # a bug: say so in OCI form, and log it whole
+        log.exception("unhandled_error", error=repr(exc))
+        return error_response(MirrorError("internal error"))
