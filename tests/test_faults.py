@@ -8,12 +8,14 @@ refused; 5xx, 429 and silence become clear OCI errors or stale answers, never a 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import Mirror, MirrorFactory
 from support.fake_upstream import (
@@ -239,3 +241,42 @@ async def test_unreachable_upstream_fails_fast_for_uncached_content(
         ) as response:
             assert response.status == 503, path
             assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_redirects_keep_credentials_home_and_expired_presigned_urls_are_reasked(
+    aiohttp_server: ServerFactory, make_mirror: MirrorFactory, http: aiohttp.ClientSession
+) -> None:
+    storage = FakeUpstream()
+    storage_server = await aiohttp_server(storage.app(), host="127.0.0.1")
+    seen_authorization: list[str | None] = []
+
+    async def presigned(request: web.Request) -> web.StreamResponse:
+        seen_authorization.append(request.headers.get("Authorization"))
+        return await serve(BLOB)(request)
+
+    storage.on("GET", "/v2/storage/blob", status(403), presigned)
+
+    registry = FakeUpstream()
+
+    async def registry_blob(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != "Basic " + base64.b64encode(b"bot:pw").decode():
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+        location = str(storage_server.make_url("/v2/storage/blob")) + "?X-Signature=secret"
+        return web.Response(status=307, headers={"Location": location})
+
+    registry.on("GET", BLOB_PATH, registry_blob)
+    registry_server = await aiohttp_server(registry.app(), host="127.0.0.1")
+    mirror = await make_mirror(
+        {
+            "private": {
+                "url": str(registry_server.make_url("")).rstrip("/"),
+                "username": "bot",
+                "password": "pw",
+            }
+        }
+    )
+    assert await read_blob(http, mirror) == BLOB
+    # The first storage answer was a 403 (an expired URL): the registry was asked again.
+    assert registry.count("GET", BLOB_PATH) == 3  # 401 challenge, then two authorised asks
+    assert storage.count("GET", "/v2/storage/blob") == 2
+    assert seen_authorization == [None]
