@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import io
 import os
 import resource
 import shutil
@@ -244,6 +245,9 @@ def measured(
     phase: Phase, registry: Registry, mirror: MirrorProcess | None, expected_blob_gets: int
 ) -> Iterator[None]:
     """Record CPU use and upstream requests around the body of a phase."""
+    # Start every phase with no dirty page cache left by the previous ones: background
+    # writeback of earlier pulls would otherwise slow later phases (the order would matter).
+    os.sync()
     mark = registry.mark()
     mirror_cpu0 = cpu_seconds(mirror.pid) if mirror is not None else 0.0
     registry_cpu0 = cpu_seconds(registry.pid)
@@ -297,6 +301,24 @@ async def pull_many(host: str, dests: list[Path]) -> tuple[float, list[float | B
 
     results = await asyncio.gather(*(one(d) for d in dests), return_exceptions=True)
     return time.perf_counter() - started, list(results)
+
+
+def concurrent_phase(
+    name: str,
+    host: str,
+    dests_dir: Path,
+    n: int,
+    registry: Registry,
+    mirror: MirrorProcess | None,
+    expected_blob_gets: int,
+) -> tuple[Phase, list[BaseException]]:
+    """N pulls from ``host`` started together into ``dests_dir/0..n-1``."""
+    phase = Phase(name, pulls=n)
+    dests = [dests_dir / str(i) for i in range(n)]
+    with measured(phase, registry, mirror, expected_blob_gets):
+        phase.seconds, results = asyncio.run(pull_many(host, dests))
+    phase.per_pull = [r for r in results if isinstance(r, float)]
+    return phase, [r for r in results if isinstance(r, BaseException)]
 
 
 # -- reporting -----------------------------------------------------------------------------
@@ -393,6 +415,14 @@ def run(args: argparse.Namespace, work: Path, cleanup: list[Callable[[], object]
     cleanup.append(pool.shutdown)
     out = work / "out"
 
+    def check(*trees: Path) -> None:
+        """Verify pulled trees, then delete them (unless --keep) so their dirty pages are
+        dropped rather than written back during later phases."""
+        for tree in trees:
+            verify_tree(tree, image, pool)
+            if not args.keep:
+                shutil.rmtree(tree)
+
     started = time.perf_counter()
     image = oci_image(layer_sizes(args.size_mb), seed=SEED)
     image_bytes = sum(len(b) for b in image.blobs.values())
@@ -415,12 +445,31 @@ def run(args: argparse.Namespace, work: Path, cleanup: list[Callable[[], object]
     phases: list[Phase] = []
 
     # a. direct, twice: the second is the baseline (registry files in the page cache).
-    for n in (1, 2):
-        phase = Phase(f"direct {n}", pulls=1, counted=False)
+    for i in (1, 2):
+        phase = Phase(f"direct {i}", pulls=1, counted=False)
         with measured(phase, registry, None, blob_count):
-            phase.seconds = pull_once(registry.host, out / f"direct-{n}")
-        verify_tree(out / f"direct-{n}", image, pool)
+            phase.seconds = pull_once(registry.host, out / f"direct-{i}")
+        check(out / f"direct-{i}")
         phases.append(phase)
+    baseline = phases[-1].seconds
+
+    # Reference for d: the same N concurrent pulls straight from the registry.
+    n = args.concurrency
+    if n > 1:
+        phase, failures = concurrent_phase(
+            f"{n}-way direct",
+            registry.host,
+            out / "direct-concurrent",
+            n,
+            registry,
+            None,
+            n * blob_count,
+        )
+        phase.counted = False
+        phases.append(phase)
+        if failures:
+            raise BenchError(f"{len(failures)} of {n} direct concurrent pulls failed")
+        check(*sorted((out / "direct-concurrent").iterdir()))
 
     # b, c. cold then warm through one fresh mirror.
     mirror_a = MirrorProcess(work / "mirror-a", registry.url)
@@ -434,7 +483,7 @@ def run(args: argparse.Namespace, work: Path, cleanup: list[Callable[[], object]
         phase = Phase(name, pulls=1)
         with measured(phase, registry, mirror_a, expected):
             phase.seconds = pull_once(mirror_a.host, out / subdir)
-        verify_tree(out / subdir, image, pool)
+        check(out / subdir)
         phases.append(phase)
 
     # d. N concurrent cold pulls through another fresh mirror.
@@ -442,13 +491,10 @@ def run(args: argparse.Namespace, work: Path, cleanup: list[Callable[[], object]
     cleanup.append(mirror_b.stop)
     mirror_b.start()
     print(f"mirror B: {mirror_b.host} (pid {mirror_b.pid})")
-    n = args.concurrency
-    phase = Phase(f"{n}-way cold", pulls=n)
-    dests = [out / f"concurrent-{i}" for i in range(n)]
-    with measured(phase, registry, mirror_b, blob_count):
-        phase.seconds, results = asyncio.run(pull_many(mirror_b.host, dests))
-    failures = [r for r in results if isinstance(r, BaseException)]
-    phase.per_pull = [r for r in results if isinstance(r, float)]
+    dests_dir = out / "mirror-concurrent"
+    phase, failures = concurrent_phase(
+        f"{n}-way cold", mirror_b.host, dests_dir, n, registry, mirror_b, blob_count
+    )
     phases.append(phase)
 
     # Peak RSS before stopping (the /proc entry goes with the process).
@@ -457,16 +503,17 @@ def run(args: argparse.Namespace, work: Path, cleanup: list[Callable[[], object]
     statuses = {name: m.stop() for name, m in (("A", mirror_a), ("B", mirror_b))}
 
     print()
-    report(phases, image_bytes, phases[1].seconds)
+    report(phases, image_bytes, baseline)
     print()
-    print(f"image blob bytes: {image_bytes:,}; baseline: 'direct 2' ({phases[1].seconds:.2f} s)")
-    if phase.per_pull:
-        times = sorted(phase.per_pull)
-        print(
-            f"{n}-way cold: {len(times)}/{n} succeeded; each finished after "
-            f"min {times[0]:.2f} / median {statistics.median(times):.2f} / "
-            f"max {times[-1]:.2f} s"
-        )
+    print(f"image blob bytes: {image_bytes:,}; baseline: 'direct 2' ({baseline:.2f} s)")
+    for p in phases:
+        if p.pulls > 1 and p.per_pull:
+            times = sorted(p.per_pull)
+            print(
+                f"{p.name}: {len(times)}/{p.pulls} succeeded; each finished after "
+                f"min {times[0]:.2f} / median {statistics.median(times):.2f} / "
+                f"max {times[-1]:.2f} s"
+            )
     for p in phases:
         if p.counted and p.other_requests:
             kinds: dict[str, int] = {}
@@ -489,9 +536,9 @@ def run(args: argparse.Namespace, work: Path, cleanup: list[Callable[[], object]
         print(f"FAILED concurrent pull: {detail}", file=sys.stderr)
     if failures:
         raise BenchError(f"{len(failures)} of {n} concurrent pulls failed")
-    for dest in dests:
-        verify_tree(dest, image, pool)
-    print(f"content verified: {len(phases) - 1 + n} pulled trees (blob sha256 + manifest bytes)")
+    check(*sorted(dests_dir.iterdir()))
+    trees = sum(p.pulls for p in phases)
+    print(f"content verified: {trees} pulled trees (blob sha256 + manifest bytes)")
     return 0
 
 
@@ -502,6 +549,8 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # progress shows up when piped, too
     signal.signal(signal.SIGTERM, _terminate)
     work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.tmpdir))
     cleanup: list[Callable[[], object]] = []
@@ -511,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         for step in reversed(cleanup):
             try:
