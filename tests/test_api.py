@@ -14,6 +14,7 @@ import pytest
 from conftest import TAG, Mirror, MirrorFactory, Upstream
 from support.images import ALL_MANIFEST_TYPES, oci_image, push
 
+from mirror.api import v2
 from mirror.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 
 API_HEADER = "Docker-Distribution-API-Version"
@@ -356,3 +357,19 @@ async def test_head_by_tag_of_an_uncached_manifest_costs_no_upstream_get(
         assert response.headers["Content-Type"] == DOCKER_MANIFEST
     registry.wait_for_access("HEAD", f"/manifests/{TAG}", since=mark)
     assert registry.requests(method="GET", path_contains="/manifests/", since=mark) == []
+
+
+async def test_zero_copy_path_for_remote_peers(
+    mirror: Mirror, upstream: Upstream, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Loopback peers get plain writes (see api/v2.py); every test client is on loopback, so
+    # make the mirror treat this one as remote to exercise sendfile.
+    monkeypatch.setattr(v2, "_peer_is_local", lambda request: False)
+    digest, data = max(upstream.images["oci"].blobs.items(), key=lambda item: len(item[1]))
+    url = f"{mirror.url}/v2/{repo('oci')}/blobs/{digest}"
+    for _ in ("cold", "warm"):
+        async with http.get(url) as response:
+            assert await response.read() == data
+    async with http.get(url, headers={"Range": "bytes=1000-"}) as response:
+        assert response.status == 206
+        assert await response.read() == data[1000:]

@@ -10,8 +10,11 @@ caches'.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -20,7 +23,14 @@ from aiohttp.typedefs import Handler
 from mirror.cache.blobs import BlobCache, BlobSource
 from mirror.cache.listings import Listing, Listings
 from mirror.cache.manifests import Manifest, ManifestCache
-from mirror.errors import MirrorError, NameUnknown, RangeInvalid, SizeInvalid, Unsupported
+from mirror.errors import (
+    BlobUnknown,
+    MirrorError,
+    NameUnknown,
+    RangeInvalid,
+    SizeInvalid,
+    Unsupported,
+)
 from mirror.logging import ACCESS_INFO, AccessInfo
 from mirror.oci import AcceptSet, Digest, Reference
 from mirror.routing import Route, Router
@@ -30,6 +40,7 @@ log = structlog.get_logger(__name__)
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_PAGE = 10_000
+FILE_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +296,7 @@ async def _send_blob(
     try:
         if source.path is not None:
             assert end is not None
-            await _sendfile(request, response, source, start, end - start)
+            await _send_file(request, response, source.path, start, end - start)
         else:
             assert source.download is not None
             async for chunk in source.download.iter_bytes(start, end):
@@ -305,23 +316,43 @@ async def _send_blob(
     return response
 
 
-async def _sendfile(
-    request: web.Request, response: web.StreamResponse, source: BlobSource, offset: int, count: int
+def _peer_is_local(request: web.Request) -> bool:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return False
+    try:
+        return ipaddress.ip_address(peer[0]).is_loopback
+    except ValueError:
+        return False
+
+
+async def _send_file(
+    request: web.Request, response: web.StreamResponse, path: Path, offset: int, count: int
 ) -> None:
-    assert source.path is not None
+    """Send a committed blob file.
+
+    sendfile saves this process a copy, but the kernel then hands the receiver the page
+    cache page by page; when the receiver shares this machine (loopback) its extra cost
+    outweighs what we save (measured with skopeo: 15% more client CPU, a slower pull),
+    so local peers get plain writes, as distribution itself does.
+    """
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("client went away")
-    with open(source.path, "rb") as file:  # noqa: ASYNC230 - opening is instant; sendfile is async
-        try:
-            await asyncio.get_running_loop().sendfile(transport, file, offset, count)
-        except NotImplementedError:
-            # No zero-copy on this transport (TLS): stream it in chunks instead.
-            file.seek(offset)
-            remaining = count
-            while remaining > 0:
-                chunk = await asyncio.to_thread(file.read, min(remaining, 1024 * 1024))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-                await response.write(chunk)
+    with open(path, "rb") as file:  # noqa: ASYNC230 - opening is instant; reads are async
+        if not _peer_is_local(request):
+            try:
+                await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+                return
+            except NotImplementedError:
+                pass  # no zero-copy on this transport (TLS): write in chunks below
+        remaining = count
+        while remaining > 0:
+            chunk = await asyncio.to_thread(
+                os.pread, file.fileno(), min(remaining, FILE_CHUNK), offset
+            )
+            if not chunk:
+                raise BlobUnknown("blob file is shorter than its size")  # aborts the transfer
+            offset += len(chunk)
+            remaining -= len(chunk)
+            await response.write(chunk)
