@@ -89,7 +89,7 @@ async def test_wrong_digest_fails_the_transfer_and_commits_nothing(
     await eventually(lambda: fake_mirror.temp_files() == [], timeout=5)
 
     assert await read_blob(http, fake_mirror) == BLOB
-    assert len(fake_mirror.blob_files()) == 1
+    await eventually(lambda: len(fake_mirror.blob_files()) == 1, timeout=10)
 
 
 async def test_short_body_with_right_prefix_is_never_served_whole(

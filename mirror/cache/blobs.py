@@ -114,6 +114,12 @@ class BlobCache:
         size = self._store.size(digest)
         if size is not None and await self._may_serve_cached(route, digest):
             return size, "hit"
+        running = self._downloads.get(digest)
+        if running is not None and self._may_join(route, running[1]):
+            download = running[0]
+            if download.error is None and download.size is not None:
+                # Being fetched (or verified and about to be committed): no need to ask.
+                return download.size, "hit" if download.verified else "miss"
         async with await self._client(route).open(
             "HEAD", route.repository, f"blobs/{digest}"
         ) as response:

@@ -8,10 +8,10 @@ from the file rather than the network. A client hanging up stops only its own
 reader; the download runs on in a task the blob cache owns.
 
 The last byte is held back from every reader until the digest and size are
-verified and the blob committed, so a client can never receive a complete body
-of unverified bytes. On a mismatch or an upstream error the temp file is
-deleted and every reader raises, which the HTTP layer turns into an aborted
-connection.
+verified, so a client can never receive a complete body of unverified bytes;
+the fsync and rename into `blobs/` follow without holding clients up. On a
+mismatch or an upstream error the temp file is deleted and every reader raises,
+which the HTTP layer turns into an aborted connection.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class BlobDownload:
         self.size: int | None = None
         self.written = 0
         self.error: BaseException | None = None
+        self.verified = False
         self.committed = False
         self.temp_path: Path | None = None
         self._started = asyncio.Event()
@@ -101,6 +102,11 @@ class BlobDownload:
                 self._started.set()
                 async for batch in response.iter_batches(WRITE_BATCH):
                     await self._append(writer, batch)
+            await asyncio.to_thread(writer.verify)
+            # Verified bytes may reach clients now; the fsync need not hold them up.
+            self.verified = True
+            async with self._progress:
+                self._progress.notify_all()
             await asyncio.to_thread(writer.commit)
             self.committed = True
             log.info(
@@ -133,7 +139,7 @@ class BlobDownload:
             return
         self.size = self.written = size
         self.temp_path = self.store.path(self.digest)
-        self.committed = True
+        self.verified = self.committed = True
         await self._finish()
 
     async def fail(self, error: MirrorError) -> None:
@@ -154,8 +160,8 @@ class BlobDownload:
             self._progress.notify_all()
 
     def _readable_limit(self) -> int:
-        # Hold back the last byte until the blob is verified and committed.
-        return self.written if self.committed else max(self.written - 1, 0)
+        # Hold back the last byte until the whole blob is verified.
+        return self.written if self.verified else max(self.written - 1, 0)
 
     async def iter_bytes(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes [start, end) of the blob as they arrive; raises if the download fails."""
@@ -183,7 +189,7 @@ class BlobDownload:
                     position += len(data)
                     yield data
                     continue
-                if self.committed:
+                if self.verified:
                     break
                 if self._finished:
                     raise self.error or UpstreamUnavailable("blob download failed")

@@ -140,6 +140,7 @@ class BlobWriter:
         self._hasher = digest.hasher()
         self._file = open(self.temp_path, "xb")  # noqa: SIM115 - owned until commit/discard
         self.written = 0
+        self._verified = False
         self._committed = False
 
     def write(self, chunk: bytes) -> None:
@@ -151,8 +152,10 @@ class BlobWriter:
         """Make written bytes visible to readers of the temp file."""
         self._file.flush()
 
-    def commit(self) -> Path:
-        """Verify digest and size, fsync, and move into `blobs/`."""
+    def verify(self) -> None:
+        """Raise `DigestMismatch` unless what was written hashes to the digest (and size)."""
+        if self._verified:
+            return
         actual = self._hasher.hexdigest()
         if actual != self.digest.hex:
             raise DigestMismatch(
@@ -167,6 +170,11 @@ class BlobWriter:
                 "upstream content has the wrong size",
                 detail={"expected": self.expected_size, "actual": self.written},
             )
+        self._verified = True
+
+    def commit(self) -> Path:
+        """Verify, fsync, and move into `blobs/`: only now is the blob in the cache."""
+        self.verify()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
