@@ -21,6 +21,7 @@ from conftest import Mirror, MirrorFactory
 from support.fake_upstream import (
     FakeUpstream,
     digest_of,
+    drop_connection,
     hang,
     reset_after,
     serve,
@@ -280,3 +281,18 @@ async def test_redirects_keep_credentials_home_and_expired_presigned_urls_are_re
     assert registry.count("GET", BLOB_PATH) == 3  # 401 challenge, then two authorised asks
     assert storage.count("GET", "/v2/storage/blob") == 2
     assert seen_authorization == [None]
+
+
+async def test_a_connection_lost_before_any_byte_is_retried_once(
+    fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    fake.on("GET", BLOB_PATH, drop_connection(), serve(BLOB))
+    assert await read_blob(http, fake_mirror) == BLOB
+    assert fake.count("GET", BLOB_PATH) == 2
+
+    # A request that keeps failing is not retried for ever.
+    path = f"/v2/{REPO}/manifests/{MANIFEST_DIGEST}"
+    fake.on("GET", path, drop_connection())
+    async with http.get(f"{fake_mirror.url}{path}") as response:
+        assert response.status == 503
+    assert fake.count("GET", path) == 2

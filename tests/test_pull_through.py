@@ -51,7 +51,7 @@ async def test_copy_matches_direct_and_second_pull_is_local(
     assert mirror.temp_files() == []
 
 
-@pytest.mark.parametrize("kind", ["oci", "docker-list"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_copy_through_token_auth_upstream(
     kind: str, make_mirror: MirrorFactory, token_upstream: Upstream, tmp_path: Path
 ) -> None:

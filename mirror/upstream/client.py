@@ -9,7 +9,8 @@ an `UpstreamResponse` once the status line and headers are in. Along the way it:
   is answered anonymously;
 - re-asks the registry once when a redirect target answers 403, the sign of a
   presigned URL that expired;
-- retries once when the connection fails before any response arrived.
+- retries once when connecting fails or times out (aiohttp itself retries once
+  when a connection drops before the response).
 
 aiohttp's exceptions stop here: callers see `UpstreamUnavailable`.
 """
@@ -178,8 +179,9 @@ class UpstreamClient:
     ) -> UpstreamResponse:
         try:
             return await self._follow(method, url, repository, headers)
-        except (aiohttp.ClientConnectionError, TimeoutError) as first:
-            # Nothing reached a client yet, and GET/HEAD are idempotent: one retry.
+        except (aiohttp.ClientConnectorError, TimeoutError) as first:
+            # Nothing reached a client yet, and GET/HEAD are idempotent: one retry. (A
+            # connection dropped before the response aiohttp already retries itself.)
             log.info("upstream_retry", upstream=self.name, error=repr(first))
             try:
                 return await self._follow(method, url, repository, headers)

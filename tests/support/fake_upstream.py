@@ -110,3 +110,14 @@ def hang(release: asyncio.Event) -> Behaviour:
         return web.Response(status=503)
 
     return behaviour
+
+
+def drop_connection() -> Behaviour:
+    """Accept the request and hang up before any response byte."""
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
+
+    return behaviour
