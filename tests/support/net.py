@@ -13,9 +13,12 @@ import http.client
 import socket
 import time
 import urllib.parse
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.message import Message
+from types import TracebackType
+from typing import Self
 
 LOOPBACK = "127.0.0.1"
 # Sent unless the caller overrides it, so test-driven requests are recognisable in access logs.
@@ -118,3 +121,27 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10, message
     """`wait_until` for async tests: polls in a worker thread so the event loop (and the
     in-process mirror on it) keeps running while we wait."""
     await asyncio.to_thread(wait_until, predicate, timeout, 0.02, message)
+
+
+class Service(ABC):
+    """A server the tests start and stop: `with Thing(...) as thing:` runs start/stop."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start serving; return once the service answers."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop and release everything the service holds."""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
-from types import TracebackType
 
-from .net import LOOPBACK, free_port, wait_for_port
+from .net import LOOPBACK, Service, free_port, wait_for_port
 
 
-class RedisServer:
+class RedisServer(Service):
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.port = free_port()
@@ -53,15 +52,3 @@ class RedisServer:
             self._process.terminate()
             self._process.wait(timeout=10)
             self._process = None
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -35,12 +35,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any
 
 import yaml
 
-from .net import LOOPBACK, free_port, http_request, wait_until
+from .net import LOOPBACK, Service, free_port, http_request, wait_until
 
 DEFAULT_BINARY = "/usr/bin/docker-registry"
 
@@ -154,7 +153,7 @@ class RegistryError(RuntimeError):
     """The registry process failed to start or died."""
 
 
-class Registry:
+class Registry(Service):
     """A distribution registry on 127.0.0.1:<port>, storing under ``workdir``.
 
     The port is chosen once, at construction, so ``restart()`` keeps the same URL and the
@@ -301,18 +300,6 @@ class Registry:
         if self._process is None:
             raise RegistryError("registry is not running")
         self._process.send_signal(signal.SIGCONT)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- logs --------------------------------------------------------------------------------
 

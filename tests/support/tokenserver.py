@@ -26,8 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import jwt
 from cryptography import x509
@@ -35,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from .net import LOOPBACK, http_request
+from .net import LOOPBACK, Service, http_request
 from .registry import TokenAuthSettings
 
 
@@ -86,7 +85,7 @@ class TokenRequest:
     query: str
 
 
-class TokenServer:
+class TokenServer(Service):
     """Issues RS256 JWTs that a distribution registry configured with ``registry_settings()``
     accepts.
 
@@ -165,18 +164,6 @@ class TokenServer:
         if self._tempdir is not None:
             self._tempdir.cleanup()
             self._tempdir = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- addresses and settings --------------------------------------------------------------
 
