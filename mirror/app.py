@@ -18,10 +18,11 @@ from mirror.api.errors import oci_errors
 from mirror.api.v2 import SERVICES, Services, handle_v2, on_prepare, request_context
 from mirror.cache.blobs import BlobCache
 from mirror.cache.listings import Listings
-from mirror.cache.manifests import ManifestCache, TagPolicy
+from mirror.cache.manifests import ManifestCache
 from mirror.config import MirrorConfig
 from mirror.metadata.base import MetadataStore
 from mirror.metadata.embedded import EmbeddedMetadataStore
+from mirror.policy import UpstreamPolicy
 from mirror.routing import Router, UpstreamNames
 from mirror.storage.blobstore import BlobStore
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
@@ -38,7 +39,9 @@ def build_router(config: MirrorConfig) -> Router:
         default = next(iter(config.upstreams))
     return Router(
         (
-            UpstreamNames(name, upstream.aliases, upstream.is_docker_hub)
+            UpstreamNames(
+                name, upstream.aliases, upstream.is_docker_hub, UpstreamPolicy.from_config(upstream)
+            )
             for name, upstream in config.upstreams.items()
         ),
         default,
@@ -79,6 +82,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
         for name, upstream in config.upstreams.items()
     }
+    policies = {name: UpstreamPolicy.from_config(u) for name, u in config.upstreams.items()}
     credentialed = frozenset(
         name for name, upstream in config.upstreams.items() if upstream.username
     )
@@ -87,7 +91,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         store,
         metadata,
         clients,
-        {name: TagPolicy(u.tag_ttl, u.max_stale) for name, u in config.upstreams.items()},
+        policies,
     )
     router = build_router(config)
     listings = Listings(

@@ -1,4 +1,4 @@
-"""The `mirror` command: serve, check-config.
+"""The `mirror` command: serve, check-config, client-config.
 
 Each sub-command loads and validates the configuration first, so a bad key
 stops it with a message naming the key and exit status 2.
@@ -10,10 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from mirror import __version__
+from mirror import __version__, clientconfig
 from mirror.config import ConfigError, MirrorConfig, load_config
 from mirror.logging import AccessLogger, configure_logging
 
@@ -33,6 +34,24 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("--config", type=Path, required=True)
+
+    clients = commands.add_parser(
+        "client-config", help="write containerd, Docker or podman configuration for this mirror"
+    )
+    clients.add_argument("client", choices=["containerd", "docker", "podman"])
+    clients.add_argument("--config", type=Path, required=True)
+    clients.add_argument(
+        "--mirror-url",
+        help="how clients reach the mirror (default: from listen), e.g. http://m:5000",
+    )
+    clients.add_argument(
+        "--fallback",
+        default="upstream",
+        help="where clients go if the mirror does not answer: upstream (default), none, or a URL",
+    )
+    clients.add_argument(
+        "--output", type=Path, help="directory to write into (default: print to stdout)"
+    )
     return parser
 
 
@@ -64,6 +83,35 @@ def check_config(config: MirrorConfig, path: Path) -> int:
     return 0
 
 
+def client_config(config: MirrorConfig, args: argparse.Namespace) -> int:
+    if args.mirror_url and urlsplit(args.mirror_url).scheme not in ("http", "https"):
+        print("mirror: --mirror-url must be an http:// or https:// URL", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.fallback not in ("upstream", "none") and urlsplit(args.fallback).scheme not in (
+        "http",
+        "https",
+    ):
+        print("mirror: --fallback takes upstream, none or an http(s) URL", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.client == "docker":
+        default = config.upstreams.get(config.default_upstream or "")
+        if default is None or not default.is_docker_hub:
+            print(
+                "mirror: warning: Docker only mirrors Docker Hub, and default_upstream "
+                "is not Docker Hub",
+                file=sys.stderr,
+            )
+    files = clientconfig.generate(config, args.client, args.mirror_url, args.fallback)
+    if args.output is None:
+        for generated in files:
+            print(f"# --- {generated.path}")
+            print(generated.content, end="")
+        return 0
+    for path in clientconfig.write(files, args.output):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -73,4 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "serve":
         return serve(config)
+    if args.command == "client-config":
+        return client_config(config, args)
     return check_config(config, args.config)

@@ -68,6 +68,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TagRule(_Section):
+    """How long tags matching the globs are trusted; the first matching rule wins."""
+
+    repository: str = "*"
+    tag: str = "*"
+    tag_ttl: Duration | None = None
+    immutable: bool = False
+
+    @model_validator(mode="after")
+    def _check_effect(self) -> TagRule:
+        if self.immutable == (self.tag_ttl is not None):
+            raise ValueError("give a rule either tag_ttl or immutable: true")
+        return self
+
+
 class UpstreamConfig(_Section):
     """One upstream registry."""
 
@@ -76,7 +91,11 @@ class UpstreamConfig(_Section):
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
+    password_env: str | None = None
     tag_ttl: Duration = 600.0
+    tag_rules: tuple[TagRule, ...] = ()
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
     max_stale: Duration = 7 * 86400.0
     tags_list_ttl: Duration = 30.0
     connect_timeout: Duration = 10.0
@@ -97,15 +116,25 @@ class UpstreamConfig(_Section):
 
     @model_validator(mode="after")
     def _check_credentials(self) -> UpstreamConfig:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("set either password or password_file, not both")
-        has_secret = self.password is not None or self.password_file is not None
-        if has_secret and not self.username:
-            raise ValueError("password needs a username")
-        if self.username and not has_secret:
-            raise ValueError("username needs password or password_file")
+        sources = [
+            name
+            for name, value in (
+                ("password", self.password),
+                ("password_file", self.password_file),
+                ("password_env", self.password_env),
+            )
+            if value is not None
+        ]
+        if len(sources) > 1:
+            raise ValueError(f"set one of password, password_file, password_env, not {sources}")
+        if sources and not self.username:
+            raise ValueError(f"{sources[0]} needs a username")
+        if self.username and not sources:
+            raise ValueError("username needs password, password_file or password_env")
         if self.password_file is not None and not os.access(self.password_file, os.R_OK):
             raise ValueError(f"password_file {self.password_file} is not readable")
+        if self.password_env is not None and self.password_env not in os.environ:
+            raise ValueError(f"password_env: ${self.password_env} is not set")
         return self
 
     @property
@@ -120,11 +149,13 @@ class UpstreamConfig(_Section):
         return urlsplit(self.url).hostname in DOCKER_HUB_HOSTS
 
     def credentials(self) -> tuple[str, str] | None:
-        """The username and password, reading `password_file` now (it may rotate)."""
+        """The username and password, read now: a file or variable may be rotated."""
         if not self.username:
             return None
         if self.password_file is not None:
             secret = self.password_file.read_text(encoding="utf-8").strip()
+        elif self.password_env is not None:
+            secret = os.environ.get(self.password_env, "")
         else:
             assert self.password is not None
             secret = self.password.get_secret_value()

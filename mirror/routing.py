@@ -6,7 +6,8 @@ containerd store); a first path component naming an upstream, as in
 default upstream (dockerd `registry-mirrors`). Only configured upstreams can
 ever be chosen: an `ns` or a host-like prefix that names none is NAME_UNKNOWN
 before any connection is made. For Docker Hub a one-component name `x` is
-`library/x` upstream.
+`library/x` upstream. A repository the upstream's policy does not allow is
+DENIED here, before any cache or upstream work.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mirror.errors import NameUnknown
+from mirror.errors import Denied, NameUnknown
 from mirror.oci import validate_name
+from mirror.policy import UpstreamPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,7 @@ class UpstreamNames:
     name: str
     aliases: tuple[str, ...] = ()
     docker_hub: bool = False
+    policy: UpstreamPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,10 @@ class Router:
                 raise NameUnknown(
                     "no upstream is configured for this namespace", detail={"ns": namespace[:255]}
                 )
+            # A client given a path-prefixed mirror URL may send ns too: one name, not two.
+            head, sep, rest = name.partition("/")
+            if sep and self._lookup(head) is upstream:
+                name = rest
             return self._route(upstream, name, name, namespace)
         head, sep, rest = name.partition("/")
         if sep:
@@ -84,4 +91,9 @@ class Router:
     ) -> Route:
         if upstream.docker_hub and "/" not in repository:
             repository = f"library/{repository}"
+        if upstream.policy is not None and not upstream.policy.allows(repository):
+            raise Denied(
+                "this mirror's policy does not allow this repository",
+                detail={"upstream": upstream.name, "repository": repository},
+            )
         return Route(upstream.name, repository, client_name, namespace)

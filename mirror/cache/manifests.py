@@ -49,6 +49,7 @@ from mirror.oci import (
     Reference,
     bare_media_type,
 )
+from mirror.policy import UpstreamPolicy
 from mirror.routing import Route
 from mirror.storage.blobstore import BlobStore
 from mirror.upstream.client import UpstreamClient, UpstreamResponse
@@ -56,12 +57,6 @@ from mirror.upstream.client import UpstreamClient, UpstreamResponse
 log = structlog.get_logger(__name__)
 
 ACCEPT_ALL_MANIFESTS = ", ".join(MANIFEST_MEDIA_TYPES)
-
-
-@dataclass(frozen=True, slots=True)
-class TagPolicy:
-    tag_ttl: float
-    max_stale: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +76,7 @@ class ManifestCache:
         store: BlobStore,
         metadata: MetadataStore,
         clients: Mapping[str, UpstreamClient],
-        policies: Mapping[str, TagPolicy],
+        policies: Mapping[str, UpstreamPolicy],
         clock: Callable[[], float] = time.time,
     ):
         self._store = store
@@ -160,17 +155,18 @@ class ManifestCache:
     async def _by_tag_cached(self, route: Route, tag: str, *, head: bool) -> Manifest:
         record = await self._metadata.get_tag(route.upstream, route.repository, tag)
         policy = self._policies[route.upstream]
-        if record is not None and self._clock() - record.checked_at < policy.tag_ttl:
+        ttl = policy.ttl_for(route.repository, tag)
+        if record is not None and self._clock() - record.checked_at < ttl:
             manifest = await self._load(record.digest, "hit")
             if manifest is not None:
                 return manifest
         key = (route.upstream, route.repository, tag)
         return await self._by_tag.run(
-            key, lambda: self._revalidate(route, tag, record, policy, head)
+            key, lambda: self._revalidate(route, tag, record, ttl + policy.max_stale, head)
         )
 
     async def _revalidate(
-        self, route: Route, tag: str, record: TagRecord | None, policy: TagPolicy, head: bool
+        self, route: Route, tag: str, record: TagRecord | None, usable_for: float, head: bool
     ) -> Manifest:
         client = self._clients[route.upstream]
         try:
@@ -195,7 +191,7 @@ class ManifestCache:
                 # By digest when we know it: the tag cannot move between HEAD and GET.
                 manifest = await self._fetch(route, str(announced or tag), announced)
         except (UpstreamUnavailable, TooManyRequests) as exc:
-            return self._stale_or_raise(route, tag, record, policy, exc)
+            return self._stale_or_raise(route, tag, record, usable_for, exc)
         except MirrorError:
             raise
         await self._metadata.put_tag(
@@ -213,10 +209,11 @@ class ManifestCache:
         route: Route,
         tag: str,
         record: TagRecord | None,
-        policy: TagPolicy,
+        usable_for: float,
         error: MirrorError,
     ) -> Manifest:
-        if record is None or self._clock() - record.checked_at > policy.tag_ttl + policy.max_stale:
+        # usable_for: the tag's TTL plus max_stale, counted from its last confirmation.
+        if record is None or self._clock() - record.checked_at > usable_for:
             raise error
         body = self._store.read_bytes(Digest.parse(record.digest))
         if body is None:

@@ -49,6 +49,33 @@ class UpstreamSettings:
     read_timeout: float
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """What the upstream last said of our pull allowance (Docker Hub's headers)."""
+
+    limit: int | None
+    remaining: int | None
+    window_seconds: int | None
+    observed_at: float
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> RateLimit | None:
+        remaining_text = headers.get("RateLimit-Remaining")
+        if remaining_text is None:
+            return None
+        limit, window = _quota(headers.get("RateLimit-Limit", ""))
+        remaining, remaining_window = _quota(remaining_text)
+        return cls(limit, remaining, window or remaining_window, time.time())
+
+
+def _quota(value: str) -> tuple[int | None, int | None]:
+    """`100;w=21600` into (100, 21600); missing parts are None."""
+    count_text, _, rest = value.partition(";")
+    count = int(count_text) if count_text.strip().isdigit() else None
+    window_text = rest.strip().removeprefix("w=")
+    return count, int(window_text) if window_text.isdigit() else None
+
+
 def redact_url(url: str) -> str:
     """A URL safe to log: presigned query strings carry signatures, so drop them."""
     parts = urlsplit(url)
@@ -152,6 +179,7 @@ class UpstreamClient:
         self._auth = Authenticator(
             settings.name, self._origin, settings.credentials, session, tokens, self._timeout
         )
+        self.rate_limit: RateLimit | None = None
 
     def url_for(self, repository: str, path: str) -> str:
         return f"{self._base}/v2/{repository}/{path}"
@@ -250,6 +278,7 @@ class UpstreamClient:
             allow_redirects=False,
             timeout=self._timeout,
         )
+        self._note_rate_limit(response.headers)
         log.debug(
             "upstream_request",
             upstream=self.name,
@@ -259,3 +288,21 @@ class UpstreamClient:
             seconds=round(time.monotonic() - started, 4),
         )
         return response
+
+    def _note_rate_limit(self, headers: Mapping[str, str]) -> None:
+        observed = RateLimit.from_headers(headers)
+        if observed is None:
+            return
+        self.rate_limit = observed
+        low = (
+            observed.limit is not None
+            and observed.remaining is not None
+            and observed.remaining < observed.limit / 10
+        )
+        (log.warning if low else log.debug)(
+            "upstream_rate_limit",
+            upstream=self.name,
+            limit=observed.limit,
+            remaining=observed.remaining,
+            window_seconds=observed.window_seconds,
+        )
