@@ -100,7 +100,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         {name: u.tags_list_ttl for name, u in config.upstreams.items()},
         config.default_upstream,
     )
-    app[SERVICES] = Services(router, blobs, manifests, listings)
+    app[SERVICES] = Services(router, blobs, manifests, listings, clients)
     app[METADATA] = metadata
     await blobs.start()
     log.info(

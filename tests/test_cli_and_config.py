@@ -208,3 +208,62 @@ def test_served_process_pulls_with_credentials_and_logs_cleanly(
     assert "eyJ" not in text  # how every JWT (the upstream's tokens) begins
     assert "cHVzaGVy" not in text  # base64 of the username, as in a Basic header
     assert (data / "tmp").exists()
+
+
+def test_client_config_outputs(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "m.yaml",
+        {
+            "listen": "0.0.0.0:5000",
+            "default_upstream": "docker.io",
+            "upstreams": {
+                "docker.io": {
+                    "url": "https://registry-1.docker.io",
+                    "aliases": ["index.docker.io"],
+                },
+                "quay.io": {"url": "https://quay.io"},
+            },
+        },
+    )
+    mirror = "http://mirror.internal:5000"
+    result = run_mirror(
+        "client-config",
+        "docker",
+        "--config",
+        str(config),
+        "--mirror-url",
+        mirror,
+        "--output",
+        str(tmp_path / "docker"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "docker" / "daemon.json").read_text()) == {
+        "registry-mirrors": [mirror],
+        "insecure-registries": ["mirror.internal:5000"],
+    }
+
+    result = run_mirror(
+        "client-config",
+        "containerd",
+        "--config",
+        str(config),
+        "--mirror-url",
+        mirror,
+        "--fallback",
+        "none",
+        "--output",
+        str(tmp_path / "certs.d"),
+    )
+    assert result.returncode == 0, result.stderr
+    hosts = sorted(p.parent.name for p in (tmp_path / "certs.d").glob("*/hosts.toml"))
+    assert hosts == ["docker.io", "index.docker.io", "quay.io"]
+    quay = (tmp_path / "certs.d" / "quay.io" / "hosts.toml").read_text()
+    assert f'server = "{mirror}"' in quay  # no fallback: the mirror is the server
+
+    result = run_mirror("client-config", "podman", "--config", str(config), "--mirror-url", mirror)
+    assert result.returncode == 0, result.stderr
+    assert 'prefix = "quay.io"' in result.stdout
+    assert 'location = "mirror.internal:5000/quay.io"' in result.stdout
+
+    result = run_mirror("client-config", "podman", "--config", str(config), "--fallback", "ftp://x")
+    assert result.returncode == 2

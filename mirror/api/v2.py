@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from mirror.errors import (
 from mirror.logging import ACCESS_INFO, AccessInfo
 from mirror.oci import AcceptSet, Digest, Reference
 from mirror.routing import Route, Router
+from mirror.upstream.client import UpstreamClient
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +51,7 @@ class Services:
     blobs: BlobCache
     manifests: ManifestCache
     listings: Listings
+    upstreams: Mapping[str, UpstreamClient]
 
 
 SERVICES = web.AppKey("services", Services)

@@ -28,7 +28,7 @@ class FakeUpstream:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_route("*", "/v2/{tail:.*}", self._dispatch)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
         return app
 
     def on(self, method: str, path: str, *behaviours: Behaviour) -> None:
