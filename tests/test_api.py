@@ -298,6 +298,19 @@ async def test_tags_list_pagination_and_links(
     async with http.get(base, params={"n": "x"}) as response:
         assert response.status == 400
 
+    # Links keep the client's way of naming the upstream: ns, or the path prefix.
+    async with http.get(base, params={"n": "3", "ns": "local"}) as response:
+        assert response.headers["OCI-Namespace"] == "local"
+        link = response.headers["Link"]
+    assert link.startswith(f"</v2/{name}/tags/list?")
+    assert "ns=local" in link
+    async with http.get(f"{mirror.url}/v2/local/{name}/tags/list", params={"n": "3"}) as response:
+        assert (await response.json()) == {"name": f"local/{name}", "tags": tags[:3]}
+        link = response.headers["Link"]
+    assert link.startswith(f"</v2/local/{name}/tags/list?")
+    async with http.get(mirror.url + link.split(";")[0].strip("<>")) as response:
+        assert (await response.json())["tags"] == tags[3:6]
+
 
 async def test_referrers_pass_through_and_fallback_tag(
     mirror: Mirror, upstream: Upstream, http: aiohttp.ClientSession
