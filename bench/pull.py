@@ -36,7 +36,6 @@ import resource
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,15 +44,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from support.images import Image, oci_image, push  # noqa: E402
-from support.net import LOOPBACK, free_port, http_request, wait_until  # noqa: E402
+from support.mirror_process import MirrorProcess, MirrorProcessError  # noqa: E402
 from support.registry import AccessEntry, Registry  # noqa: E402
 from support.skopeo import SkopeoError, skopeo_copy, skopeo_copy_async  # noqa: E402
 
@@ -66,6 +62,12 @@ LAYER_SHARES = (80, 50, 40, 20, 10)
 SEED = 4242
 PULL_TIMEOUT = 300.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def bench_mirror(workdir: Path, upstream_url: str) -> MirrorProcess:
+    return MirrorProcess(
+        workdir, {"local": {"url": upstream_url, "tag_ttl": "1h"}}, log_level="warning"
+    )
 
 
 class BenchError(RuntimeError):
@@ -104,92 +106,6 @@ def peak_rss_mib(pid: int | None) -> float | None:
     except OSError:
         return None
     return None
-
-
-class MirrorProcess:
-    """``mirror serve`` as a subprocess on a free loopback port, with fresh storage."""
-
-    def __init__(self, workdir: Path, upstream_url: str) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.storage = workdir / "storage"
-        self.config_path = workdir / "config.yaml"
-        self.log_path = workdir / "mirror.log"
-        self.upstream_url = upstream_url
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
-    def start(self, timeout: float = 20) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "listen": self.host,
-            "default_upstream": "local",
-            "storage": {"root": str(self.storage)},
-            "log": {"level": "warning", "format": "json"},
-            "upstreams": {"local": {"url": self.upstream_url, "tag_ttl": "1h"}},
-        }
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self._log = self.log_path.open("ab")
-        # MIRROR_* variables override the config file; keep the caller's out.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-        self._process = subprocess.Popen(
-            [str(MIRROR_BINARY), "serve", "--config", str(self.config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        try:
-            wait_until(self._ready, timeout=timeout, interval=0.05, message="mirror not ready")
-        except (TimeoutError, BenchError) as exc:
-            self.stop()
-            raise BenchError(f"{exc}\n--- mirror log tail ---\n{self.log_tail()}") from exc
-
-    def _ready(self) -> bool:
-        assert self._process is not None
-        if self._process.poll() is not None:
-            raise BenchError(f"mirror exited with status {self._process.returncode}")
-        try:
-            return http_request("GET", f"http://{self.host}/v2/", timeout=2).status == 200
-        except OSError:
-            return False
-
-    def stop(self, timeout: float = 15) -> int | None:
-        """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit status."""
-        proc, self._process = self._process, None
-        status: int | None = None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            status = proc.returncode
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return status
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def temp_files(self) -> list[Path]:
-        tmp = self.storage / "tmp"
-        return sorted(tmp.iterdir()) if tmp.is_dir() else []
 
 
 # -- measuring -----------------------------------------------------------------------------
@@ -472,7 +388,7 @@ def run(args: argparse.Namespace, work: Path, cleanup: list[Callable[[], object]
         check(*sorted((out / "direct-concurrent").iterdir()))
 
     # b, c. cold then warm through one fresh mirror.
-    mirror_a = MirrorProcess(work / "mirror-a", registry.url)
+    mirror_a = bench_mirror(work / "mirror-a", registry.url)
     cleanup.append(mirror_a.stop)
     mirror_a.start()
     print(f"mirror A: {mirror_a.host} (pid {mirror_a.pid})")
@@ -487,7 +403,7 @@ def run(args: argparse.Namespace, work: Path, cleanup: list[Callable[[], object]
         phases.append(phase)
 
     # d. N concurrent cold pulls through another fresh mirror.
-    mirror_b = MirrorProcess(work / "mirror-b", registry.url)
+    mirror_b = bench_mirror(work / "mirror-b", registry.url)
     cleanup.append(mirror_b.stop)
     mirror_b.start()
     print(f"mirror B: {mirror_b.host} (pid {mirror_b.pid})")
@@ -557,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workdir: {work}")
     try:
         return run(args, work, cleanup)
-    except BenchError as exc:
+    except (BenchError, MirrorProcessError) as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

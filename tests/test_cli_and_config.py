@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import PUSHER, PUSHER_PASSWORD, TAG, Upstream
-from support.net import free_port, http_request, port_open, wait_until
+from support.mirror_process import MirrorProcess
+from support.net import wait_until
 from support.skopeo import skopeo_copy
 
 from mirror.config import ConfigError, load_config
@@ -123,52 +123,21 @@ def test_durations_and_listen_forms(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def served_mirror(tmp_path: Path, token_upstream: Upstream) -> Iterator[tuple[str, Path, Path]]:
+def served_mirror(tmp_path: Path, token_upstream: Upstream) -> Iterator[MirrorProcess]:
     """`mirror serve` as a process, with the token upstream's credentials from a file."""
     secret = tmp_path / "password"
     secret.write_text(PUSHER_PASSWORD + "\n", encoding="utf-8")
-    port = free_port()
-    config = write_config(
-        tmp_path / "mirror.yaml",
-        {
-            "listen": f"127.0.0.1:{port}",
-            "storage": {"root": str(tmp_path / "data")},
-            "log": {"format": "json", "level": "debug"},
-            "upstreams": {
-                "private": {
-                    "url": token_upstream.url,
-                    "username": PUSHER,
-                    "password_file": str(secret),
-                }
-            },
-        },
-    )
-    log_path = tmp_path / "mirror.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mirror", "serve", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_until(lambda: _ready(port), timeout=20, message="mirror serve did not start")
-        yield f"127.0.0.1:{port}", log_path, tmp_path / "data"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=20)
-
-
-def _ready(port: int) -> bool:
-    return (
-        port_open("127.0.0.1", port)
-        and http_request("GET", f"http://127.0.0.1:{port}/v2/").status == 200
-    )
+    upstreams = {
+        "private": {"url": token_upstream.url, "username": PUSHER, "password_file": str(secret)}
+    }
+    with MirrorProcess(tmp_path / "mirror", upstreams, log_level="debug") as process:
+        yield process
 
 
 def test_served_process_pulls_with_credentials_and_logs_cleanly(
-    served_mirror: tuple[str, Path, Path], token_upstream: Upstream, tmp_path: Path
+    served_mirror: MirrorProcess, token_upstream: Upstream, tmp_path: Path
 ) -> None:
-    host, log_path, data = served_mirror
+    host, log_path, data = served_mirror.host, served_mirror.log_path, served_mirror.storage
     tokens = token_upstream.token_server
     assert tokens is not None
     before = len(tokens.requests)

@@ -10,6 +10,7 @@ caches'.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import uuid
@@ -344,11 +345,10 @@ async def _send_file(
         raise ConnectionResetError("client went away")
     with open(path, "rb") as file:  # noqa: ASYNC230 - opening is instant; reads are async
         if not _peer_is_local(request):
-            try:
+            # No zero-copy on some transports (TLS): those get the chunked writes below.
+            with contextlib.suppress(NotImplementedError):
                 await asyncio.get_running_loop().sendfile(transport, file, offset, count)
                 return
-            except NotImplementedError:
-                pass  # no zero-copy on this transport (TLS): write in chunks below
         remaining = count
         while remaining > 0:
             chunk = await asyncio.to_thread(

@@ -334,8 +334,7 @@ def _make_handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def log_message(self, format: str, *args: Any) -> None:
-            # Requests are recorded in TokenServer.requests; stderr noise helps nobody.
-            pass
+            """Silent: requests are recorded in TokenServer.requests instead."""
 
     return Handler
 
