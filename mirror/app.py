@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import structlog
-from aiocache import SimpleMemoryCache
 from aiohttp import web
 
 from mirror.api.errors import oci_errors
@@ -26,6 +25,7 @@ from mirror.policy import UpstreamPolicy
 from mirror.routing import Router, UpstreamNames
 from mirror.storage.blobstore import BlobStore
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
+from mirror.upstream.tokens import TokenCache
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +67,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         auto_decompress=False,
         trust_env=False,
     )
-    tokens = SimpleMemoryCache()
+    tokens = (
+        TokenCache.for_redis(config.metadata.redis_url, config.metadata.key_prefix)
+        if config.metadata.backend == "redis" and config.metadata.redis_url
+        else TokenCache()
+    )
     clients = {
         name: UpstreamClient(
             UpstreamSettings(

@@ -31,7 +31,7 @@ import structlog
 from mirror.cache.fetch import BlobDownload, raise_for_upstream_status
 from mirror.concurrency import TaskOwner
 from mirror.errors import BlobUnknown, UpstreamUnavailable
-from mirror.metadata.base import BlobRecord, MetadataStore
+from mirror.metadata.base import BlobRecord, MetadataStore, MetadataUnavailable
 from mirror.oci import Digest
 from mirror.routing import Route
 from mirror.storage.blobstore import BlobStore
@@ -137,7 +137,15 @@ class BlobCache:
         return not ({route.upstream, started_for.upstream} & self._credentialed)
 
     async def _may_serve_cached(self, route: Route, digest: Digest) -> bool:
-        holders = await self._metadata.blob_repositories(str(digest))
+        try:
+            holders = await self._metadata.blob_repositories(str(digest))
+        except MetadataUnavailable:
+            # Degraded: blobs on disk keep being served. With no credentialed upstream
+            # there is nothing to protect; otherwise the upstream is asked (not recorded).
+            if not self._credentialed:
+                return True
+            await self._confirm_upstream_holds(route, digest)
+            return True
         if (route.upstream, route.repository) in holders:
             return True
         public = route.upstream not in self._credentialed and not any(
@@ -146,12 +154,15 @@ class BlobCache:
         if public:
             return True
         # Ask the upstream whether this repository holds the blob, and remember a yes.
+        await self._confirm_upstream_holds(route, digest)
+        await self._metadata.add_blob_repository(str(digest), route.upstream, route.repository)
+        return True
+
+    async def _confirm_upstream_holds(self, route: Route, digest: Digest) -> None:
         async with await self._client(route).open(
             "HEAD", route.repository, f"blobs/{digest}"
         ) as response:
             raise_for_upstream_status(response, BlobUnknown)
-        await self._metadata.add_blob_repository(str(digest), route.upstream, route.repository)
-        return True
 
     # Fetching
 

@@ -9,6 +9,7 @@ catalog lists the repositories held locally.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -17,7 +18,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from mirror.cache.fetch import raise_for_upstream_status
 from mirror.errors import ManifestUnknown, NameUnknown, TooManyRequests, UpstreamUnavailable
-from mirror.metadata.base import CachedResponse, MetadataStore
+from mirror.metadata.base import CachedResponse, MetadataStore, MetadataUnavailable
 from mirror.oci import OCI_INDEX, Digest
 from mirror.routing import Route
 from mirror.upstream.client import UpstreamClient
@@ -73,7 +74,10 @@ class Listings:
             cached = await self._fetch_or_cached(route, key, path, NameUnknown)
         except (UpstreamUnavailable, TooManyRequests):
             # Nothing stored for this query: what we know from our own tag records.
-            known = await self._metadata.list_tags(route.upstream, route.repository)
+            try:
+                known = await self._metadata.list_tags(route.upstream, route.repository)
+            except MetadataUnavailable:
+                known = []
             if not known:
                 raise
             page, more = paginate(known, n, last)
@@ -123,7 +127,10 @@ class Listings:
         path: str,
         not_found: type[NameUnknown] | type[ManifestUnknown],
     ) -> tuple[CachedResponse, str]:
-        cached = await self._metadata.get_response(key)
+        try:
+            cached = await self._metadata.get_response(key)
+        except MetadataUnavailable:
+            cached = None  # degraded: pass through
         now = self._clock()
         if cached is not None and now - cached.stored_at < self._ttls[route.upstream]:
             return cached, "hit"
@@ -149,7 +156,8 @@ class Listings:
         except ValueError:
             raise UpstreamUnavailable("upstream sent a listing that is not JSON") from None
         fresh = CachedResponse(200, text, content_type, now, kept_headers)
-        await self._metadata.put_response(key, fresh)
+        with contextlib.suppress(MetadataUnavailable):  # degraded: just not kept
+            await self._metadata.put_response(key, fresh)
         return fresh, "miss"
 
     def _link(self, route: Route, n: int, last: str) -> str:

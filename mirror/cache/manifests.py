@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -37,7 +37,7 @@ from mirror.errors import (
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
-from mirror.metadata.base import BlobRecord, MetadataStore, TagRecord
+from mirror.metadata.base import BlobRecord, MetadataStore, MetadataUnavailable, TagRecord
 from mirror.oci import (
     DOCKER_MANIFEST_LIST,
     MANIFEST_MAX_BYTES,
@@ -113,13 +113,36 @@ class ManifestCache:
 
     async def _load(self, digest: str, cache_result: str) -> Manifest | None:
         """A manifest we hold, or None."""
-        record = await self._metadata.get_blob(digest)
+        try:
+            record = await self._metadata.get_blob(digest)
+        except MetadataUnavailable:
+            # Degraded: the bytes on disk are verified; their own mediaType says what they are.
+            return await self._load_without_metadata(digest, cache_result)
         if record is None or record.media_type is None:
             return None
         body = await asyncio.to_thread(self._store.read_bytes, Digest.parse(digest))
         if body is None:
             return None
         return Manifest(digest, record.media_type, len(body), body, cache_result)
+
+    async def _load_without_metadata(self, digest: str, cache_result: str) -> Manifest | None:
+        body = await asyncio.to_thread(self._store.read_bytes, Digest.parse(digest))
+        if body is None:
+            return None
+        try:
+            media_type = json.loads(body).get("mediaType")
+        except (ValueError, AttributeError):
+            return None
+        if media_type not in MANIFEST_MEDIA_TYPES:
+            return None
+        return Manifest(digest, media_type, len(body), body, cache_result)
+
+    async def _record(self, write: Awaitable[None]) -> None:
+        """A metadata write the answer does not depend on: an outage only loses it."""
+        try:
+            await write
+        except MetadataUnavailable as exc:
+            log.warning("metadata_write_skipped", error=exc.message)
 
     async def _fetch(self, route: Route, reference: str, expected: Digest | None) -> Manifest:
         """GET a manifest from the upstream, verify it, store it."""
@@ -136,12 +159,16 @@ class ManifestCache:
             digest = _verified_digest(response, body, expected)
         await asyncio.to_thread(self._store.put_bytes, digest, body)
         now = self._clock()
-        await self._metadata.put_blob(
-            str(digest),
-            BlobRecord(size=len(body), created_at=now, last_access=now, media_type=media_type),
+        await self._record(
+            self._metadata.put_blob(
+                str(digest),
+                BlobRecord(size=len(body), created_at=now, last_access=now, media_type=media_type),
+            )
         )
-        await self._metadata.add_blob_repository(str(digest), route.upstream, route.repository)
-        await self._metadata.add_repository(route.upstream, route.repository)
+        await self._record(
+            self._metadata.add_blob_repository(str(digest), route.upstream, route.repository)
+        )
+        await self._record(self._metadata.add_repository(route.upstream, route.repository))
         log.info(
             "manifest_fetched",
             upstream=route.upstream,
@@ -153,7 +180,10 @@ class ManifestCache:
     # By tag
 
     async def _by_tag_cached(self, route: Route, tag: str, *, head: bool) -> Manifest:
-        record = await self._metadata.get_tag(route.upstream, route.repository, tag)
+        try:
+            record = await self._metadata.get_tag(route.upstream, route.repository, tag)
+        except MetadataUnavailable:
+            record = None  # degraded: ask the upstream, as if we had never seen the tag
         policy = self._policies[route.upstream]
         ttl = policy.ttl_for(route.repository, tag)
         if record is not None and self._clock() - record.checked_at < ttl:
@@ -194,13 +224,15 @@ class ManifestCache:
             return self._stale_or_raise(route, tag, record, usable_for, exc)
         except MirrorError:
             raise
-        await self._metadata.put_tag(
-            route.upstream,
-            route.repository,
-            tag,
-            TagRecord(
-                digest=manifest.digest, media_type=manifest.media_type, checked_at=self._clock()
-            ),
+        await self._record(
+            self._metadata.put_tag(
+                route.upstream,
+                route.repository,
+                tag,
+                TagRecord(
+                    digest=manifest.digest, media_type=manifest.media_type, checked_at=self._clock()
+                ),
+            )
         )
         return manifest
 

@@ -26,6 +26,9 @@ class MetadataUnavailable(UpstreamUnavailable):
 
     code, status = "UNAVAILABLE", 503
 
+    def __init__(self, message: str, *, detail: Any = None):
+        super().__init__(message, detail=detail, headers={"Retry-After": "10"})
+
 
 class _JsonRecord:
     def to_json(self) -> str:

@@ -22,10 +22,10 @@ from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 import structlog
-from aiocache import SimpleMemoryCache
 
 from mirror.concurrency import SingleFlight
 from mirror.errors import UpstreamBadResponse, UpstreamUnavailable
+from mirror.upstream.tokens import TokenCache
 
 log = structlog.get_logger(__name__)
 
@@ -76,7 +76,7 @@ class Authenticator:
         upstream_origin: str,
         credentials: Any,
         session: aiohttp.ClientSession,
-        tokens: SimpleMemoryCache,
+        tokens: TokenCache,
         timeout: aiohttp.ClientTimeout,
     ):
         self._name = upstream_name

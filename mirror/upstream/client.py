@@ -25,11 +25,11 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
-from aiocache import SimpleMemoryCache
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from mirror.errors import UpstreamBadResponse, UpstreamUnavailable
 from mirror.upstream.auth import Authenticator, origin_of
+from mirror.upstream.tokens import TokenCache
 
 log = structlog.get_logger(__name__)
 
@@ -166,7 +166,7 @@ class UpstreamClient:
         self,
         settings: UpstreamSettings,
         session: aiohttp.ClientSession,
-        tokens: SimpleMemoryCache,
+        tokens: TokenCache,
     ):
         self.settings = settings
         self.name = settings.name
