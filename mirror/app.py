@@ -7,7 +7,9 @@ they live behind typed `AppKey`s. Nothing happens at import time.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aiohttp
 import structlog
@@ -19,7 +21,7 @@ from mirror.cache.blobs import BlobCache
 from mirror.cache.listings import Listings
 from mirror.cache.manifests import ManifestCache
 from mirror.config import MirrorConfig
-from mirror.metadata.base import MetadataStore
+from mirror.metadata.base import MetadataStore, MetadataUnavailable
 from mirror.metadata.embedded import EmbeddedMetadataStore
 from mirror.policy import UpstreamPolicy
 from mirror.routing import Router, UpstreamNames
@@ -29,8 +31,23 @@ from mirror.upstream.tokens import TokenCache
 
 log = structlog.get_logger(__name__)
 
+READY_TIMEOUT = 2.0
+
 CONFIG = web.AppKey("config", MirrorConfig)
 METADATA = web.AppKey("metadata", MetadataStore)
+STORE = web.AppKey("store", BlobStore)
+
+
+@dataclass(frozen=True, slots=True)
+class TempSweep:
+    """How much of tmp/ to sweep at start: files idle this many seconds; None: nothing."""
+
+    older_than: float | None
+
+
+SWEEP_TEMP = web.AppKey("sweep_temp", TempSweep)
+# Shared storage (several processes or nodes on one volume): leave others' downloads be.
+STALE_TEMP_AGE = 15 * 60.0
 
 
 def build_router(config: MirrorConfig) -> Router:
@@ -60,7 +77,7 @@ def open_metadata(config: MirrorConfig, store: BlobStore) -> MetadataStore:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = BlobStore(config.storage.root)
-    swept = store.prepare()
+    swept = await asyncio.to_thread(store.prepare, app[SWEEP_TEMP].older_than)
     metadata = open_metadata(config, store)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
@@ -90,7 +107,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     credentialed = frozenset(
         name for name, upstream in config.upstreams.items() if upstream.username
     )
-    blobs = BlobCache(store, metadata, clients, credentialed)
+    blobs = BlobCache(store, metadata, clients, credentialed, config.metadata.lease_ttl)
     manifests = ManifestCache(
         store,
         metadata,
@@ -106,6 +123,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     )
     app[SERVICES] = Services(router, blobs, manifests, listings, clients)
     app[METADATA] = metadata
+    app[STORE] = store
     await blobs.start()
     log.info(
         "mirror_started",
@@ -124,16 +142,45 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await metadata.close()
 
 
-def create_app(config: MirrorConfig) -> web.Application:
+def default_sweep(config: MirrorConfig) -> TempSweep:
+    """Sweep all of tmp/ when this process is alone on its storage, else only stale files."""
+    return TempSweep(STALE_TEMP_AGE if config.metadata.backend == "redis" else 0.0)
+
+
+def create_app(config: MirrorConfig, *, sweep: TempSweep | None = None) -> web.Application:
     app = web.Application(middlewares=[request_context, oci_errors], client_max_size=1024)
     app[CONFIG] = config
+    app[SWEEP_TEMP] = sweep or default_sweep(config)
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(on_prepare)
     app.router.add_route("*", "/v2", handle_v2)
     app.router.add_route("*", "/v2/{tail:.*}", handle_v2)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
     return app
 
 
 async def _healthz(request: web.Request) -> web.Response:
+    """Alive: the process answers. Nothing else is checked, so a Redis outage never
+    makes an orchestrator restart a mirror that still serves its cache."""
     return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    """Ready: storage is writable and the metadata store answers."""
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.to_thread(request.app[STORE].check_writable)
+        checks["storage"] = "ok"
+    except OSError as exc:
+        checks["storage"] = f"not writable: {exc.strerror}"
+    try:
+        await asyncio.wait_for(request.app[METADATA].ping(), timeout=READY_TIMEOUT)
+        checks["metadata"] = "ok"
+    except (MetadataUnavailable, TimeoutError):
+        checks["metadata"] = "unreachable"
+    ready = all(value == "ok" for value in checks.values())
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status=200 if ready else 503,
+    )

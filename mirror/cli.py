@@ -31,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the mirror")
     serve.add_argument("--config", type=Path, required=True, help="YAML configuration file")
     serve.add_argument("--listen", help="host:port, overriding the config's listen")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port (SO_REUSEPORT); default 1",
+    )
+    # Set by the supervisor for its children: serve on a shared port, leave tmp/ alone.
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("--config", type=Path, required=True)
@@ -60,15 +68,28 @@ def _load(args: argparse.Namespace) -> MirrorConfig:
     return load_config(args.config, **overrides)
 
 
-def serve(config: MirrorConfig) -> int:
-    from mirror.app import create_app
+def serve(config: MirrorConfig, args: argparse.Namespace) -> int:
+    from mirror.app import TempSweep, create_app
+    from mirror.supervisor import Supervisor
 
     configure_logging(config.log.level, config.log.format)
     host, port = config.listen_address
+    if args.workers < 1:
+        print("mirror: --workers must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.workers > 1:
+        if port == 0:
+            print("mirror: --workers needs a fixed port in listen", file=sys.stderr)
+            return EXIT_CONFIG
+        worker_argv = ["serve", "--config", str(args.config)]
+        if args.listen:
+            worker_argv += ["--listen", args.listen]
+        return Supervisor(config, worker_argv, args.workers).run()
     web.run_app(
-        create_app(config),
+        create_app(config, sweep=TempSweep(None) if args.worker else None),
         host=host,
         port=port,
+        reuse_port=args.worker,
         access_log_class=AccessLogger,
         print=None,
         shutdown_timeout=10,
@@ -120,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mirror: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "serve":
-        return serve(config)
+        return serve(config, args)
     if args.command == "client-config":
         return client_config(config, args)
     return check_config(config, args.config)

@@ -170,6 +170,7 @@ class MetadataConfig(_Section):
     backend: Literal["embedded", "redis"] = "embedded"
     redis_url: str | None = None
     key_prefix: str = "mirror:"
+    lease_ttl: Duration = 30.0
 
     @model_validator(mode="after")
     def _check_backend(self) -> MetadataConfig:

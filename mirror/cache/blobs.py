@@ -39,8 +39,6 @@ from mirror.upstream.client import UpstreamClient
 
 log = structlog.get_logger(__name__)
 
-LEASE_TTL = 30.0
-LEASE_RENEW_EVERY = 10.0
 ACCESS_FLUSH_EVERY = 5.0
 
 
@@ -66,11 +64,14 @@ class BlobCache:
         metadata: MetadataStore,
         clients: Mapping[str, UpstreamClient],
         credentialed: frozenset[str],
+        lease_ttl: float = 30.0,
     ):
         self._store = store
         self._metadata = metadata
         self._clients = clients
         self._credentialed = credentialed
+        # A holder that dies stops renewing; others take over once the lease lapses.
+        self._lease_ttl = lease_ttl
         self._downloads: dict[Digest, tuple[BlobDownload, Route]] = {}
         self._tasks = TaskOwner("blob-downloads")
         self._owner = process_owner_id()
@@ -204,7 +205,7 @@ class BlobCache:
         """True once we hold the lease; False if another holder committed the blob."""
         delay = 0.05
         while True:
-            if await self._metadata.acquire_lease(lease, self._owner, LEASE_TTL):
+            if await self._metadata.acquire_lease(lease, self._owner, self._lease_ttl):
                 if self._store.size(digest) is None:
                     return True
                 await self._metadata.release_lease(lease, self._owner)
@@ -217,8 +218,8 @@ class BlobCache:
 
     async def _renew_lease(self, lease: str) -> None:
         while True:
-            await asyncio.sleep(LEASE_RENEW_EVERY)
-            if not await self._metadata.renew_lease(lease, self._owner, LEASE_TTL):
+            await asyncio.sleep(self._lease_ttl / 3)
+            if not await self._metadata.renew_lease(lease, self._owner, self._lease_ttl):
                 log.warning("lease_lost", lease=lease)
                 return
 

@@ -22,6 +22,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,8 +45,14 @@ class BlobStore:
         self.tmp_dir = root / "tmp"
         self.meta_dir = root / "meta"
 
-    def prepare(self) -> int:
-        """Create the layout and sweep left-over temp files; return how many were swept."""
+    def prepare(self, sweep_older_than: float | None = 0.0) -> int:
+        """Create the layout and sweep left-over temp files; return how many were swept.
+
+        Only this process writes here: sweep everything (`0`). Other processes or nodes
+        may be downloading into a shared tmp/: sweep only files idle for longer than
+        `sweep_older_than` seconds (a live download touches its file continually).
+        `None` sweeps nothing.
+        """
         for directory in (self.root, self.blobs_dir, self.tmp_dir, self.meta_dir):
             directory.mkdir(parents=True, exist_ok=True)
         version_file = self.root / "layout-version"
@@ -58,15 +65,29 @@ class BlobStore:
                 )
         else:
             version_file.write_text(LAYOUT_VERSION + "\n", encoding="utf-8")
+        if sweep_older_than is None:
+            return 0
         swept = 0
+        cutoff = time.time() - sweep_older_than
         for entry in self.tmp_dir.iterdir():
-            # Nothing in tmp/ survives a restart: an in-flight download is unverified.
+            # Nothing in tmp/ survives its writer: an in-flight download is unverified.
+            try:
+                if sweep_older_than and entry.lstat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
             swept += 1
         return swept
+
+    def check_writable(self) -> None:
+        """Raise OSError unless a file can be created in tmp/ (readiness)."""
+        probe = self.tmp_dir / f".ready-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
 
     def path(self, digest: Digest) -> Path:
         # Digest.parse has already restricted algorithm and hex to [a-z0-9], so this
