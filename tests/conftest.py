@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from support.images import Image, push, push_with_token, standard_images
+from support.redis_server import RedisServer
 from support.registry import Registry
 from support.tokenserver import TokenServer
 
@@ -72,6 +73,13 @@ def token_upstream(
                 registry.url, Upstream.repo(kind), image, TAG, tokens, PUSHER, PUSHER_PASSWORD
             )
         yield Upstream(registry, images, tokens)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests keep apart by key prefix."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @dataclass

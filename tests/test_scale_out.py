@@ -1,0 +1,172 @@
+"""Several mirror processes sharing one Redis and one storage root, as several nodes would.
+
+The upstream must see each blob once whichever process a client reaches; a lease
+holder that dies hands over to another process once its lease lapses, and no client
+gets wrong bytes; a Redis outage leaves cached pulls working and `/readyz` honest, and
+the mirror recovers by itself when Redis returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from conftest import TAG, Upstream
+from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
+from support.images import push, standard_images
+from support.mirror_process import MirrorProcess
+from support.net import eventually, http_request
+from support.redis_server import RedisServer
+from support.registry import Registry
+from support.skopeo import SkopeoError, skopeo_copy_async
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+def fresh_upstream(tmp_path: Path) -> Iterator[Upstream]:
+    images = standard_images(seed_base=int(time.monotonic_ns() % 1000) + 20)
+    with Registry(tmp_path / "upstream") as registry:
+        for kind in ("oci", "oci-index"):
+            push(registry.url, Upstream.repo(kind), images[kind], TAG)
+        yield Upstream(registry, images)
+
+
+def redis_settings(redis: RedisServer, **extra: object) -> dict[str, object]:
+    prefix = f"scale{time.monotonic_ns()}:"
+    return {"metadata": {"backend": "redis", "redis_url": redis.url, "key_prefix": prefix, **extra}}
+
+
+def two_mirrors(
+    tmp_path: Path, upstreams: dict[str, dict[str, object]], settings: dict[str, object]
+) -> tuple[MirrorProcess, MirrorProcess]:
+    shared = tmp_path / "shared-storage"
+    return (
+        MirrorProcess(tmp_path / "a", upstreams, storage=shared, **settings),
+        MirrorProcess(tmp_path / "b", upstreams, storage=shared, **settings),
+    )
+
+
+async def test_sixteen_cold_pulls_across_two_processes_fetch_each_blob_once(
+    tmp_path: Path, fresh_upstream: Upstream, redis_server: RedisServer
+) -> None:
+    upstreams = {"local": {"url": fresh_upstream.url, "tag_ttl": "1h"}}
+    first, second = two_mirrors(tmp_path, upstreams, redis_settings(redis_server))
+    with first, second:
+        mark = fresh_upstream.registry.mark()
+        image = fresh_upstream.images["oci-index"]
+        pulls = [
+            skopeo_copy_async(
+                f"docker://{mirror.host}/{Upstream.repo('oci-index')}:{TAG}",
+                f"dir:{tmp_path / f'pull-{i}'}",
+            )
+            for i, mirror in enumerate([first, second] * 8)
+        ]
+        await asyncio.gather(*pulls)
+        for i in range(16):
+            for digest, data in image.all_blobs().items():
+                assert (
+                    tmp_path / f"pull-{i}" / digest.removeprefix("sha256:")
+                ).read_bytes() == data
+
+        registry = fresh_upstream.registry
+        for digest in image.all_blobs():
+            await asyncio.to_thread(registry.wait_for_access, "GET", f"/blobs/{digest}", 1, mark)
+        fetched = Counter(
+            e.route.rsplit("/", 1)[-1] for e in registry.requests("GET", "/blobs/", since=mark)
+        )
+        assert fetched == dict.fromkeys(image.all_blobs(), 1)
+        # Both processes really served: each wrote access lines for blob requests.
+        assert "/blobs/" in first.log_text()
+        assert "/blobs/" in second.log_text()
+
+
+async def test_lease_holder_killed_mid_download_hands_over(
+    tmp_path: Path, redis_server: RedisServer, aiohttp_server: ServerFactory
+) -> None:
+    blob = os.urandom(2 * 1024 * 1024 + 3)
+    digest = digest_of(blob)
+    path = f"/v2/team/app/blobs/{digest}"
+    release = asyncio.Event()
+    fake = FakeUpstream()
+    # The first download stalls after 256 KiB; whoever asks next gets the whole blob.
+    fake.on("GET", path, stall_after(blob, 256 * 1024, release), serve(blob))
+    server = await aiohttp_server(fake.app(), host="127.0.0.1")
+    upstreams = {"fake": {"url": str(server.make_url("")).rstrip("/")}}
+    holder, other = two_mirrors(tmp_path, upstreams, redis_settings(redis_server, lease_ttl="2s"))
+    try:
+        holder.start()
+        other.start()
+        async with aiohttp.ClientSession() as http:
+            first = await http.get(holder.url + path)
+            assert first.status == 200
+            await first.content.readexactly(1024)  # the holder is mid-download
+            second_task = asyncio.create_task(http.get(other.url + path))
+            await eventually(lambda: fake.count("GET", path) == 1)
+
+            holder.kill()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await first.read()  # cut off: never a short body taken for a whole one
+
+            second = await asyncio.wait_for(second_task, timeout=30)
+            assert second.status == 200
+            assert await second.read() == blob
+            assert fake.count("GET", path) == 2
+            first.release()
+            second.release()
+
+        def committed() -> list[Path]:
+            return [p for p in (tmp_path / "shared-storage" / "blobs").rglob("*") if p.is_file()]
+
+        # One blob in the cache, and it is the whole, right one (the holder's partial
+        # temp file never became a blob).
+        await eventually(lambda: len(committed()) == 1)
+        assert committed()[0].read_bytes() == blob
+    finally:
+        release.set()
+        holder.stop()
+        other.stop()
+
+
+async def test_redis_outage_keeps_cached_pulls_working_and_recovers(
+    tmp_path: Path, fresh_upstream: Upstream
+) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    upstreams = {"local": {"url": fresh_upstream.url, "tag_ttl": "1h"}}
+    settings = redis_settings(redis)
+    try:
+        with MirrorProcess(tmp_path / "m", upstreams, **settings) as mirror:
+            cached = f"docker://{mirror.host}/{Upstream.repo('oci')}:{TAG}"
+            await skopeo_copy_async(cached, f"dir:{tmp_path / 'before'}")
+            assert http_request("GET", f"{mirror.url}/readyz").status == 200
+
+            redis.stop()
+            await skopeo_copy_async(cached, f"dir:{tmp_path / 'during'}")
+            expected = fresh_upstream.images["oci"].manifest
+            assert (tmp_path / "during" / "manifest.json").read_bytes() == expected
+            ready = http_request("GET", f"{mirror.url}/readyz")
+            assert ready.status == 503
+            assert b"unreachable" in ready.body
+            assert http_request("GET", f"{mirror.url}/healthz").status == 200
+            uncached = f"docker://{mirror.host}/{Upstream.repo('oci-index')}:{TAG}"
+            with pytest.raises(SkopeoError):
+                await skopeo_copy_async(uncached, f"dir:{tmp_path / 'refused'}")
+
+            redis.start()  # same port, empty: the mirror reconnects on its own
+            await eventually(
+                lambda: http_request("GET", f"{mirror.url}/readyz").status == 200, timeout=30
+            )
+            await skopeo_copy_async(uncached, f"dir:{tmp_path / 'after'}")
+            mark = fresh_upstream.registry.mark()
+            await skopeo_copy_async(uncached, f"dir:{tmp_path / 'again'}")
+            assert fresh_upstream.registry.requests("GET", "/blobs/", since=mark) == []
+    finally:
+        redis.stop()
