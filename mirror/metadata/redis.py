@@ -15,7 +15,11 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from mirror.metadata.base import BlobRecord, CachedResponse, MetadataUnavailable, TagRecord
 
@@ -40,7 +44,14 @@ class RedisMetadataStore:
 
     def __init__(self, url: str, prefix: str = "mirror:"):
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
+            url,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            health_check_interval=15,
+            # Pooled connections die with a Redis restart; a quick retry reconnects them
+            # instead of failing the request that meets one first.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self._p = prefix
         self._renew = self._redis.register_script(_RENEW)
