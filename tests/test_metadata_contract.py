@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 from support.redis_server import RedisServer
 
-from mirror.metadata.base import BlobRecord, CachedResponse, MetadataStore, TagRecord
+from mirror.metadata.base import (
+    BlobRecord,
+    CachedResponse,
+    DownloadRecord,
+    MetadataStore,
+    TagRecord,
+)
 from mirror.metadata.embedded import EmbeddedMetadataStore
 from mirror.metadata.redis import RedisMetadataStore
 
@@ -129,3 +135,12 @@ async def test_concurrent_lease_attempts_have_one_winner(store: MetadataStore) -
         *(store.acquire_lease("blob:z", f"o{i}", ttl=30) for i in range(20))
     )
     assert sum(results) == 1
+
+
+async def test_download_records(store: MetadataStore) -> None:
+    assert await store.get_download(DIGEST) is None
+    record = DownloadRecord(owner="host:1:ab", temp_name="abc.123", size=42)
+    await store.put_download(DIGEST, record, ttl=30)
+    assert await store.get_download(DIGEST) == record
+    await store.delete_download(DIGEST)
+    assert await store.get_download(DIGEST) is None

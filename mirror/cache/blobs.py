@@ -7,8 +7,10 @@ that is either a committed file (sent with sendfile) or a running
 
 Exactly one upstream download per digest: in this process through the
 registry of running downloads; across processes and nodes through a lease in
-the metadata store. A process that loses the lease waits for the holder's
-commit (or for the lease to lapse, then takes over).
+the metadata store. A process that loses the lease serves its clients from the
+holder's growing temp file when they share a volume, or else waits for the
+holder's commit; if the holder dies, its lease lapses and this process fetches
+the blob itself.
 
 Access rule: a blob reached through a credentialed upstream is served for
 another repository only once that repository is known to hold it (the
@@ -19,6 +21,7 @@ content-addressed and served for any repository of a public upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -31,7 +34,7 @@ import structlog
 from mirror.cache.fetch import BlobDownload, raise_for_upstream_status
 from mirror.concurrency import TaskOwner
 from mirror.errors import BlobUnknown, UpstreamUnavailable
-from mirror.metadata.base import BlobRecord, MetadataStore, MetadataUnavailable
+from mirror.metadata.base import BlobRecord, DownloadRecord, MetadataStore, MetadataUnavailable
 from mirror.oci import Digest
 from mirror.routing import Route
 from mirror.storage.blobstore import BlobStore
@@ -40,6 +43,8 @@ from mirror.upstream.client import UpstreamClient
 log = structlog.get_logger(__name__)
 
 ACCESS_FLUSH_EVERY = 5.0
+# A download record outlives a dead holder harmlessly: followers check the lease too.
+DOWNLOAD_RECORD_TTL = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,44 +182,94 @@ class BlobCache:
         digest = download.digest
         lease = f"blob:{digest}"
         try:
-            if not await self._take_lease_or_wait(lease, digest):
+            role, holder = await self._hold_or_observe(lease, digest)
+            if role == "committed":
                 # Another process committed it while we waited: serve our readers from disk.
                 await download.adopt_committed()
-                return
-            renewer = asyncio.create_task(self._renew_lease(lease), name=f"lease:{digest}")
-            try:
-                await download.run(self._client(route), route.repository)
-            finally:
-                renewer.cancel()
-                await asyncio.gather(renewer, return_exceptions=True)
-                await self._metadata.release_lease(lease, self._owner)
-            if download.committed:
-                now = time.time()
-                await self._metadata.put_blob(
-                    str(digest), BlobRecord(size=download.written, created_at=now, last_access=now)
-                )
-                await self._metadata.add_blob_repository(
-                    str(digest), route.upstream, route.repository
-                )
+            elif role == "follow":
+                assert holder is not None
+                await self._follow(download, lease, holder, route)
+            else:
+                await self._fetch(download, lease, route)
         except UpstreamUnavailable as exc:
             await download.fail(exc)
         finally:
-            self._downloads.pop(digest, None)
+            if self._downloads.get(digest, (None,))[0] is download:
+                del self._downloads[digest]
 
-    async def _take_lease_or_wait(self, lease: str, digest: Digest) -> bool:
-        """True once we hold the lease; False if another holder committed the blob."""
+    async def _fetch(self, download: BlobDownload, lease: str, route: Route) -> None:
+        """Hold the lease and download from the upstream."""
+        digest = str(download.digest)
+
+        async def announce(temp_path: Path, size: int | None) -> None:
+            record = DownloadRecord(owner=self._owner, temp_name=temp_path.name, size=size)
+            with contextlib.suppress(MetadataUnavailable):  # followers then wait for the commit
+                await self._metadata.put_download(digest, record, DOWNLOAD_RECORD_TTL)
+
+        renewer = asyncio.create_task(self._renew_lease(lease), name=f"lease:{digest}")
+        try:
+            await download.run(self._client(route), route.repository, announce)
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            with contextlib.suppress(MetadataUnavailable):
+                await self._metadata.delete_download(digest)
+            await self._metadata.release_lease(lease, self._owner)
+        if download.committed:
+            now = time.time()
+            await self._metadata.put_blob(
+                digest, BlobRecord(size=download.written, created_at=now, last_access=now)
+            )
+            await self._metadata.add_blob_repository(digest, route.upstream, route.repository)
+
+    async def _follow(
+        self, download: BlobDownload, lease: str, holder: DownloadRecord, route: Route
+    ) -> None:
+        """Serve from another process's download; take over if that process dies."""
+
+        async def holder_gone() -> bool:
+            try:
+                return await self._metadata.lease_holder(lease) != holder.owner
+            except MetadataUnavailable:
+                return False  # cannot tell: keep following until the commit shows up
+
+        temp_path = self._store.tmp_dir / holder.temp_name
+        if await download.follow(temp_path, holder.size, holder_gone):
+            return
+        # Its readers were cut off (they may hold bytes nobody verified). The layer is
+        # still wanted: fetch it now for whoever asks next.
+        log.warning("download_holder_lost", digest=str(download.digest), holder=holder.owner)
+        if (
+            download.digest not in self._downloads
+            or self._downloads[download.digest][0] is download
+        ):
+            await self._start_download(route, download.digest)
+
+    async def _hold_or_observe(
+        self, lease: str, digest: Digest
+    ) -> tuple[str, DownloadRecord | None]:
+        """("fetch", None) once we hold the lease; ("committed", None) if someone else
+        committed the blob; ("follow", record) for a download we can tail on this volume."""
         delay = 0.05
         while True:
             if await self._metadata.acquire_lease(lease, self._owner, self._lease_ttl):
                 if self._store.size(digest) is None:
-                    return True
+                    return "fetch", None
                 await self._metadata.release_lease(lease, self._owner)
-                return False
+                return "committed", None
             if self._store.size(digest) is not None:
-                return False
-            # The holder is downloading; its commit or its lease lapsing ends the wait.
+                return "committed", None
+            holder = await self._metadata.get_download(str(digest))
+            # A temp file we can see means a shared volume; a bare name keeps us in tmp/.
+            if (
+                holder is not None
+                and Path(holder.temp_name).name == holder.temp_name
+                and (self._store.tmp_dir / holder.temp_name).exists()
+            ):
+                return "follow", holder
+            # Otherwise wait for the holder's commit, or for its lease to lapse.
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, 0.5)
 
     async def _renew_lease(self, lease: str) -> None:
         while True:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -41,6 +41,10 @@ log = structlog.get_logger(__name__)
 # What has arrived is written in one hop to the worker thread, up to this much.
 WRITE_BATCH = 1024 * 1024
 READ_CHUNK = 512 * 1024
+# Following another process's download: how often its temp file is looked at, and how
+# often its lease.
+FOLLOW_POLL = 0.02
+FOLLOW_HOLDER_CHECK = 0.5
 
 
 def raise_for_upstream_status(response: UpstreamResponse, not_found: type[MirrorError]) -> None:
@@ -89,8 +93,17 @@ class BlobDownload:
         if self.error is not None and self.temp_path is None:
             raise self.error
 
-    async def run(self, client: UpstreamClient, repository: str) -> None:
-        """Download, verify and commit. Never raises: the outcome is on `self`."""
+    async def run(
+        self,
+        client: UpstreamClient,
+        repository: str,
+        announce: Callable[[Path, int | None], Awaitable[None]] | None = None,
+    ) -> None:
+        """Download, verify and commit. Never raises: the outcome is on `self`.
+
+        `announce` is told the temp file and size once the upstream answered, so other
+        processes on a shared volume can follow the download.
+        """
         started = time.monotonic()
         writer: BlobWriter | None = None
         try:
@@ -100,6 +113,8 @@ class BlobDownload:
                 writer = self.store.new_writer(self.digest, self.size)
                 self.temp_path = writer.temp_path
                 self._started.set()
+                if announce is not None:
+                    await announce(writer.temp_path, self.size)
                 async for batch in response.iter_batches(WRITE_BATCH):
                     await self._append(writer, batch)
             await asyncio.to_thread(writer.verify)
@@ -130,6 +145,42 @@ class BlobDownload:
             if writer is not None:
                 writer.discard()
             await self._finish()
+
+    async def follow(
+        self, temp_path: Path, size: int | None, holder_gone: Callable[[], Awaitable[bool]]
+    ) -> bool:
+        """Serve readers from another process's download on this shared volume.
+
+        Its temp file is tailed as it grows; the last byte is released only once the
+        holder committed (the rename keeps the inode our readers hold, so what they read
+        is what was verified). True once committed; False, with readers failed, if the
+        holder went away first.
+        """
+        self.size = size
+        self.temp_path = temp_path
+        self._started.set()
+        next_check = time.monotonic() + FOLLOW_HOLDER_CHECK
+        while True:
+            committed = self.store.size(self.digest)
+            if committed is not None:
+                self.size = self.written = committed
+                self.verified = self.committed = True
+                await self._finish()
+                return True
+            try:
+                grown = os.stat(temp_path).st_size
+            except FileNotFoundError:
+                grown = None
+            if grown is not None and grown > self.written:
+                self.written = grown
+                async with self._progress:
+                    self._progress.notify_all()
+            if grown is None or time.monotonic() >= next_check:
+                if await holder_gone() and self.store.size(self.digest) is None:
+                    await self.fail(UpstreamUnavailable("the process fetching this blob went away"))
+                    return False
+                next_check = time.monotonic() + FOLLOW_HOLDER_CHECK
+            await asyncio.sleep(FOLLOW_POLL)
 
     async def adopt_committed(self) -> None:
         """Another process committed this blob: readers follow the committed file."""

@@ -4,7 +4,8 @@ The store holds what the blob files cannot say themselves: tag records
 (upstream, repository, tag → digest), blob records (size, media type for
 manifests, access times, pinning), which repositories are known to hold a
 blob, the repositories held locally, short-lived cached upstream responses
-(tags lists, referrers) and leases for single-flight downloads.
+(tags lists, referrers), leases for single-flight downloads, and where a
+running download writes, so other processes on a shared volume can follow it.
 
 Backends (`embedded.py` on diskcache, `redis.py` on Redis) pass the same
 contract suite in `tests/test_metadata_contract.py`. Records travel as JSON so
@@ -71,6 +72,15 @@ class CachedResponse(_JsonRecord):
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class DownloadRecord(_JsonRecord):
+    """A blob download in progress: who holds it and its temp file, for followers."""
+
+    owner: str
+    temp_name: str
+    size: int | None
+
+
 class MetadataStore(Protocol):
     """What the cache needs from a metadata backend. Every method may raise
     `MetadataUnavailable` when the backend cannot be reached."""
@@ -115,6 +125,12 @@ class MetadataStore(Protocol):
     async def release_lease(self, name: str, owner: str) -> None: ...
 
     async def lease_holder(self, name: str) -> str | None: ...
+
+    async def put_download(self, digest: str, record: DownloadRecord, ttl: float) -> None: ...
+
+    async def get_download(self, digest: str) -> DownloadRecord | None: ...
+
+    async def delete_download(self, digest: str) -> None: ...
 
     async def ping(self) -> None: ...
 

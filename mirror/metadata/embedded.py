@@ -22,6 +22,7 @@ import diskcache
 from mirror.metadata.base import (
     BlobRecord,
     CachedResponse,
+    DownloadRecord,
     MetadataUnavailable,
     TagRecord,
 )
@@ -168,6 +169,18 @@ class EmbeddedMetadataStore:
     async def lease_holder(self, name: str) -> str | None:
         holder = await self._run(self._cache.get, f"lease:{name}")
         return str(holder) if holder is not None else None
+
+    async def put_download(self, digest: str, record: DownloadRecord, ttl: float) -> None:
+        await self._run(
+            functools.partial(self._cache.set, f"download:{digest}", record.to_json(), expire=ttl)
+        )
+
+    async def get_download(self, digest: str) -> DownloadRecord | None:
+        raw = await self._run(self._cache.get, f"download:{digest}")
+        return DownloadRecord.from_json(raw) if raw is not None else None
+
+    async def delete_download(self, digest: str) -> None:
+        await self._run(self._cache.delete, f"download:{digest}")
 
     async def ping(self) -> None:
         await self._run(self._cache.get, "ping")

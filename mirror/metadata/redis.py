@@ -10,18 +10,21 @@ Redis errors become `MetadataUnavailable` here and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
-from mirror.metadata.base import BlobRecord, CachedResponse, MetadataUnavailable, TagRecord
+from mirror.metadata.base import (
+    BlobRecord,
+    CachedResponse,
+    DownloadRecord,
+    MetadataUnavailable,
+    TagRecord,
+)
 
 T = TypeVar("T")
 
@@ -48,10 +51,6 @@ class RedisMetadataStore:
             socket_timeout=5,
             socket_connect_timeout=2,
             health_check_interval=15,
-            # Pooled connections die with a Redis restart; a quick retry reconnects them
-            # instead of failing the request that meets one first.
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self._p = prefix
         self._renew = self._redis.register_script(_RENEW)
@@ -60,9 +59,15 @@ class RedisMetadataStore:
     def _k(self, *parts: str) -> str:
         return self._p + ":".join(parts)
 
-    async def _run(self, awaitable: Awaitable[T]) -> T:
+    async def _run(self, command: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await awaitable
+            try:
+                return await command()
+            except RedisConnectionError:
+                # A Redis that restarted leaves dead connections in the pool: drop them
+                # all and try once more on a fresh one.
+                await self._redis.connection_pool.disconnect()
+                return await command()
         except (RedisError, OSError) as exc:
             raise MetadataUnavailable(
                 "metadata store unavailable", detail=type(exc).__name__
@@ -71,27 +76,38 @@ class RedisMetadataStore:
     # Tags
 
     async def get_tag(self, upstream: str, repository: str, tag: str) -> TagRecord | None:
-        raw = await self._run(self._redis.get(self._k("tag", f"{upstream}/{repository}", tag)))
+        raw = await self._run(
+            lambda: self._redis.get(self._k("tag", f"{upstream}/{repository}", tag))
+        )
         return TagRecord.from_json(raw) if raw is not None else None
 
     async def put_tag(self, upstream: str, repository: str, tag: str, record: TagRecord) -> None:
         repo = f"{upstream}/{repository}"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._k("tag", repo, tag), record.to_json())
-            pipe.sadd(self._k("tags", repo), tag)
-            await self._run(pipe.execute())
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._k("tag", repo, tag), record.to_json())
+                pipe.sadd(self._k("tags", repo), tag)
+                await pipe.execute()
+
+        await self._run(write)
 
     async def list_tags(self, upstream: str, repository: str) -> list[str]:
-        members = await self._run(self._redis.smembers(self._k("tags", f"{upstream}/{repository}")))
+        members = await self._run(
+            lambda: self._redis.smembers(self._k("tags", f"{upstream}/{repository}"))
+        )
         return sorted(_text(m) for m in members)
 
     # Blobs
 
     async def get_blob(self, digest: str) -> BlobRecord | None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.get(self._k("blob", digest))
-            pipe.zscore(self._k("blob-access"), digest)
-            raw, accessed = await self._run(pipe.execute())
+        async def read() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(self._k("blob", digest))
+                pipe.zscore(self._k("blob-access"), digest)
+                return await pipe.execute()
+
+        raw, accessed = await self._run(read)
         if raw is None:
             return None
         record = BlobRecord.from_json(raw)
@@ -100,78 +116,103 @@ class RedisMetadataStore:
         return record
 
     async def put_blob(self, digest: str, record: BlobRecord) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._k("blob", digest), record.to_json())
-            pipe.zadd(self._k("blob-access"), {digest: record.last_access}, gt=True)
-            await self._run(pipe.execute())
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._k("blob", digest), record.to_json())
+                pipe.zadd(self._k("blob-access"), {digest: record.last_access}, gt=True)
+                await pipe.execute()
+
+        await self._run(write)
 
     async def delete_blob(self, digest: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._k("blob", digest), self._k("blobrepos", digest))
-            pipe.zrem(self._k("blob-access"), digest)
-            await self._run(pipe.execute())
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._k("blob", digest), self._k("blobrepos", digest))
+                pipe.zrem(self._k("blob-access"), digest)
+                await pipe.execute()
+
+        await self._run(write)
 
     async def touch_blobs(self, accessed: Mapping[str, float]) -> None:
         if accessed:
             # Only blobs that still have a record: ZADD XX would skip new members, and
             # GT keeps a later time another node wrote.
             await self._run(
-                self._redis.zadd(self._k("blob-access"), dict(accessed), xx=True, gt=True)
+                lambda: self._redis.zadd(self._k("blob-access"), dict(accessed), xx=True, gt=True)
             )
 
     async def add_blob_repository(self, digest: str, upstream: str, repository: str) -> None:
-        await self._run(self._redis.sadd(self._k("blobrepos", digest), f"{upstream}/{repository}"))
+        await self._run(
+            lambda: self._redis.sadd(self._k("blobrepos", digest), f"{upstream}/{repository}")
+        )
 
     async def blob_in_repository(self, digest: str, upstream: str, repository: str) -> bool:
         found = await self._run(
-            self._redis.sismember(self._k("blobrepos", digest), f"{upstream}/{repository}")
+            lambda: self._redis.sismember(self._k("blobrepos", digest), f"{upstream}/{repository}")
         )
         return bool(found)
 
     async def blob_repositories(self, digest: str) -> list[tuple[str, str]]:
-        members = await self._run(self._redis.smembers(self._k("blobrepos", digest)))
+        members = await self._run(lambda: self._redis.smembers(self._k("blobrepos", digest)))
         return _split(members)
 
     # Repositories
 
     async def add_repository(self, upstream: str, repository: str) -> None:
-        await self._run(self._redis.sadd(self._k("repositories"), f"{upstream}/{repository}"))
+        await self._run(
+            lambda: self._redis.sadd(self._k("repositories"), f"{upstream}/{repository}")
+        )
 
     async def list_repositories(self) -> list[tuple[str, str]]:
-        return _split(await self._run(self._redis.smembers(self._k("repositories"))))
+        return _split(await self._run(lambda: self._redis.smembers(self._k("repositories"))))
 
     # Cached upstream responses
 
     async def get_response(self, key: str) -> CachedResponse | None:
-        raw = await self._run(self._redis.get(self._k("response", key)))
+        raw = await self._run(lambda: self._redis.get(self._k("response", key)))
         return CachedResponse.from_json(raw) if raw is not None else None
 
     async def put_response(self, key: str, response: CachedResponse) -> None:
-        await self._run(self._redis.set(self._k("response", key), response.to_json()))
+        await self._run(lambda: self._redis.set(self._k("response", key), response.to_json()))
 
     # Leases
 
     async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         taken = await self._run(
-            self._redis.set(self._k("lease", name), owner, nx=True, px=int(ttl * 1000))
+            lambda: self._redis.set(self._k("lease", name), owner, nx=True, px=int(ttl * 1000))
         )
-        return bool(taken)
+        # After a retried SET NX the first attempt may have been the one that took it.
+        return bool(taken) or await self.lease_holder(name) == owner
 
     async def renew_lease(self, name: str, owner: str, ttl: float) -> bool:
         renewed = await self._run(
-            self._renew(keys=[self._k("lease", name)], args=[owner, int(ttl * 1000)])
+            lambda: self._renew(keys=[self._k("lease", name)], args=[owner, int(ttl * 1000)])
         )
         return bool(renewed)
 
     async def release_lease(self, name: str, owner: str) -> None:
-        await self._run(self._release(keys=[self._k("lease", name)], args=[owner]))
+        await self._run(lambda: self._release(keys=[self._k("lease", name)], args=[owner]))
 
     async def lease_holder(self, name: str) -> str | None:
-        holder = await self._run(self._redis.get(self._k("lease", name)))
+        holder = await self._run(lambda: self._redis.get(self._k("lease", name)))
         return _text(holder) if holder is not None else None
 
+    async def put_download(self, digest: str, record: DownloadRecord, ttl: float) -> None:
+        await self._run(
+            lambda: self._redis.set(
+                self._k("download", digest), record.to_json(), px=int(ttl * 1000)
+            )
+        )
+
+    async def get_download(self, digest: str) -> DownloadRecord | None:
+        raw = await self._run(lambda: self._redis.get(self._k("download", digest)))
+        return DownloadRecord.from_json(raw) if raw is not None else None
+
+    async def delete_download(self, digest: str) -> None:
+        await self._run(lambda: self._redis.delete(self._k("download", digest)))
+
     async def ping(self) -> None:
-        await self._run(self._redis.ping())
+        await self._run(lambda: self._redis.ping())
 
     async def close(self) -> None:
         await self._redis.aclose()
