@@ -9,6 +9,7 @@ a credential, whatever key it was logged under.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import MutableMapping
@@ -104,4 +105,5 @@ class AccessLogger(AbstractAccessLogger):
             bytes=response.body_length,
             seconds=round(time, 4),
             remote=request.remote,
+            pid=os.getpid(),  # which worker, with serve --workers
         )
