@@ -22,6 +22,7 @@ import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Field,
     SecretStr,
@@ -164,6 +165,16 @@ class UpstreamConfig(_Section):
 
 class StorageConfig(_Section):
     root: Path = Path("/var/lib/mirror")
+    max_size: ByteSize | None = None
+    high_watermark: float = Field(default=0.95, gt=0, le=1)
+    low_watermark: float = Field(default=0.85, gt=0, le=1)
+    eviction_interval: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _check_watermarks(self) -> StorageConfig:
+        if self.low_watermark >= self.high_watermark:
+            raise ValueError("low_watermark must be below high_watermark")
+        return self
 
 
 class MetadataConfig(_Section):

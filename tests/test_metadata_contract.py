@@ -144,3 +144,14 @@ async def test_download_records(store: MetadataStore) -> None:
     assert await store.get_download(DIGEST) == record
     await store.delete_download(DIGEST)
     assert await store.get_download(DIGEST) is None
+
+
+async def test_blobs_listed_least_recently_used_first(store: MetadataStore) -> None:
+    assert await store.list_blobs() == []
+    for digest, when in ((DIGEST, 300.0), (OTHER, 100.0)):
+        await store.put_blob(digest, BlobRecord(size=1, created_at=1.0, last_access=when))
+    assert [digest for digest, _ in await store.list_blobs()] == [OTHER, DIGEST]
+    await store.touch_blobs({OTHER: 500.0})
+    listed = await store.list_blobs()
+    assert [digest for digest, _ in listed] == [DIGEST, OTHER]
+    assert listed[1][1].last_access == 500.0

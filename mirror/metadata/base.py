@@ -99,6 +99,9 @@ class MetadataStore(Protocol):
 
     async def delete_blob(self, digest: str) -> None: ...
 
+    async def list_blobs(self) -> list[tuple[str, BlobRecord]]:
+        """Every blob record, least recently used first (eviction's order)."""
+
     async def touch_blobs(self, accessed: Mapping[str, float]) -> None:
         """Move each blob's `last_access` forward to the given time (never back)."""
 

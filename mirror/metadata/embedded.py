@@ -85,6 +85,18 @@ class EmbeddedMetadataStore:
             self._cache.delete(f"blob:{digest}")
             self._cache.delete(f"blobrepos:{digest}")
 
+    async def list_blobs(self) -> list[tuple[str, BlobRecord]]:
+        return await self._run(self._list_blobs_sync)
+
+    def _list_blobs_sync(self) -> list[tuple[str, BlobRecord]]:
+        found = []
+        for key in self._cache.iterkeys():
+            if isinstance(key, str) and key.startswith("blob:"):
+                raw = self._cache.get(key)
+                if raw is not None:
+                    found.append((key.removeprefix("blob:"), BlobRecord.from_json(raw)))
+        return sorted(found, key=lambda item: (item[1].last_access, item[0]))
+
     async def touch_blobs(self, accessed: Mapping[str, float]) -> None:
         await self._run(self._touch_sync, dict(accessed))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -132,6 +132,24 @@ class RedisMetadataStore:
                 await pipe.execute()
 
         await self._run(write)
+
+    async def list_blobs(self) -> list[tuple[str, BlobRecord]]:
+        async def read() -> list[tuple[str, BlobRecord]]:
+            ordered = cast(
+                list[tuple[Any, float]],
+                await self._redis.zrange(self._k("blob-access"), 0, -1, withscores=True),
+            )
+            found = []
+            for start in range(0, len(ordered), 500):
+                batch = ordered[start : start + 500]
+                raws = await self._redis.mget([self._k("blob", _text(d)) for d, _ in batch])
+                for (digest, accessed), raw in zip(batch, raws, strict=True):
+                    if raw is not None:
+                        record = BlobRecord.from_json(raw)
+                        found.append((_text(digest), replace(record, last_access=float(accessed))))
+            return found
+
+        return await self._run(read)
 
     async def touch_blobs(self, accessed: Mapping[str, float]) -> None:
         if accessed:
