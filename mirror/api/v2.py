@@ -16,7 +16,7 @@ import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 from aiohttp import web
@@ -262,14 +262,18 @@ async def _blob(request: web.Request, services: Services, endpoint: Endpoint) ->
         await response.write_eof()
         return response
     source = await services.blobs.open(route, digest)
-    request[ACCESS_INFO].cache = source.cache_result
-    byte_range = parse_range(request, source.size)
-    if f'"{digest}"' in request.headers.get("If-None-Match", "") and source.path is not None:
-        response = _blob_response(digest, source.cache_result)
-        response.set_status(304)
-        await response.prepare(request)
-        return response
-    return await _send_blob(request, source, byte_range)
+    try:
+        request[ACCESS_INFO].cache = source.cache_result
+        byte_range = parse_range(request, source.size)
+        if f'"{digest}"' in request.headers.get("If-None-Match", "") and source.file is not None:
+            response = _blob_response(digest, source.cache_result)
+            response.set_status(304)
+            await response.prepare(request)
+            return response
+        with services.blobs.reading(digest):
+            return await _send_blob(request, source, byte_range)
+    finally:
+        source.close()
 
 
 def _blob_response(digest: Digest, cache_result: str) -> web.StreamResponse:
@@ -298,9 +302,9 @@ async def _send_blob(
         response.content_length = end - start
     await response.prepare(request)
     try:
-        if source.path is not None:
+        if source.file is not None:
             assert end is not None
-            await _send_file(request, response, source.path, start, end - start)
+            await _send_file(request, response, source.file, start, end - start)
         else:
             assert source.download is not None
             async for chunk in source.download.iter_bytes(start, end):
@@ -331,7 +335,7 @@ def _peer_is_local(request: web.Request) -> bool:
 
 
 async def _send_file(
-    request: web.Request, response: web.StreamResponse, path: Path, offset: int, count: int
+    request: web.Request, response: web.StreamResponse, file: BinaryIO, offset: int, count: int
 ) -> None:
     """Send a committed blob file.
 
@@ -343,19 +347,16 @@ async def _send_file(
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("client went away")
-    with open(path, "rb") as file:  # noqa: ASYNC230 - opening is instant; reads are async
-        if not _peer_is_local(request):
-            # No zero-copy on some transports (TLS): those get the chunked writes below.
-            with contextlib.suppress(NotImplementedError):
-                await asyncio.get_running_loop().sendfile(transport, file, offset, count)
-                return
-        remaining = count
-        while remaining > 0:
-            chunk = await asyncio.to_thread(
-                os.pread, file.fileno(), min(remaining, FILE_CHUNK), offset
-            )
-            if not chunk:
-                raise BlobUnknown("blob file is shorter than its size")  # aborts the transfer
-            offset += len(chunk)
-            remaining -= len(chunk)
-            await response.write(chunk)
+    if not _peer_is_local(request):
+        # No zero-copy on some transports (TLS): those get the chunked writes below.
+        with contextlib.suppress(NotImplementedError):
+            await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+            return
+    remaining = count
+    while remaining > 0:
+        chunk = await asyncio.to_thread(os.pread, file.fileno(), min(remaining, FILE_CHUNK), offset)
+        if not chunk:
+            raise BlobUnknown("blob file is shorter than its size")  # aborts the transfer
+        offset += len(chunk)
+        remaining -= len(chunk)
+        await response.write(chunk)

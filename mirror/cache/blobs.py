@@ -25,9 +25,11 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 
@@ -49,13 +51,17 @@ DOWNLOAD_RECORD_TTL = 3600.0
 
 @dataclass(frozen=True, slots=True)
 class BlobSource:
-    """Where a blob's bytes come from for one response."""
+    """Where a blob's bytes come from for one response. Close it when done."""
 
     digest: Digest
     size: int | None
     cache_result: str  # "hit" or "miss"
-    path: Path | None = None  # a committed file
+    file: BinaryIO | None = None  # a committed blob, already open: eviction cannot pull it away
     download: BlobDownload | None = None  # a download in progress
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def process_owner_id() -> str:
@@ -81,6 +87,7 @@ class BlobCache:
         self._tasks = TaskOwner("blob-downloads")
         self._owner = process_owner_id()
         self._accessed: dict[str, float] = {}
+        self._readers: Counter[Digest] = Counter()
         self._flusher: asyncio.Task[None] | None = None
 
     # Lifecycle
@@ -99,14 +106,34 @@ class BlobCache:
     def downloads_in_flight(self) -> int:
         return len(self._downloads)
 
+    @contextlib.contextmanager
+    def reading(self, digest: Digest) -> Iterator[None]:
+        """Mark a blob as being sent to a client, so eviction leaves it alone."""
+        self._readers[digest] += 1
+        try:
+            yield
+        finally:
+            self._readers[digest] -= 1
+            if not self._readers[digest]:
+                del self._readers[digest]
+
+    def in_use(self) -> set[str]:
+        """Digests being fetched or sent right now: never evicted."""
+        return {str(d) for d in self._downloads} | {str(d) for d in self._readers}
+
     # Reading
 
     async def open(self, route: Route, digest: Digest) -> BlobSource:
         """A source for the blob's bytes, fetching it if it is not here."""
         size = self._store.size(digest)
         if size is not None and await self._may_serve_cached(route, digest):
-            self._accessed[str(digest)] = time.time()
-            return BlobSource(digest, size, "hit", path=self._store.path(digest))
+            try:
+                file = open(self._store.path(digest), "rb")  # noqa: ASYNC230, SIM115 - instant; the source owns it
+            except FileNotFoundError:
+                pass  # evicted a moment ago: fetch it again below
+            else:
+                self._accessed[str(digest)] = time.time()
+                return BlobSource(digest, size, "hit", file=file)
         running = self._downloads.get(digest)
         if running is not None and running[0].error is None and self._may_join(route, running[1]):
             download = running[0]
