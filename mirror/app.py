@@ -20,9 +20,12 @@ from mirror.api.v2 import SERVICES, Services, handle_v2, on_prepare, request_con
 from mirror.cache.blobs import BlobCache
 from mirror.cache.listings import Listings
 from mirror.cache.manifests import ManifestCache
+from mirror.concurrency import TaskOwner
 from mirror.config import MirrorConfig
+from mirror.eviction import Evictor, SizeLimit
 from mirror.metadata.base import MetadataStore, MetadataUnavailable
 from mirror.metadata.embedded import EmbeddedMetadataStore
+from mirror.metrics import METRICS, Metrics, StateSources, handle_metrics
 from mirror.policy import UpstreamPolicy
 from mirror.routing import Router, UpstreamNames
 from mirror.storage.blobstore import BlobStore
@@ -36,6 +39,7 @@ READY_TIMEOUT = 2.0
 CONFIG = web.AppKey("config", MirrorConfig)
 METADATA = web.AppKey("metadata", MetadataStore)
 STORE = web.AppKey("store", BlobStore)
+EVICTOR = web.AppKey("evictor", Evictor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +104,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             ),
             session,
             tokens,
+            observe=app[METRICS].observe_upstream,
         )
         for name, upstream in config.upstreams.items()
     }
@@ -125,6 +130,26 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[METADATA] = metadata
     app[STORE] = store
     await blobs.start()
+    storage = config.storage
+    limit = (
+        SizeLimit(int(storage.max_size), storage.high_watermark, storage.low_watermark)
+        if storage.max_size is not None
+        else None
+    )
+    evictor = Evictor(store, metadata, limit, blobs.in_use, blobs.flush_access)
+    app[EVICTOR] = evictor
+    app[METRICS].watch(
+        StateSources(
+            downloads_in_flight=lambda: blobs.downloads_in_flight,
+            cache_bytes=lambda: store.usage,
+            cache_limit=lambda: limit.max_size if limit else None,
+            evictions=lambda: (evictor.evicted_blobs, evictor.evicted_bytes),
+            stale_answers=lambda: manifests.stale_answers,
+            rate_limits=lambda: {name: client.rate_limit for name, client in clients.items()},
+        )
+    )
+    background = TaskOwner("lifecycle")
+    background.spawn(evictor.run(storage.eviction_interval), name="evictor")
     log.info(
         "mirror_started",
         storage=str(store.root),
@@ -135,6 +160,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await background.close()
         await blobs.close()
         await manifests.close()
         await session.close()
@@ -151,12 +177,14 @@ def create_app(config: MirrorConfig, *, sweep: TempSweep | None = None) -> web.A
     app = web.Application(middlewares=[request_context, oci_errors], client_max_size=1024)
     app[CONFIG] = config
     app[SWEEP_TEMP] = sweep or default_sweep(config)
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(on_prepare)
     app.router.add_route("*", "/v2", handle_v2)
     app.router.add_route("*", "/v2/{tail:.*}", handle_v2)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", handle_metrics)
     return app
 
 

@@ -80,6 +80,8 @@ class AccessInfo:
     repository: str | None = None
     reference: str | None = None
     cache: str | None = None
+    kind: str = "other"  # base, catalog, manifest, blob, tags, referrers
+    body_bytes: int = 0  # blob or manifest bytes sent
 
 
 ACCESS_INFO = web.RequestKey("access_info", AccessInfo)
@@ -102,7 +104,8 @@ class AccessLogger(AbstractAccessLogger):
             reference=info.reference if info else None,
             cache=info.cache if info else None,
             status=response.status,
-            bytes=response.body_length,
+            kind=info.kind if info else None,
+            bytes=info.body_bytes if info else 0,
             seconds=round(time, 4),
             remote=request.remote,
             pid=os.getpid(),  # which worker, with serve --workers

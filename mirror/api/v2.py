@@ -34,6 +34,7 @@ from mirror.errors import (
     Unsupported,
 )
 from mirror.logging import ACCESS_INFO, AccessInfo
+from mirror.metrics import METRICS
 from mirror.oci import AcceptSet, Digest, Reference
 from mirror.routing import Route, Router
 from mirror.upstream.client import UpstreamClient
@@ -122,12 +123,17 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = uuid.uuid4().hex
-    request[ACCESS_INFO] = AccessInfo(request_id=request_id)
+    info = AccessInfo(request_id=request_id)
+    request[ACCESS_INFO] = info
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         return await handler(request)
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
+        if info.kind != "other":
+            request.app[METRICS].observe_request(
+                info.upstream, info.kind, info.cache, info.body_bytes
+            )
 
 
 async def handle_v2(request: web.Request) -> web.StreamResponse:
@@ -135,6 +141,7 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
         raise Unsupported("this mirror is read-only", headers={"Allow": "GET, HEAD"})
     services = request.app[SERVICES]
     endpoint = parse_endpoint(request.match_info.get("tail", ""))
+    request[ACCESS_INFO].kind = endpoint.kind
     if endpoint.kind == "base":
         return web.json_response({})
     if endpoint.kind == "catalog":
@@ -203,6 +210,7 @@ async def _send_manifest(
     await response.prepare(request)
     if not head and manifest.body is not None:
         await response.write(manifest.body)
+        request[ACCESS_INFO].body_bytes = len(manifest.body)
     await response.write_eof()
     return response
 
@@ -302,13 +310,16 @@ async def _send_blob(
         response.content_length = end - start
     await response.prepare(request)
     try:
+        info = request[ACCESS_INFO]
         if source.file is not None:
             assert end is not None
             await _send_file(request, response, source.file, start, end - start)
+            info.body_bytes = end - start
         else:
             assert source.download is not None
             async for chunk in source.download.iter_bytes(start, end):
                 await response.write(chunk)
+                info.body_bytes += len(chunk)
     except MirrorError as error:
         # Headers are gone: the only honest signal left is a broken connection, which
         # no client mistakes for a complete body.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -86,7 +87,7 @@ class ManifestCache:
         self._clock = clock
         self._by_digest: SingleFlight[tuple[str, str, str], Manifest] = SingleFlight()
         self._by_tag: SingleFlight[tuple[str, str, str], Manifest] = SingleFlight()
-        self.stale_answers = 0
+        self.stale_answers: Counter[str] = Counter()  # by upstream
 
     async def close(self) -> None:
         await self._by_digest.close()
@@ -250,7 +251,7 @@ class ManifestCache:
         body = self._store.read_bytes(Digest.parse(record.digest))
         if body is None:
             raise error
-        self.stale_answers += 1
+        self.stale_answers[route.upstream] += 1
         log.warning(
             "manifest_served_stale",
             upstream=route.upstream,

@@ -44,6 +44,10 @@ class BlobStore:
         self.blobs_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
         self.meta_dir = root / "meta"
+        self.corrupt_dir = root / "corrupt"
+        # Bytes under blobs/ as this process knows them: set by `scan_usage`, kept up to
+        # date by commits and deletes here (other processes' are seen at the next scan).
+        self.usage = 0
 
     def prepare(self, sweep_older_than: float | None = 0.0) -> int:
         """Create the layout and sweep left-over temp files; return how many were swept.
@@ -120,26 +124,54 @@ class BlobStore:
             writer.discard()
 
     def delete(self, digest: Digest) -> int:
-        """Remove a committed blob; return the bytes freed."""
+        """Remove a committed blob; return the bytes freed. Readers with the file open
+        keep reading it whole: the inode lives until they close it."""
         path = self.path(digest)
         try:
             size = path.stat().st_size
             path.unlink()
         except FileNotFoundError:
             return 0
+        self.usage = max(self.usage - size, 0)
         return size
 
-    def iter_digests(self) -> Iterator[tuple[Digest, int]]:
-        """Every committed blob with its size."""
+    def move_aside(self, digest: Digest) -> Path | None:
+        """Take a (corrupt) blob out of the cache, keeping it under corrupt/ to inspect."""
+        self.corrupt_dir.mkdir(exist_ok=True)
+        target = self.corrupt_dir / f"{digest.algorithm}-{digest.hex}"
+        try:
+            size = self.path(digest).stat().st_size
+            os.replace(self.path(digest), target)
+        except FileNotFoundError:
+            return None
+        self.usage = max(self.usage - size, 0)
+        return target
+
+    def scan_usage(self) -> int:
+        """Walk blobs/ and return (and remember) the bytes it holds."""
+        self.usage = sum(stat.st_size for _, stat in self.iter_digests())
+        return self.usage
+
+    def hash_matches(self, digest: Digest) -> bool:
+        """Re-read a committed blob and check it still hashes to its name."""
+        hasher = digest.hasher()
+        with open(self.path(digest), "rb") as file:
+            while chunk := file.read(1024 * 1024):
+                hasher.update(chunk)
+        return hasher.hexdigest() == digest.hex
+
+    def iter_digests(self) -> Iterator[tuple[Digest, os.stat_result]]:
+        """Every committed blob with its stat (size, mtime)."""
         for algorithm_dir in sorted(self.blobs_dir.iterdir()):
             for prefix_dir in sorted(algorithm_dir.iterdir()):
-                for file in sorted(prefix_dir.iterdir()):
-                    try:
-                        digest = Digest.parse(f"{algorithm_dir.name}:{file.name}")
-                    except DigestInvalid:
-                        continue  # not ours: a stray file someone put there
-                    with contextlib.suppress(FileNotFoundError):
-                        yield digest, file.stat().st_size
+                with os.scandir(prefix_dir) as entries:
+                    for entry in entries:
+                        try:
+                            digest = Digest.parse(f"{algorithm_dir.name}:{entry.name}")
+                        except DigestInvalid:
+                            continue  # not ours: a stray file someone put there
+                        with contextlib.suppress(FileNotFoundError):
+                            yield digest, entry.stat()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -204,6 +236,7 @@ class BlobWriter:
         os.replace(self.temp_path, final)
         _fsync_dir(final.parent)
         self._committed = True
+        self.store.usage += self.written
         return final
 
     def discard(self) -> None:

@@ -167,8 +167,10 @@ class UpstreamClient:
         settings: UpstreamSettings,
         session: aiohttp.ClientSession,
         tokens: TokenCache,
+        observe: Callable[[str, str, int, float], None] | None = None,
     ):
         self.settings = settings
+        self._observe = observe  # (upstream, method, status, seconds), for metrics
         self.name = settings.name
         self._base = settings.url.rstrip("/")
         self._origin = origin_of(self._base)
@@ -279,6 +281,8 @@ class UpstreamClient:
             timeout=self._timeout,
         )
         self._note_rate_limit(response.headers)
+        if self._observe is not None:
+            self._observe(self.name, method, response.status, time.monotonic() - started)
         log.debug(
             "upstream_request",
             upstream=self.name,

@@ -1,0 +1,152 @@
+"""Keeping the cache within its size, and consistent with its metadata.
+
+`Evictor` runs in the background of a serving process. Above the high watermark of
+`storage.max_size` it removes least-recently-used blobs until usage is under the low
+watermark. It never removes a pinned blob, nor one this process is fetching or sending
+(and a client reading a removed file still gets it whole: its open file outlives the
+name). A manifest whose layers went is still valid: they are fetched again on demand.
+
+`reconcile` brings files and records together after a crash: a verified file without a
+record gets one (dated by its mtime), a record without a file is dropped. It runs in
+the background at start, so a large cache serves at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from mirror.metadata.base import BlobRecord, MetadataStore, MetadataUnavailable
+from mirror.oci import Digest
+from mirror.storage.blobstore import BlobStore
+
+log = structlog.get_logger(__name__)
+
+RESCAN_EVERY = 10  # intervals
+
+
+@dataclass(frozen=True, slots=True)
+class SizeLimit:
+    max_size: int
+    high_watermark: float
+    low_watermark: float
+
+    @property
+    def high(self) -> int:
+        return int(self.max_size * self.high_watermark)
+
+    @property
+    def low(self) -> int:
+        return int(self.max_size * self.low_watermark)
+
+
+@dataclass
+class Reconciled:
+    records_added: int = 0
+    records_dropped: int = 0
+
+
+class Evictor:
+    def __init__(
+        self,
+        store: BlobStore,
+        metadata: MetadataStore,
+        limit: SizeLimit | None,
+        in_use: Callable[[], set[str]],
+        before_evicting: Callable[[], Awaitable[None]] | None = None,
+    ):
+        self._store = store
+        self._metadata = metadata
+        self.limit = limit
+        self._in_use = in_use
+        self._before = before_evicting
+        self.evicted_blobs = 0
+        self.evicted_bytes = 0
+
+    async def reconcile(self) -> Reconciled:
+        """Records for files that lack them; no records for files that are gone."""
+        outcome = Reconciled()
+        on_disk = {str(d): stat for d, stat in await asyncio.to_thread(self._list_files)}
+        recorded = dict(await self._metadata.list_blobs())
+        for digest, stat in on_disk.items():
+            if digest not in recorded:
+                when = stat.st_mtime
+                record = BlobRecord(size=stat.st_size, created_at=when, last_access=when)
+                await self._metadata.put_blob(digest, record)
+                outcome.records_added += 1
+        busy = self._in_use()
+        for digest in recorded.keys() - on_disk.keys():
+            if digest not in busy and self._store.size(Digest.parse(digest)) is None:
+                await self._metadata.delete_blob(digest)
+                outcome.records_dropped += 1
+        self._store.usage = sum(stat.st_size for stat in on_disk.values())
+        return outcome
+
+    def _list_files(self) -> list[tuple[Digest, os.stat_result]]:
+        return list(self._store.iter_digests())
+
+    def over_limit(self) -> bool:
+        return self.limit is not None and self._store.usage > self.limit.high
+
+    async def evict(self) -> int:
+        """If above the high watermark, evict down to the low one; return bytes freed."""
+        if self.limit is None:
+            return 0
+        usage = await asyncio.to_thread(self._store.scan_usage)  # others may share the disk
+        if usage <= self.limit.high:
+            return 0
+        if self._before is not None:
+            await self._before()  # fresh access times first: LRU order must be current
+        freed = 0
+        busy = self._in_use()
+        for digest, record in await self._metadata.list_blobs():
+            if usage - freed <= self.limit.low:
+                break
+            if record.pinned or digest in busy:
+                continue
+            released = await asyncio.to_thread(self._store.delete, Digest.parse(digest))
+            await self._metadata.delete_blob(digest)
+            freed += released
+            if released:
+                self.evicted_blobs += 1
+                self.evicted_bytes += released
+                log.info(
+                    "blob_evicted", digest=digest, bytes=released, last_access=record.last_access
+                )
+        log.info(
+            "eviction_done",
+            freed=freed,
+            usage=self._store.usage,
+            high=self.limit.high,
+            low=self.limit.low,
+        )
+        return freed
+
+    async def run(self, interval: float) -> None:
+        """Reconcile once, then check the size limit every `interval` seconds."""
+        try:
+            outcome = await self.reconcile()
+            log.info(
+                "reconciled",
+                records_added=outcome.records_added,
+                records_dropped=outcome.records_dropped,
+                usage=self._store.usage,
+            )
+        except MetadataUnavailable as exc:
+            log.warning("reconcile_skipped", error=exc.message)
+        last_scan = time.monotonic()
+        while self.limit is not None:
+            await asyncio.sleep(interval)
+            # This process's count is exact for its own writes; other processes sharing
+            # the disk are caught by a full rescan now and then.
+            if self.over_limit() or time.monotonic() - last_scan > RESCAN_EVERY * interval:
+                last_scan = time.monotonic()
+                try:
+                    await self.evict()
+                except MetadataUnavailable as exc:
+                    log.warning("eviction_skipped", error=exc.message)

@@ -1,0 +1,135 @@
+"""Prometheus metrics, served at `/metrics`.
+
+Events are counted as they happen (requests by upstream, kind and cache result; bytes
+sent from the cache or straight from the upstream; upstream requests by status and
+their latency). State is read when scraped, from the objects that own it (in-flight
+downloads, cache bytes and limit, evictions, stale answers, Docker Hub rate-limit
+allowance), so no module below the HTTP layer knows Prometheus exists. Each app has
+its own registry: with `--workers`, each worker reports its own share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from mirror.upstream.client import RateLimit
+
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+@dataclass(frozen=True, slots=True)
+class StateSources:
+    """Where the scrape-time values come from."""
+
+    downloads_in_flight: Callable[[], int]
+    cache_bytes: Callable[[], int]
+    cache_limit: Callable[[], int | None]
+    evictions: Callable[[], tuple[int, int]]  # (blobs, bytes)
+    stale_answers: Callable[[], Mapping[str, int]]
+    rate_limits: Callable[[], Mapping[str, RateLimit | None]]
+
+
+class _StateCollector(Collector):
+    def __init__(self, sources: StateSources):
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._sources
+        yield GaugeMetricFamily(
+            "mirror_downloads_in_flight",
+            "Blob downloads from upstreams now running",
+            value=s.downloads_in_flight(),
+        )
+        yield GaugeMetricFamily(
+            "mirror_cache_bytes", "Bytes of blobs in the cache", value=s.cache_bytes()
+        )
+        limit = s.cache_limit()
+        if limit is not None:
+            yield GaugeMetricFamily("mirror_cache_limit_bytes", "storage.max_size", value=limit)
+        blobs, freed = s.evictions()
+        yield CounterMetricFamily(
+            "mirror_evictions", "Blobs evicted to keep under max_size", value=blobs
+        )
+        yield CounterMetricFamily("mirror_evicted_bytes", "Bytes evicted", value=freed)
+        stale = CounterMetricFamily(
+            "mirror_stale_answers",
+            "Tags served stale because the upstream failed",
+            labels=["upstream"],
+        )
+        for upstream, count in s.stale_answers().items():
+            stale.add_metric([upstream], count)
+        yield stale
+        remaining = GaugeMetricFamily(
+            "mirror_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's rate-limit window, as it last said",
+            labels=["upstream"],
+        )
+        for upstream, rate_limit in s.rate_limits().items():
+            if rate_limit is not None and rate_limit.remaining is not None:
+                remaining.add_metric([upstream], rate_limit.remaining)
+        yield remaining
+
+
+class Metrics:
+    """The app's metrics; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "mirror_requests",
+            "Requests answered, by upstream, kind and cache result",
+            ["upstream", "kind", "cache"],
+            registry=self.registry,
+        )
+        self.served_bytes = Counter(
+            "mirror_served_bytes",
+            "Blob and manifest body bytes sent to clients, by where they came from",
+            ["source"],
+            registry=self.registry,
+        )
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests",
+            "Requests sent to upstreams, by status",
+            ["upstream", "method", "status"],
+            registry=self.registry,
+        )
+        self.upstream_seconds = Histogram(
+            "mirror_upstream_request_seconds",
+            "Time to an upstream's response headers",
+            ["upstream"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=self.registry,
+        )
+
+    def watch(self, sources: StateSources) -> None:
+        self.registry.register(_StateCollector(sources))
+
+    def observe_request(
+        self, upstream: str | None, kind: str, cache: str | None, body_bytes: int
+    ) -> None:
+        self.requests.labels(upstream or "", kind, cache or "none").inc()
+        if kind in ("blob", "manifest") and body_bytes:
+            source = "cache" if cache in ("hit", "revalidated", "stale") else "upstream"
+            self.served_bytes.labels(source).inc(body_bytes)
+
+    def observe_upstream(self, upstream: str, method: str, status: int, seconds: float) -> None:
+        self.upstream_requests.labels(upstream, method, str(status)).inc()
+        self.upstream_seconds.labels(upstream).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
