@@ -35,6 +35,7 @@ from mirror.upstream.tokens import TokenCache
 log = structlog.get_logger(__name__)
 
 READY_TIMEOUT = 2.0
+COUNTER_FLUSH_EVERY = 5.0
 
 CONFIG = web.AppKey("config", MirrorConfig)
 METADATA = web.AppKey("metadata", MetadataStore)
@@ -150,6 +151,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     )
     background = TaskOwner("lifecycle")
     background.spawn(evictor.run(storage.eviction_interval), name="evictor")
+    background.spawn(_flush_counters(app[METRICS], metadata), name="counters")
     log.info(
         "mirror_started",
         storage=str(store.root),
@@ -166,6 +168,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await session.close()
         await tokens.close()
         await metadata.close()
+
+
+async def _flush_counters(metrics: Metrics, metadata: MetadataStore) -> None:
+    try:
+        while True:
+            await asyncio.sleep(COUNTER_FLUSH_EVERY)
+            await metrics.flush(metadata)
+    finally:
+        await metrics.flush(metadata)  # what the last seconds counted, at shut-down
 
 
 def default_sweep(config: MirrorConfig) -> TempSweep:

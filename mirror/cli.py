@@ -1,4 +1,4 @@
-"""The `mirror` command: serve, check-config, client-config.
+"""The `mirror` command: serve, check-config, client-config, gc, verify, stats.
 
 Each sub-command loads and validates the configuration first, so a bad key
 stops it with a message naming the key and exit status 2.
@@ -7,16 +7,23 @@ stops it with a message naming the key and exit status 2.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from mirror import __version__, clientconfig
-from mirror.config import ConfigError, MirrorConfig, load_config
+from mirror.config import ConfigError, MirrorConfig, load_config, parse_duration
+from mirror.eviction import collect_garbage, verify_blobs
 from mirror.logging import AccessLogger, configure_logging
+from mirror.metadata.base import MetadataStore, MetadataUnavailable
+from mirror.metrics import cache_stats
+from mirror.policy import UpstreamPolicy
+from mirror.storage.blobstore import BlobStore
 
 EXIT_CONFIG = 2
 
@@ -42,6 +49,26 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("--config", type=Path, required=True)
+
+    gc = commands.add_parser(
+        "gc", help="remove stale temp files, orphaned blobs and records, expired tags"
+    )
+    gc.add_argument("--config", type=Path, required=True)
+    gc.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    gc.add_argument(
+        "--temp-age",
+        default="15m",
+        help="temp files idle this long are stale (default 15m; 0 when no server runs)",
+    )
+
+    verify = commands.add_parser(
+        "verify", help="re-hash every blob; move corrupt ones aside (exit 1 if any)"
+    )
+    verify.add_argument("--config", type=Path, required=True)
+
+    stats = commands.add_parser("stats", help="usage, counts, hit ratio, top repositories")
+    stats.add_argument("--config", type=Path, required=True)
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
 
     clients = commands.add_parser(
         "client-config", help="write containerd, Docker or podman configuration for this mirror"
@@ -133,6 +160,112 @@ def client_config(config: MirrorConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_store(
+    config: MirrorConfig, work: Callable[[BlobStore, MetadataStore], Awaitable[int]]
+) -> int:
+    from mirror.app import open_metadata
+
+    async def run() -> int:
+        store = BlobStore(config.storage.root)
+        store.prepare(sweep_older_than=None)  # a server may be running: sweep nothing
+        metadata = open_metadata(config, store)
+        try:
+            return await work(store, metadata)
+        except MetadataUnavailable as exc:
+            print(f"mirror: {exc.message}", file=sys.stderr)
+            return 1
+        finally:
+            await metadata.close()
+
+    return asyncio.run(run())
+
+
+def gc_command(config: MirrorConfig, args: argparse.Namespace) -> int:
+    try:
+        temp_age = parse_duration(args.temp_age)
+    except ValueError as exc:
+        print(f"mirror: --temp-age: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    policies = {name: UpstreamPolicy.from_config(u) for name, u in config.upstreams.items()}
+
+    def usable_for(upstream: str, repository: str, tag: str) -> float:
+        policy = policies.get(upstream)
+        if policy is None:
+            return 0.0  # an upstream no longer configured: its tags are of no use
+        return policy.ttl_for(repository, tag) + policy.max_stale
+
+    async def work(store: BlobStore, metadata: MetadataStore) -> int:
+        report = await collect_garbage(
+            store, metadata, usable_for, temp_age=temp_age, dry_run=args.dry_run
+        )
+        verb = "would remove" if args.dry_run else "removed"
+        for label, items in (
+            ("temp file", report.temp_files),
+            ("orphan blob", report.orphan_files),
+            ("dangling record", report.dangling_records),
+            ("expired tag", report.expired_tags),
+        ):
+            for item in items:
+                print(f"{verb} {label} {item}")
+        total = sum(
+            map(
+                len,
+                (
+                    report.temp_files,
+                    report.orphan_files,
+                    report.dangling_records,
+                    report.expired_tags,
+                ),
+            )
+        )
+        print(f"{verb} {total} items, {report.bytes_freed} bytes freed")
+        return 0
+
+    return _with_store(config, work)
+
+
+def verify_command(config: MirrorConfig) -> int:
+    async def work(store: BlobStore, metadata: MetadataStore) -> int:
+        report = await verify_blobs(store, metadata)
+        for digest, moved in report.corrupt:
+            print(f"corrupt {digest}: moved to {moved}")
+        print(
+            f"checked {report.checked} blobs ({report.bytes_checked} bytes): "
+            f"{len(report.corrupt)} corrupt"
+        )
+        return 1 if report.corrupt else 0
+
+    return _with_store(config, work)
+
+
+def stats_command(config: MirrorConfig, as_json: bool) -> int:
+    async def work(store: BlobStore, metadata: MetadataStore) -> int:
+        stats = await cache_stats(store, metadata)
+        if as_json:
+            print(json.dumps(stats, indent=2))
+            return 0
+        limit = config.storage.max_size
+        print(
+            f"usage:        {stats['usage_bytes']} bytes" + (f" of {int(limit)}" if limit else "")
+        )
+        print(
+            f"blobs:        {stats['blobs']} "
+            f"({stats['manifests']} manifests, {stats['pinned']} pinned)"
+        )
+        print(f"tags:         {stats['tags']} in {stats['repositories']} repositories")
+        ratio = stats["hit_ratio"]
+        print(f"requests:     {stats['requests']}, hit ratio {'-' if ratio is None else ratio}")
+        print(
+            f"bytes served: {stats['bytes_from_cache']} from cache, "
+            f"{stats['bytes_from_upstream']} from upstreams"
+        )
+        for entry in stats["top_repositories"]:
+            print(f"  {entry['pulls']:>8}  {entry['repository']}")
+        return 0
+
+    return _with_store(config, work)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -144,4 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(config, args)
     if args.command == "client-config":
         return client_config(config, args)
+    if args.command == "gc":
+        return gc_command(config, args)
+    if args.command == "verify":
+        return verify_command(config)
+    if args.command == "stats":
+        return stats_command(config, args.json)
     return check_config(config, args.config)

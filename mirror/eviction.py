@@ -6,6 +6,9 @@ watermark. It never removes a pinned blob, nor one this process is fetching or s
 (and a client reading a removed file still gets it whole: its open file outlives the
 name). A manifest whose layers went is still valid: they are fetched again on demand.
 
+`collect_garbage` (`mirror gc`) and `verify_blobs` (`mirror verify`) are the offline
+clean-up and scrub.
+
 `reconcile` brings files and records together after a crash: a verified file without a
 record gets one (dated by its mtime), a record without a file is dropped. It runs in
 the background at start, so a large cache serves at once.
@@ -17,7 +20,7 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -150,3 +153,74 @@ class Evictor:
                     await self.evict()
                 except MetadataUnavailable as exc:
                     log.warning("eviction_skipped", error=exc.message)
+
+
+@dataclass
+class GcReport:
+    temp_files: list[str] = field(default_factory=list)
+    orphan_files: list[str] = field(default_factory=list)  # blobs with no record
+    dangling_records: list[str] = field(default_factory=list)  # records with no blob
+    expired_tags: list[str] = field(default_factory=list)
+    bytes_freed: int = 0
+
+
+async def collect_garbage(
+    store: BlobStore,
+    metadata: MetadataStore,
+    usable_for: Callable[[str, str, str], float],
+    *,
+    temp_age: float,
+    dry_run: bool,
+    now: float | None = None,
+) -> GcReport:
+    """Stale temp files, blob files no record knows, records of blobs that are gone,
+    and tag records past their TTL plus max_stale (`usable_for(upstream, repo, tag)`)."""
+    report = GcReport()
+    now = time.time() if now is None else now
+    for entry in sorted(store.tmp_dir.iterdir()):
+        stat = entry.lstat()
+        if now - stat.st_mtime > temp_age:
+            report.temp_files.append(entry.name)
+            report.bytes_freed += stat.st_size
+            if not dry_run:
+                entry.unlink(missing_ok=True)
+    on_disk = {str(d): stat for d, stat in await asyncio.to_thread(list, store.iter_digests())}
+    recorded = dict(await metadata.list_blobs())
+    for digest in sorted(on_disk.keys() - recorded.keys()):
+        report.orphan_files.append(digest)
+        report.bytes_freed += on_disk[digest].st_size
+        if not dry_run:
+            store.delete(Digest.parse(digest))
+    for digest in sorted(recorded.keys() - on_disk.keys()):
+        report.dangling_records.append(digest)
+        if not dry_run:
+            await metadata.delete_blob(digest)
+    for upstream, repository, tag, record in await metadata.tag_records():
+        if now - record.checked_at > usable_for(upstream, repository, tag):
+            report.expired_tags.append(f"{upstream}/{repository}:{tag}")
+            if not dry_run:
+                await metadata.delete_tag(upstream, repository, tag)
+    return report
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    bytes_checked: int = 0
+    corrupt: list[tuple[str, str]] = field(default_factory=list)  # (digest, moved to)
+
+
+async def verify_blobs(store: BlobStore, metadata: MetadataStore) -> VerifyReport:
+    """Re-hash every blob; move a corrupt one aside (to corrupt/) and drop its record,
+    so the next pull fetches a good copy."""
+    report = VerifyReport()
+    for digest, stat in await asyncio.to_thread(list, store.iter_digests()):
+        report.checked += 1
+        report.bytes_checked += stat.st_size
+        if await asyncio.to_thread(store.hash_matches, digest):
+            continue
+        moved = await asyncio.to_thread(store.move_aside, digest)
+        await metadata.delete_blob(str(digest))
+        report.corrupt.append((str(digest), str(moved)))
+        log.error("blob_corrupt", digest=str(digest), moved_to=str(moved))
+    return report

@@ -10,8 +10,11 @@ its own registry: with `--workers`, each worker reports its own share.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
@@ -19,6 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from mirror.metadata.base import MetadataStore, MetadataUnavailable
+from mirror.storage.blobstore import BlobStore
 from mirror.upstream.client import RateLimit
 
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -81,6 +86,7 @@ class Metrics:
     """The app's metrics; see the module docstring."""
 
     def __init__(self) -> None:
+        self.pending: collections.Counter[str] = collections.Counter()
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "mirror_requests",
@@ -112,12 +118,34 @@ class Metrics:
         self.registry.register(_StateCollector(sources))
 
     def observe_request(
-        self, upstream: str | None, kind: str, cache: str | None, body_bytes: int
+        self,
+        upstream: str | None,
+        repository: str | None,
+        kind: str,
+        cache: str | None,
+        body_bytes: int,
     ) -> None:
         self.requests.labels(upstream or "", kind, cache or "none").inc()
-        if kind in ("blob", "manifest") and body_bytes:
+        if kind not in ("blob", "manifest"):
+            return
+        self.pending[f"requests:{kind}:{cache or 'none'}"] += 1
+        if body_bytes:
             source = "cache" if cache in ("hit", "revalidated", "stale") else "upstream"
             self.served_bytes.labels(source).inc(body_bytes)
+            self.pending[f"bytes:{source}"] += body_bytes
+        if kind == "manifest" and upstream and repository:
+            self.pending[f"pulls:{upstream}/{repository}"] += 1
+
+    async def flush(self, metadata: MetadataStore) -> None:
+        """Add what was counted since the last flush to the store's lasting counters,
+        which `mirror stats` reports across restarts and processes."""
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, collections.Counter()
+        try:
+            await metadata.add_counters(batch)
+        except MetadataUnavailable:
+            self.pending.update(batch)  # kept for the next try
 
     def observe_upstream(self, upstream: str, method: str, status: int, seconds: float) -> None:
         self.upstream_requests.labels(upstream, method, str(status)).inc()
@@ -133,3 +161,33 @@ METRICS = web.AppKey("metrics", Metrics)
 async def handle_metrics(request: web.Request) -> web.Response:
     body, content_type = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def cache_stats(store: BlobStore, metadata: MetadataStore, top: int = 10) -> dict[str, Any]:
+    """What `mirror stats` prints: usage, counts, hit ratio, busiest repositories."""
+    usage = await asyncio.to_thread(store.scan_usage)
+    blobs = await metadata.list_blobs()
+    counts = await metadata.counters()
+    hits = sum(
+        v
+        for k, v in counts.items()
+        if k.startswith("requests:") and k.endswith((":hit", ":revalidated", ":stale"))
+    )
+    answered = sum(v for k, v in counts.items() if k.startswith("requests:"))
+    pulls = sorted(
+        ((k.removeprefix("pulls:"), v) for k, v in counts.items() if k.startswith("pulls:")),
+        key=lambda item: (-item[1], item[0]),
+    )
+    return {
+        "usage_bytes": usage,
+        "blobs": len(blobs),
+        "manifests": sum(1 for _, record in blobs if record.media_type),
+        "pinned": sum(1 for _, record in blobs if record.pinned),
+        "tags": len(await metadata.tag_records()),
+        "repositories": len(await metadata.list_repositories()),
+        "requests": answered,
+        "hit_ratio": round(hits / answered, 4) if answered else None,
+        "bytes_from_cache": counts.get("bytes:cache", 0),
+        "bytes_from_upstream": counts.get("bytes:upstream", 0),
+        "top_repositories": [{"repository": name, "pulls": n} for name, n in pulls[:top]],
+    }

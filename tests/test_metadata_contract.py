@@ -155,3 +155,25 @@ async def test_blobs_listed_least_recently_used_first(store: MetadataStore) -> N
     listed = await store.list_blobs()
     assert [digest for digest, _ in listed] == [DIGEST, OTHER]
     assert listed[1][1].last_access == 500.0
+
+
+async def test_tag_records_listing_and_deletion(store: MetadataStore) -> None:
+    record = TagRecord(digest=DIGEST, media_type="application/x", checked_at=1.0)
+    await store.put_tag("hub", "library/alpine", "3.20", record)
+    await store.put_tag("hub", "library/alpine", "latest", record)
+    await store.put_tag("ghcr", "org/app", "v1", record)
+    assert await store.tag_records() == [
+        ("ghcr", "org/app", "v1", record),
+        ("hub", "library/alpine", "3.20", record),
+        ("hub", "library/alpine", "latest", record),
+    ]
+    await store.delete_tag("hub", "library/alpine", "3.20")
+    assert await store.get_tag("hub", "library/alpine", "3.20") is None
+    assert await store.list_tags("hub", "library/alpine") == ["latest"]
+
+
+async def test_counters_add_up(store: MetadataStore) -> None:
+    assert await store.counters() == {}
+    await store.add_counters({"requests:hit": 3, "requests:miss": 1})
+    await store.add_counters({"requests:hit": 2})
+    assert await store.counters() == {"requests:hit": 5, "requests:miss": 1}

@@ -132,7 +132,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         structlog.contextvars.unbind_contextvars("request_id")
         if info.kind != "other":
             request.app[METRICS].observe_request(
-                info.upstream, info.kind, info.cache, info.body_bytes
+                info.upstream, info.repository, info.kind, info.cache, info.body_bytes
             )
 
 

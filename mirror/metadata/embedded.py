@@ -68,6 +68,52 @@ class EmbeddedMetadataStore:
         raw = await self._run(self._cache.get, f"tags:{_repo_key(upstream, repository)}")
         return sorted(json.loads(raw)) if raw else []
 
+    async def tag_records(self) -> list[tuple[str, str, str, TagRecord]]:
+        return await self._run(self._tag_records_sync)
+
+    def _tag_records_sync(self) -> list[tuple[str, str, str, TagRecord]]:
+        found = []
+        for key in self._cache.iterkeys():
+            if isinstance(key, str) and key.startswith("tag:"):
+                raw = self._cache.get(key)
+                if raw is None:
+                    continue
+                repo_key, _, tag = key.removeprefix("tag:").rpartition(":")
+                upstream, _, repository = repo_key.partition("/")
+                found.append((upstream, repository, tag, TagRecord.from_json(raw)))
+        return sorted(found, key=lambda item: item[:3])
+
+    async def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
+        await self._run(self._delete_tag_sync, upstream, repository, tag)
+
+    def _delete_tag_sync(self, upstream: str, repository: str, tag: str) -> None:
+        with self._cache.transact():
+            self._cache.delete(_tag_key(upstream, repository, tag))
+            key = f"tags:{_repo_key(upstream, repository)}"
+            raw = self._cache.get(key)
+            if raw:
+                self._cache.set(key, json.dumps(sorted(set(json.loads(raw)) - {tag})))
+
+    async def add_counters(self, counts: Mapping[str, int]) -> None:
+        await self._run(self._add_counters_sync, dict(counts))
+
+    def _add_counters_sync(self, counts: dict[str, int]) -> None:
+        with self._cache.transact():
+            for name, amount in counts.items():
+                self._cache.incr(f"counter:{name}", amount, default=0)
+
+    async def counters(self) -> dict[str, int]:
+        return await self._run(self._counters_sync)
+
+    def _counters_sync(self) -> dict[str, int]:
+        found = {}
+        for key in self._cache.iterkeys():
+            if isinstance(key, str) and key.startswith("counter:"):
+                value = self._cache.get(key)
+                if value is not None:
+                    found[key.removeprefix("counter:")] = int(value)
+        return found
+
     # Blobs
 
     async def get_blob(self, digest: str) -> BlobRecord | None:

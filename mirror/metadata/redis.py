@@ -98,6 +98,48 @@ class RedisMetadataStore:
         )
         return sorted(_text(m) for m in members)
 
+    async def tag_records(self) -> list[tuple[str, str, str, TagRecord]]:
+        async def read() -> list[tuple[str, str, str, TagRecord]]:
+            found = []
+            prefix = self._k("tag", "")
+            async for key in self._redis.scan_iter(match=f"{prefix}*", count=500):
+                raw = await self._redis.get(key)
+                if raw is None:
+                    continue
+                repo_key, _, tag = _text(key).removeprefix(prefix).rpartition(":")
+                upstream, _, repository = repo_key.partition("/")
+                found.append((upstream, repository, tag, TagRecord.from_json(raw)))
+            return sorted(found, key=lambda item: item[:3])
+
+        return await self._run(read)
+
+    async def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
+        repo = f"{upstream}/{repository}"
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._k("tag", repo, tag))
+                pipe.srem(self._k("tags", repo), tag)
+                await pipe.execute()
+
+        await self._run(write)
+
+    async def add_counters(self, counts: Mapping[str, int]) -> None:
+        if not counts:
+            return
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name, amount in counts.items():
+                    pipe.hincrby(self._k("counters"), name, amount)
+                await pipe.execute()
+
+        await self._run(write)
+
+    async def counters(self) -> dict[str, int]:
+        raw = await self._run(lambda: self._redis.hgetall(self._k("counters")))
+        return {_text(name): int(value) for name, value in raw.items()}
+
     # Blobs
 
     async def get_blob(self, digest: str) -> BlobRecord | None:
