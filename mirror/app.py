@@ -84,6 +84,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     store = BlobStore(config.storage.root)
     swept = await asyncio.to_thread(store.prepare, app[SWEEP_TEMP].older_than)
     metadata = open_metadata(config, store)
+    if app[SWEEP_TEMP].older_than == 0 and isinstance(metadata, EmbeddedMetadataStore):
+        # Alone on this store (tmp/ was swept whole): leases of a crashed predecessor
+        # would only make us wait out their TTL.
+        await metadata.forget_downloads()
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
         auto_decompress=False,

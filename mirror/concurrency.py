@@ -81,9 +81,12 @@ class TaskOwner:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
+        """Let running tasks finish for up to `grace` seconds, then cancel the rest."""
         self._closed = True
         tasks = list(self._tasks)
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -112,10 +112,11 @@ MirrorFactory = Callable[..., Awaitable[Mirror]]
 def mirror_config(
     root: Path, upstreams: dict[str, dict[str, Any]], **settings: Any
 ) -> MirrorConfig:
+    storage = {**settings.pop("storage", {}), "root": str(root)}
     return load_config(
         None,
         listen="127.0.0.1:0",
-        storage={"root": str(root)},
+        storage=storage,
         upstreams=upstreams,
         log={"level": "debug", "format": "json"},
         **settings,

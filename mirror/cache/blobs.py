@@ -45,6 +45,7 @@ from mirror.upstream.client import UpstreamClient
 log = structlog.get_logger(__name__)
 
 ACCESS_FLUSH_EVERY = 5.0
+SHUTDOWN_GRACE = 10.0
 # A download record outlives a dead holder harmlessly: followers check the lease too.
 DOWNLOAD_RECORD_TTL = 3600.0
 
@@ -99,7 +100,9 @@ class BlobCache:
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
-        await self._tasks.close()
+        # A download close to its end is worth finishing: its clients get their bytes
+        # and the cache keeps the blob.
+        await self._tasks.close(grace=SHUTDOWN_GRACE)
         await self.flush_access()
 
     @property

@@ -240,6 +240,18 @@ class EmbeddedMetadataStore:
     async def delete_download(self, digest: str) -> None:
         await self._run(self._cache.delete, f"download:{digest}")
 
+    async def forget_downloads(self) -> int:
+        """Drop every lease and download record: for a process that knows it is alone on
+        this store at start, so nothing a crashed predecessor held can delay it."""
+        return await self._run(self._forget_downloads_sync)
+
+    def _forget_downloads_sync(self) -> int:
+        dropped = 0
+        for key in list(self._cache.iterkeys()):
+            if isinstance(key, str) and key.startswith(("lease:", "download:")):
+                dropped += int(self._cache.delete(key))
+        return dropped
+
     async def ping(self) -> None:
         await self._run(self._cache.get, "ping")
 
