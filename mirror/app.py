@@ -9,28 +9,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import aiohttp
 import structlog
 from aiohttp import web
 
 from mirror.api.errors import oci_errors
 from mirror.api.v2 import SERVICES, Services, handle_v2, on_prepare, request_context
-from mirror.cache.blobs import BlobCache
-from mirror.cache.listings import Listings
-from mirror.cache.manifests import ManifestCache
 from mirror.concurrency import TaskOwner
 from mirror.config import MirrorConfig
+from mirror.core import TempSweep, default_sweep, open_core
 from mirror.eviction import Evictor, SizeLimit
 from mirror.metadata.base import MetadataStore, MetadataUnavailable
-from mirror.metadata.embedded import EmbeddedMetadataStore
 from mirror.metrics import METRICS, Metrics, StateSources, handle_metrics
-from mirror.policy import UpstreamPolicy
-from mirror.routing import Router, UpstreamNames
 from mirror.storage.blobstore import BlobStore
-from mirror.upstream.client import UpstreamClient, UpstreamSettings
-from mirror.upstream.tokens import TokenCache
 
 log = structlog.get_logger(__name__)
 
@@ -43,135 +34,51 @@ STORE = web.AppKey("store", BlobStore)
 EVICTOR = web.AppKey("evictor", Evictor)
 
 
-@dataclass(frozen=True, slots=True)
-class TempSweep:
-    """How much of tmp/ to sweep at start: files idle this many seconds; None: nothing."""
-
-    older_than: float | None
-
-
 SWEEP_TEMP = web.AppKey("sweep_temp", TempSweep)
-# Shared storage (several processes or nodes on one volume): leave others' downloads be.
-STALE_TEMP_AGE = 15 * 60.0
-
-
-def build_router(config: MirrorConfig) -> Router:
-    default = config.default_upstream
-    if default is None and len(config.upstreams) == 1:
-        default = next(iter(config.upstreams))
-    return Router(
-        (
-            UpstreamNames(
-                name, upstream.aliases, upstream.is_docker_hub, UpstreamPolicy.from_config(upstream)
-            )
-            for name, upstream in config.upstreams.items()
-        ),
-        default,
-    )
-
-
-def open_metadata(config: MirrorConfig, store: BlobStore) -> MetadataStore:
-    if config.metadata.backend == "redis":
-        from mirror.metadata.redis import RedisMetadataStore
-
-        assert config.metadata.redis_url is not None
-        return RedisMetadataStore(config.metadata.redis_url, config.metadata.key_prefix)
-    return EmbeddedMetadataStore(store.meta_dir)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store = BlobStore(config.storage.root)
-    swept = await asyncio.to_thread(store.prepare, app[SWEEP_TEMP].older_than)
-    metadata = open_metadata(config, store)
-    if app[SWEEP_TEMP].older_than == 0 and isinstance(metadata, EmbeddedMetadataStore):
-        # Alone on this store (tmp/ was swept whole): leases of a crashed predecessor
-        # would only make us wait out their TTL.
-        await metadata.forget_downloads()
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
-        auto_decompress=False,
-        trust_env=False,
-    )
-    tokens = (
-        TokenCache.for_redis(config.metadata.redis_url, config.metadata.key_prefix)
-        if config.metadata.backend == "redis" and config.metadata.redis_url
-        else TokenCache()
-    )
-    clients = {
-        name: UpstreamClient(
-            UpstreamSettings(
-                name=name,
-                url=upstream.url,
-                credentials=upstream.credentials,
-                connect_timeout=upstream.connect_timeout,
-                read_timeout=upstream.read_timeout,
-            ),
-            session,
-            tokens,
-            observe=app[METRICS].observe_upstream,
+    async with open_core(
+        config, sweep=app[SWEEP_TEMP], observe=app[METRICS].observe_upstream
+    ) as core:
+        blobs, manifests, store, metadata = core.blobs, core.manifests, core.store, core.metadata
+        app[SERVICES] = Services(core.router, blobs, manifests, core.listings, core.clients)
+        app[METADATA] = metadata
+        app[STORE] = store
+        storage = config.storage
+        limit = (
+            SizeLimit(int(storage.max_size), storage.high_watermark, storage.low_watermark)
+            if storage.max_size is not None
+            else None
         )
-        for name, upstream in config.upstreams.items()
-    }
-    policies = {name: UpstreamPolicy.from_config(u) for name, u in config.upstreams.items()}
-    credentialed = frozenset(
-        name for name, upstream in config.upstreams.items() if upstream.username
-    )
-    blobs = BlobCache(store, metadata, clients, credentialed, config.metadata.lease_ttl)
-    manifests = ManifestCache(
-        store,
-        metadata,
-        clients,
-        policies,
-    )
-    router = build_router(config)
-    listings = Listings(
-        metadata,
-        clients,
-        {name: u.tags_list_ttl for name, u in config.upstreams.items()},
-        config.default_upstream,
-    )
-    app[SERVICES] = Services(router, blobs, manifests, listings, clients)
-    app[METADATA] = metadata
-    app[STORE] = store
-    await blobs.start()
-    storage = config.storage
-    limit = (
-        SizeLimit(int(storage.max_size), storage.high_watermark, storage.low_watermark)
-        if storage.max_size is not None
-        else None
-    )
-    evictor = Evictor(store, metadata, limit, blobs.in_use, blobs.flush_access)
-    app[EVICTOR] = evictor
-    app[METRICS].watch(
-        StateSources(
-            downloads_in_flight=lambda: blobs.downloads_in_flight,
-            cache_bytes=lambda: store.usage,
-            cache_limit=lambda: limit.max_size if limit else None,
-            evictions=lambda: (evictor.evicted_blobs, evictor.evicted_bytes),
-            stale_answers=lambda: manifests.stale_answers,
-            rate_limits=lambda: {name: client.rate_limit for name, client in clients.items()},
+        evictor = Evictor(store, metadata, limit, blobs.in_use, blobs.flush_access)
+        app[EVICTOR] = evictor
+        app[METRICS].watch(
+            StateSources(
+                downloads_in_flight=lambda: blobs.downloads_in_flight,
+                cache_bytes=lambda: store.usage,
+                cache_limit=lambda: limit.max_size if limit else None,
+                evictions=lambda: (evictor.evicted_blobs, evictor.evicted_bytes),
+                stale_answers=lambda: manifests.stale_answers,
+                rate_limits=lambda: {n: c.rate_limit for n, c in core.clients.items()},
+            )
         )
-    )
-    background = TaskOwner("lifecycle")
-    background.spawn(evictor.run(storage.eviction_interval), name="evictor")
-    background.spawn(_flush_counters(app[METRICS], metadata), name="counters")
-    log.info(
-        "mirror_started",
-        storage=str(store.root),
-        metadata=config.metadata.backend,
-        upstreams=sorted(config.upstreams),
-        temp_files_swept=swept,
-    )
-    try:
-        yield
-    finally:
-        await background.close()
-        await blobs.close()
-        await manifests.close()
-        await session.close()
-        await tokens.close()
-        await metadata.close()
+        background = TaskOwner("lifecycle")
+        background.spawn(evictor.run(storage.eviction_interval), name="evictor")
+        background.spawn(_flush_counters(app[METRICS], metadata), name="counters")
+        log.info(
+            "mirror_started",
+            storage=str(store.root),
+            metadata=config.metadata.backend,
+            upstreams=sorted(config.upstreams),
+            offline=config.offline,
+            temp_files_swept=core.swept,
+        )
+        try:
+            yield
+        finally:
+            await background.close()
 
 
 async def _flush_counters(metrics: Metrics, metadata: MetadataStore) -> None:
@@ -181,11 +88,6 @@ async def _flush_counters(metrics: Metrics, metadata: MetadataStore) -> None:
             await metrics.flush(metadata)
     finally:
         await metrics.flush(metadata)  # what the last seconds counted, at shut-down
-
-
-def default_sweep(config: MirrorConfig) -> TempSweep:
-    """Sweep all of tmp/ when this process is alone on its storage, else only stale files."""
-    return TempSweep(STALE_TEMP_AGE if config.metadata.backend == "redis" else 0.0)
 
 
 def create_app(config: MirrorConfig, *, sweep: TempSweep | None = None) -> web.Application:

@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="worker processes sharing the port (SO_REUSEPORT); default 1",
     )
+    serve.add_argument(
+        "--offline", action="store_true", help="never contact an upstream (as offline: true)"
+    )
     # Set by the supervisor for its children: serve on a shared port, leave tmp/ alone.
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
@@ -91,12 +94,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> MirrorConfig:
-    overrides = {"listen": args.listen} if getattr(args, "listen", None) else {}
+    overrides: dict[str, object] = {}
+    if getattr(args, "listen", None):
+        overrides["listen"] = args.listen
+    if getattr(args, "offline", False):
+        overrides["offline"] = True
     return load_config(args.config, **overrides)
 
 
 def serve(config: MirrorConfig, args: argparse.Namespace) -> int:
-    from mirror.app import TempSweep, create_app
+    from mirror.app import create_app
+    from mirror.core import TempSweep
     from mirror.supervisor import Supervisor
 
     configure_logging(config.log.level, config.log.format)
@@ -111,6 +119,8 @@ def serve(config: MirrorConfig, args: argparse.Namespace) -> int:
         worker_argv = ["serve", "--config", str(args.config)]
         if args.listen:
             worker_argv += ["--listen", args.listen]
+        if args.offline:
+            worker_argv.append("--offline")
         return Supervisor(config, worker_argv, args.workers).run()
     web.run_app(
         create_app(config, sweep=TempSweep(None) if args.worker else None),
@@ -163,7 +173,7 @@ def client_config(config: MirrorConfig, args: argparse.Namespace) -> int:
 def _with_store(
     config: MirrorConfig, work: Callable[[BlobStore, MetadataStore], Awaitable[int]]
 ) -> int:
-    from mirror.app import open_metadata
+    from mirror.core import open_metadata
 
     async def run() -> int:
         store = BlobStore(config.storage.root)

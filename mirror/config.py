@@ -220,6 +220,7 @@ class MirrorConfig(BaseSettings):
 
     listen: str = "0.0.0.0:5000"
     default_upstream: str | None = None
+    offline: bool = False
     storage: StorageConfig = StorageConfig()
     metadata: MetadataConfig = MetadataConfig()
     log: LogConfig = LogConfig()

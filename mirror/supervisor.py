@@ -20,8 +20,8 @@ from types import FrameType
 
 import structlog
 
-from mirror.app import default_sweep
 from mirror.config import MirrorConfig
+from mirror.core import default_sweep
 from mirror.storage.blobstore import BlobStore
 
 log = structlog.get_logger(__name__)

@@ -34,6 +34,7 @@ from typing import BinaryIO
 import structlog
 
 from mirror.cache.fetch import BlobDownload, raise_for_upstream_status
+from mirror.cache.manifests import OFFLINE_MISS
 from mirror.concurrency import TaskOwner
 from mirror.errors import BlobUnknown, UpstreamUnavailable
 from mirror.metadata.base import BlobRecord, DownloadRecord, MetadataStore, MetadataUnavailable
@@ -77,7 +78,10 @@ class BlobCache:
         clients: Mapping[str, UpstreamClient],
         credentialed: frozenset[str],
         lease_ttl: float = 30.0,
+        *,
+        offline: bool = False,
     ):
+        self._offline = offline
         self._store = store
         self._metadata = metadata
         self._clients = clients
@@ -137,6 +141,8 @@ class BlobCache:
             else:
                 self._accessed[str(digest)] = time.time()
                 return BlobSource(digest, size, "hit", file=file)
+        if self._offline:
+            raise BlobUnknown(OFFLINE_MISS, detail={"digest": str(digest)})
         running = self._downloads.get(digest)
         if running is not None and running[0].error is None and self._may_join(route, running[1]):
             download = running[0]
@@ -156,6 +162,8 @@ class BlobCache:
             if download.error is None and download.size is not None:
                 # Being fetched (or verified and about to be committed): no need to ask.
                 return download.size, "hit" if download.verified else "miss"
+        if self._offline:
+            raise BlobUnknown(OFFLINE_MISS, detail={"digest": str(digest)})
         async with await self._client(route).open(
             "HEAD", route.repository, f"blobs/{digest}"
         ) as response:

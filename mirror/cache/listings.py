@@ -57,7 +57,10 @@ class Listings:
         ttls: Mapping[str, float],
         default_upstream: str | None,
         clock: Callable[[], float] = time.time,
+        *,
+        offline: bool = False,
     ):
+        self._offline = offline
         self._metadata = metadata
         self._clients = clients
         self._ttls = ttls
@@ -71,6 +74,8 @@ class Listings:
         key = f"tags:{route.upstream}/{route.repository}?{urlencode(query)}"
         path = f"tags/list?{urlencode(query)}" if query else "tags/list"
         try:
+            if self._offline:
+                raise UpstreamUnavailable("offline")  # answered from our own tag records
             cached = await self._fetch_or_cached(route, key, path, NameUnknown)
         except (UpstreamUnavailable, TooManyRequests):
             # Nothing stored for this query: what we know from our own tag records.
@@ -79,6 +84,8 @@ class Listings:
             except MetadataUnavailable:
                 known = []
             if not known:
+                if self._offline:
+                    raise NameUnknown("no tags known, and this mirror is offline") from None
                 raise
             page, more = paginate(known, n, last)
             link = self._link(route, n, page[-1]) if more and n and page else None
@@ -102,7 +109,13 @@ class Listings:
         query = {"artifactType": artifact_type} if artifact_type else {}
         path = f"referrers/{digest}" + (f"?{urlencode(query)}" if query else "")
         key = f"referrers:{route.upstream}/{route.repository}/{path}"
-        response, result = await self._fetch_or_cached(route, key, path, ManifestUnknown)
+        if self._offline:
+            cached = await self._metadata.get_response(key)
+            if cached is None:
+                raise ManifestUnknown("no referrers known, and this mirror is offline")
+            response, result = cached, "hit"
+        else:
+            response, result = await self._fetch_or_cached(route, key, path, ManifestUnknown)
         return Listing(
             response.body.encode(),
             OCI_INDEX,

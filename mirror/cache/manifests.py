@@ -50,13 +50,14 @@ from mirror.oci import (
     Reference,
     bare_media_type,
 )
-from mirror.policy import UpstreamPolicy
+from mirror.policy import FOREVER, UpstreamPolicy
 from mirror.routing import Route
 from mirror.storage.blobstore import BlobStore
 from mirror.upstream.client import UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger(__name__)
 
+OFFLINE_MISS = "not in the cache, and this mirror is offline"
 ACCEPT_ALL_MANIFESTS = ", ".join(MANIFEST_MEDIA_TYPES)
 
 
@@ -79,7 +80,10 @@ class ManifestCache:
         clients: Mapping[str, UpstreamClient],
         policies: Mapping[str, UpstreamPolicy],
         clock: Callable[[], float] = time.time,
+        *,
+        offline: bool = False,
     ):
+        self._offline = offline
         self._store = store
         self._metadata = metadata
         self._clients = clients
@@ -147,6 +151,8 @@ class ManifestCache:
 
     async def _fetch(self, route: Route, reference: str, expected: Digest | None) -> Manifest:
         """GET a manifest from the upstream, verify it, store it."""
+        if self._offline:
+            raise ManifestUnknown(OFFLINE_MISS, detail={"reference": reference})
         client = self._clients[route.upstream]
         async with await client.open(
             "GET",
@@ -186,7 +192,8 @@ class ManifestCache:
         except MetadataUnavailable:
             record = None  # degraded: ask the upstream, as if we had never seen the tag
         policy = self._policies[route.upstream]
-        ttl = policy.ttl_for(route.repository, tag)
+        # Offline, what we hold is the truth whatever its age.
+        ttl = FOREVER if self._offline else policy.ttl_for(route.repository, tag)
         if record is not None and self._clock() - record.checked_at < ttl:
             manifest = await self._load(record.digest, "hit")
             if manifest is not None:

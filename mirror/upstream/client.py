@@ -27,7 +27,7 @@ import aiohttp
 import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from mirror.errors import UpstreamBadResponse, UpstreamUnavailable
+from mirror.errors import MirrorError, UpstreamBadResponse, UpstreamUnavailable
 from mirror.upstream.auth import Authenticator, origin_of
 from mirror.upstream.tokens import TokenCache
 
@@ -47,6 +47,7 @@ class UpstreamSettings:
     credentials: Callable[[], tuple[str, str] | None]
     connect_timeout: float
     read_timeout: float
+    offline: bool = False  # never contact this upstream (air-gapped serving)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,12 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", "")) + (
         "?…" if parts.query else ""
     )
+
+
+class OfflineMiss(MirrorError):
+    """Offline, and what was asked for is not in the cache."""
+
+    code, status = "NAME_UNKNOWN", 404
 
 
 class UpstreamResponse:
@@ -195,6 +202,9 @@ class UpstreamClient:
         headers: Mapping[str, str] | None = None,
     ) -> UpstreamResponse:
         """Send the request; return the final response after auth and redirects."""
+        if self.settings.offline:
+            # The caches do not ask when offline; this is the last line, should one.
+            raise OfflineMiss("not in the cache, and this mirror is offline")
         url = self.url_for(repository, path)
         response = await self._attempt(method, url, repository, headers)
         if response.status == 403 and response.redirected_elsewhere:

@@ -1,0 +1,156 @@
+"""The mirror without its HTTP server: storage, metadata, upstream clients and caches.
+
+`open_core(config)` builds them and closes them again. The server (`app.py`) and the
+commands that work on the cache directly (`seed`, `export`, `import`) all stand on it,
+so a seeded blob goes through exactly the path a pulled one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from mirror.cache.blobs import BlobCache
+from mirror.cache.listings import Listings
+from mirror.cache.manifests import ManifestCache
+from mirror.config import MirrorConfig
+from mirror.metadata.base import MetadataStore
+from mirror.metadata.embedded import EmbeddedMetadataStore
+from mirror.policy import UpstreamPolicy
+from mirror.routing import Router, UpstreamNames
+from mirror.storage.blobstore import BlobStore
+from mirror.upstream.client import UpstreamClient, UpstreamSettings
+from mirror.upstream.tokens import TokenCache
+
+# Shared storage (several processes or nodes on one volume): leave others' downloads be.
+STALE_TEMP_AGE = 15 * 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class TempSweep:
+    """How much of tmp/ to sweep at start: files idle this many seconds; None: nothing."""
+
+    older_than: float | None
+
+
+def default_sweep(config: MirrorConfig) -> TempSweep:
+    """Sweep all of tmp/ when this process is alone on its storage, else only stale files."""
+    return TempSweep(STALE_TEMP_AGE if config.metadata.backend == "redis" else 0.0)
+
+
+def build_router(config: MirrorConfig) -> Router:
+    default = config.default_upstream
+    if default is None and len(config.upstreams) == 1:
+        default = next(iter(config.upstreams))
+    return Router(
+        (
+            UpstreamNames(
+                name, upstream.aliases, upstream.is_docker_hub, UpstreamPolicy.from_config(upstream)
+            )
+            for name, upstream in config.upstreams.items()
+        ),
+        default,
+    )
+
+
+def open_metadata(config: MirrorConfig, store: BlobStore) -> MetadataStore:
+    if config.metadata.backend == "redis":
+        from mirror.metadata.redis import RedisMetadataStore
+
+        assert config.metadata.redis_url is not None
+        return RedisMetadataStore(config.metadata.redis_url, config.metadata.key_prefix)
+    return EmbeddedMetadataStore(store.meta_dir)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorCore:
+    config: MirrorConfig
+    store: BlobStore
+    metadata: MetadataStore
+    clients: dict[str, UpstreamClient]
+    router: Router
+    blobs: BlobCache
+    manifests: ManifestCache
+    listings: Listings
+    swept: int
+
+
+@contextlib.asynccontextmanager
+async def open_core(
+    config: MirrorConfig,
+    *,
+    sweep: TempSweep | None = None,
+    observe: Callable[[str, str, int, float], None] | None = None,
+) -> AsyncIterator[MirrorCore]:
+    sweep = sweep or default_sweep(config)
+    store = BlobStore(config.storage.root)
+    swept = await asyncio.to_thread(store.prepare, sweep.older_than)
+    metadata = open_metadata(config, store)
+    if sweep.older_than == 0 and isinstance(metadata, EmbeddedMetadataStore):
+        # Alone on this store (tmp/ was swept whole): leases of a crashed predecessor
+        # would only make us wait out their TTL.
+        await metadata.forget_downloads()
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
+        auto_decompress=False,
+        trust_env=False,
+    )
+    tokens = (
+        TokenCache.for_redis(config.metadata.redis_url, config.metadata.key_prefix)
+        if config.metadata.backend == "redis" and config.metadata.redis_url
+        else TokenCache()
+    )
+    clients = {
+        name: UpstreamClient(
+            UpstreamSettings(
+                name=name,
+                url=upstream.url,
+                credentials=upstream.credentials,
+                connect_timeout=upstream.connect_timeout,
+                read_timeout=upstream.read_timeout,
+                offline=config.offline,
+            ),
+            session,
+            tokens,
+            observe=observe,
+        )
+        for name, upstream in config.upstreams.items()
+    }
+    policies = {name: UpstreamPolicy.from_config(u) for name, u in config.upstreams.items()}
+    credentialed = frozenset(
+        name for name, upstream in config.upstreams.items() if upstream.username
+    )
+    blobs = BlobCache(
+        store, metadata, clients, credentialed, config.metadata.lease_ttl, offline=config.offline
+    )
+    manifests = ManifestCache(store, metadata, clients, policies, offline=config.offline)
+    listings = Listings(
+        metadata,
+        clients,
+        {name: u.tags_list_ttl for name, u in config.upstreams.items()},
+        config.default_upstream,
+        offline=config.offline,
+    )
+    await blobs.start()
+    try:
+        yield MirrorCore(
+            config,
+            store,
+            metadata,
+            clients,
+            build_router(config),
+            blobs,
+            manifests,
+            listings,
+            swept,
+        )
+    finally:
+        await blobs.close()
+        await manifests.close()
+        await session.close()
+        await tokens.close()
+        await metadata.close()
