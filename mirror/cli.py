@@ -1,4 +1,5 @@
-"""The `mirror` command: serve, check-config, client-config, gc, verify, stats.
+"""The `mirror` command: serve, check-config, client-config, seed, export, import, gc,
+verify, stats.
 
 Each sub-command loads and validates the configuration first, so a bad key
 stops it with a message naming the key and exit status 2.
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from mirror import __version__, clientconfig
 from mirror.config import ConfigError, MirrorConfig, load_config, parse_duration
+from mirror.errors import MirrorError
 from mirror.eviction import collect_garbage, verify_blobs
 from mirror.logging import AccessLogger, configure_logging
 from mirror.metadata.base import MetadataStore, MetadataUnavailable
@@ -72,6 +74,29 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="usage, counts, hit ratio, top repositories")
     stats.add_argument("--config", type=Path, required=True)
     stats.add_argument("--json", action="store_true", help="machine-readable output")
+
+    seed_parser = commands.add_parser("seed", help="fetch images into the cache ahead of time")
+    seed_parser.add_argument("--config", type=Path, required=True)
+    seed_parser.add_argument("references", nargs="*", metavar="REF", help="e.g. nginx:1.27")
+    seed_parser.add_argument("-f", "--file", type=Path, help="a file of references, one a line")
+    seed_parser.add_argument(
+        "--platform",
+        action="append",
+        help="OS/ARCH[/VARIANT] to fetch from an index; repeatable (default: this host's)",
+    )
+    seed_parser.add_argument("--all-platforms", action="store_true")
+    seed_parser.add_argument("--pin", action="store_true", help="never evict what is seeded")
+    seed_parser.add_argument("--concurrency", type=int, default=4)
+
+    export = commands.add_parser("export", help="write cached images as an OCI image layout")
+    export.add_argument("--config", type=Path, required=True)
+    export.add_argument("--output", type=Path, required=True, help="FILE.tar or a directory")
+    export.add_argument("references", nargs="*", metavar="REF")
+    export.add_argument("--all", action="store_true", help="every tag the cache holds")
+
+    importer = commands.add_parser("import", help="load an OCI image layout into the cache")
+    importer.add_argument("--config", type=Path, required=True)
+    importer.add_argument("bundle", type=Path, help="FILE.tar or a directory")
 
     clients = commands.add_parser(
         "client-config", help="write containerd, Docker or podman configuration for this mirror"
@@ -276,6 +301,106 @@ def stats_command(config: MirrorConfig, as_json: bool) -> int:
     return _with_store(config, work)
 
 
+def read_references(args: argparse.Namespace) -> list[str]:
+    references = list(args.references)
+    if args.file is not None:
+        for line in args.file.read_text(encoding="utf-8").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                references.append(line)
+    return references
+
+
+def seed_command(config: MirrorConfig, args: argparse.Namespace) -> int:
+    from mirror.core import TempSweep, open_core
+    from mirror.seed import host_platform, seed
+
+    try:
+        references = read_references(args)
+    except OSError as exc:
+        print(f"mirror: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not references:
+        print("mirror: no references to seed (give REF... or -f FILE)", file=sys.stderr)
+        return EXIT_CONFIG
+    platforms = None if args.all_platforms else (args.platform or [host_platform()])
+    configure_logging("warning", config.log.format)
+
+    async def run() -> int:
+        async with open_core(config, sweep=TempSweep(None)) as core:
+            outcomes = await seed(
+                core, references, platforms, pin=args.pin, concurrency=args.concurrency
+            )
+        failed = [o for o in outcomes if o.error]
+        done = [o for o in outcomes if not o.error]
+        blobs = sum(o.blobs for o in done)
+        fetched = sum(o.fetched for o in done)
+        print(
+            f"seeded {len(done)} of {len(outcomes)} references: {blobs} blobs "
+            f"({fetched} fetched, {blobs - fetched} already cached), "
+            f"{sum(o.bytes for o in done)} bytes" + (", pinned" if args.pin else "")
+        )
+        if failed:
+            print(f"failed ({len(failed)}):")
+            for outcome in failed:
+                print(f"  {outcome.ref}: {outcome.error}")
+        return 1 if failed else 0
+
+    return asyncio.run(run())
+
+
+def export_command(config: MirrorConfig, args: argparse.Namespace) -> int:
+    from mirror.bundle import all_cached_references, export_bundle
+    from mirror.core import TempSweep, open_core
+
+    if not args.references and not args.all:
+        print("mirror: name the images to export (REF...) or give --all", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging("warning", config.log.format)
+
+    async def run() -> int:
+        async with open_core(config, sweep=TempSweep(None)) as core:
+            references = list(args.references)
+            if args.all:
+                references += await all_cached_references(core)
+            try:
+                report = await export_bundle(core, references, args.output, progress=print)
+            except MirrorError as exc:
+                print(f"mirror: export failed: {exc.message}", file=sys.stderr)
+                return 1
+        print(
+            f"wrote {args.output}: {len(report.images)} images, {report.blobs} blobs, "
+            f"{report.bytes} bytes"
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
+def import_command(config: MirrorConfig, args: argparse.Namespace) -> int:
+    from mirror.bundle import import_bundle
+    from mirror.core import TempSweep, open_core
+
+    configure_logging("warning", config.log.format)
+
+    async def run() -> int:
+        async with open_core(config, sweep=TempSweep(None)) as core:
+            try:
+                report = await import_bundle(core, args.bundle)
+            except MirrorError as exc:
+                print(f"mirror: import refused: {exc.message}", file=sys.stderr)
+                return 1
+        for name in report.images:
+            print(f"imported {name}")
+        print(
+            f"{len(report.images)} images: {report.blobs_added} blobs added "
+            f"({report.bytes_added} bytes), {report.blobs_present} already present"
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -287,6 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(config, args)
     if args.command == "client-config":
         return client_config(config, args)
+    if args.command == "seed":
+        return seed_command(config, args)
+    if args.command == "export":
+        return export_command(config, args)
+    if args.command == "import":
+        return import_command(config, args)
     if args.command == "gc":
         return gc_command(config, args)
     if args.command == "verify":

@@ -53,18 +53,18 @@ def containerd(config: MirrorConfig, mirror_url: str, fallback: str) -> list[Gen
     mirror = mirror_url.rstrip("/")
     files = []
     for name, upstream in config.upstreams.items():
+        # With no fallback the mirror is the server too. A [host] entry is written
+        # either way: containerd 1.6 refuses a hosts.toml without one.
         server = {"upstream": upstream.url, "none": mirror}.get(fallback, fallback)
-        lines = [f"# {HEADER}", f"server = {_toml_string(server)}"]
-        if server == mirror:
-            lines.append('capabilities = ["pull", "resolve"]')
-        else:
-            lines += [
-                "",
-                f"[host.{_toml_string(mirror)}]",
-                '  capabilities = ["pull", "resolve"]',
-            ]
-            if mirror.startswith("https://"):
-                lines.append("  # skip_verify = true  # only for a self-signed certificate")
+        lines = [
+            f"# {HEADER}",
+            f"server = {_toml_string(server)}",
+            "",
+            f"[host.{_toml_string(mirror)}]",
+            '  capabilities = ["pull", "resolve"]',
+        ]
+        if mirror.startswith("https://"):
+            lines.append("  # skip_verify = true  # only for a self-signed certificate")
         content = "\n".join(lines) + "\n"
         files += [
             GeneratedFile(f"{registry}/hosts.toml", content)

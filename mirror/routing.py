@@ -62,7 +62,7 @@ class Router:
             upstream = self._lookup(namespace)
             if upstream is None:
                 raise NameUnknown(
-                    "no upstream is configured for this namespace", detail={"ns": namespace[:255]}
+                    "no upstream is configured for this registry", detail={"ns": namespace[:255]}
                 )
             # A client given a path-prefixed mirror URL may send ns too: one name, not two.
             head, sep, rest = name.partition("/")

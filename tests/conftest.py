@@ -112,7 +112,7 @@ MirrorFactory = Callable[..., Awaitable[Mirror]]
 def mirror_config(
     root: Path, upstreams: dict[str, dict[str, Any]], **settings: Any
 ) -> MirrorConfig:
-    storage = {**settings.pop("storage", {}), "root": str(root)}
+    storage = {"root": str(root), **settings.pop("storage", {})}
     return load_config(
         None,
         listen="127.0.0.1:0",

@@ -151,6 +151,20 @@ class BlobCache:
         await download.wait_started()
         return BlobSource(digest, download.size, "miss", download=download)
 
+    async def ensure(self, route: Route, digest: Digest) -> tuple[int, bool]:
+        """Have the blob committed and recorded, fetching it if need be (seeding).
+        Returns its size and whether it was fetched now."""
+        source = await self.open(route, digest)
+        source.close()
+        if source.download is None:
+            assert source.size is not None
+            return source.size, False
+        await source.download.settled.wait()
+        size = self._store.size(digest)
+        if size is None:
+            raise source.download.error or BlobUnknown("blob could not be fetched")
+        return size, True
+
     async def head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
         """The blob's size and the cache result, without fetching its bytes."""
         size = self._store.size(digest)
@@ -234,6 +248,7 @@ class BlobCache:
         finally:
             if self._downloads.get(digest, (None,))[0] is download:
                 del self._downloads[digest]
+            download.settled.set()
 
     async def _fetch(self, download: BlobDownload, lease: str, route: Route) -> None:
         """Hold the lease and download from the upstream."""

@@ -82,6 +82,9 @@ class BlobDownload:
         self._started = asyncio.Event()
         self._progress = asyncio.Condition()
         self._finished = False
+        # Set by the owner once everything about this download is settled: committed
+        # and recorded, or failed.
+        self.settled = asyncio.Event()
 
     @property
     def finished(self) -> bool:

@@ -116,6 +116,10 @@ class ManifestCache:
         key = (route.upstream, route.repository, str(digest))
         return await self._by_digest.run(key, lambda: self._fetch(route, str(digest), digest))
 
+    async def cached(self, digest: str) -> Manifest | None:
+        """The manifest if the cache holds it; never asks the upstream."""
+        return await self._load(digest, "hit")
+
     async def _load(self, digest: str, cache_result: str) -> Manifest | None:
         """A manifest we hold, or None."""
         try:
