@@ -8,15 +8,24 @@ they live behind typed `AppKey`s. Nothing happens at import time.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
 
+from mirror.access import AccessControl
 from mirror.api.errors import oci_errors
-from mirror.api.v2 import SERVICES, Services, handle_v2, on_prepare, request_context
+from mirror.api.v2 import (
+    SERVICES,
+    Services,
+    authenticate,
+    handle_v2,
+    on_prepare,
+    request_context,
+)
 from mirror.concurrency import TaskOwner
-from mirror.config import MirrorConfig
+from mirror.config import MirrorConfig, TlsConfig
 from mirror.core import TempSweep, default_sweep, open_core
 from mirror.eviction import Evictor, SizeLimit
 from mirror.metadata.base import MetadataStore, MetadataUnavailable
@@ -43,7 +52,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         config, sweep=app[SWEEP_TEMP], observe=app[METRICS].observe_upstream
     ) as core:
         blobs, manifests, store, metadata = core.blobs, core.manifests, core.store, core.metadata
-        app[SERVICES] = Services(core.router, blobs, manifests, core.listings, core.clients)
+        app[SERVICES] = Services(
+            core.router, blobs, manifests, core.listings, core.clients, AccessControl(config.auth)
+        )
         app[METADATA] = metadata
         app[STORE] = store
         storage = config.storage
@@ -91,7 +102,9 @@ async def _flush_counters(metrics: Metrics, metadata: MetadataStore) -> None:
 
 
 def create_app(config: MirrorConfig, *, sweep: TempSweep | None = None) -> web.Application:
-    app = web.Application(middlewares=[request_context, oci_errors], client_max_size=1024)
+    app = web.Application(
+        middlewares=[request_context, oci_errors, authenticate], client_max_size=1024
+    )
     app[CONFIG] = config
     app[SWEEP_TEMP] = sweep or default_sweep(config)
     app[METRICS] = Metrics()
@@ -103,6 +116,19 @@ def create_app(config: MirrorConfig, *, sweep: TempSweep | None = None) -> web.A
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", handle_metrics)
     return app
+
+
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """HTTPS with `tls.cert` and `tls.key`; mutual TLS when `tls.client_ca` is set."""
+    if tls.cert is None or tls.key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert, tls.key)
+    if tls.client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(tls.client_ca)
+    return context
 
 
 async def _healthz(request: web.Request) -> web.Response:

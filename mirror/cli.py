@@ -128,7 +128,7 @@ def _load(args: argparse.Namespace) -> MirrorConfig:
 
 
 def serve(config: MirrorConfig, args: argparse.Namespace) -> int:
-    from mirror.app import create_app
+    from mirror.app import create_app, server_ssl_context
     from mirror.core import TempSweep
     from mirror.supervisor import Supervisor
 
@@ -151,6 +151,8 @@ def serve(config: MirrorConfig, args: argparse.Namespace) -> int:
         create_app(config, sweep=TempSweep(None) if args.worker else None),
         host=host,
         port=port,
+        ssl_context=server_ssl_context(config.tls),
+        keepalive_timeout=config.server.idle_timeout,
         reuse_port=args.worker,
         access_log_class=AccessLogger,
         print=None,

@@ -190,6 +190,66 @@ class MetadataConfig(_Section):
         return self
 
 
+class AccessRule(_Section):
+    """Who may pull what: a client matching users, groups or anonymous, for upstream and
+    repository globs. With rules configured, a pull needs a matching rule."""
+
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    anonymous: bool = False
+    upstreams: tuple[str, ...] = ("*",)
+    repositories: tuple[str, ...] = ("*",)
+
+    @model_validator(mode="after")
+    def _check_who(self) -> AccessRule:
+        if not (self.users or self.groups or self.anonymous):
+            raise ValueError("a rule names users, groups, or anonymous: true")
+        return self
+
+
+class AuthConfig(_Section):
+    htpasswd: Path | None = None
+    anonymous: bool = True
+    realm: str = "registry-mirror"
+    groups: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    rules: tuple[AccessRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> AuthConfig:
+        if not self.anonymous and self.htpasswd is None:
+            raise ValueError("anonymous: false needs an htpasswd file")
+        if self.htpasswd is not None and not os.access(self.htpasswd, os.R_OK):
+            raise ValueError(f"htpasswd {self.htpasswd} is not readable")
+        for rule in self.rules:
+            unknown = set(rule.groups) - set(self.groups)
+            if unknown:
+                raise ValueError(f"rules name groups that are not defined: {sorted(unknown)}")
+        return self
+
+
+class TlsConfig(_Section):
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> TlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        if self.client_ca is not None and self.cert is None:
+            raise ValueError("client_ca needs cert and key")
+        for name in ("cert", "key", "client_ca"):
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ValueError(f"{name} {path} is not readable")
+        return self
+
+
+class ServerConfig(_Section):
+    # Keep-alive connections idle this long are closed.
+    idle_timeout: Duration = 60.0
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -224,6 +284,9 @@ class MirrorConfig(BaseSettings):
     storage: StorageConfig = StorageConfig()
     metadata: MetadataConfig = MetadataConfig()
     log: LogConfig = LogConfig()
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig = TlsConfig()
+    server: ServerConfig = ServerConfig()
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
 
     @classmethod

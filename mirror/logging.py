@@ -81,11 +81,13 @@ class AccessInfo:
     reference: str | None = None
     cache: str | None = None
     kind: str = "other"  # base, catalog, manifest, blob, tags, referrers
+    user: str | None = None  # the authenticated client, None when anonymous
     body_bytes: int = 0  # blob or manifest bytes sent
 
 
 ACCESS_INFO = web.RequestKey("access_info", AccessInfo)
 access_log = structlog.get_logger("mirror.access")
+audit_log = structlog.get_logger("mirror.audit")
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -108,5 +110,19 @@ class AccessLogger(AbstractAccessLogger):
             bytes=info.body_bytes if info else 0,
             seconds=round(time, 4),
             remote=request.remote,
+            user=info.user if info else None,
             pid=os.getpid(),  # which worker, with serve --workers
         )
+        if info is not None and info.kind == "manifest" and request.method == "GET":
+            # The audit trail: one line per pull, who pulled what and what they got.
+            audit_log.info(
+                "pull",
+                user=info.user,
+                remote=request.remote,
+                upstream=info.upstream,
+                repository=info.repository,
+                reference=info.reference,
+                digest=response.headers.get("Docker-Content-Digest"),
+                status=response.status,
+                cache=info.cache,
+            )

@@ -133,8 +133,9 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
         nonlocal count
         count += 1
         settings.setdefault("default_upstream", next(iter(upstreams)))
+        ssl_context = settings.pop("ssl_context", None)
         config = mirror_config(tmp_path / f"mirror-{count}", upstreams, **settings)
-        server = TestServer(create_app(config), host="127.0.0.1")
+        server = TestServer(create_app(config), host="127.0.0.1", ssl=ssl_context)
         await server.start_server()
         servers.append(server)
         return Mirror(server, config)

@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from mirror.access import AccessControl, Principal
 from mirror.cache.blobs import BlobCache, BlobSource
 from mirror.cache.listings import Listing, Listings
 from mirror.cache.manifests import Manifest, ManifestCache
@@ -54,6 +55,7 @@ class Services:
     manifests: ManifestCache
     listings: Listings
     upstreams: Mapping[str, UpstreamClient]
+    access: AccessControl
 
 
 SERVICES = web.AppKey("services", Services)
@@ -102,6 +104,8 @@ def _route(request: web.Request, services: Services, name: str, reference: str =
         route.repository,
         reference or None,
     )
+    # Before any cache or upstream work.
+    services.access.authorize(request[PRINCIPAL], route.upstream, route.repository)
     return route
 
 
@@ -118,6 +122,22 @@ def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every response carries, streamed or not, error or not."""
     _common_headers(request, response)
+
+
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Who is asking, for every /v2/ request (the API version check included, so
+    `docker login` meets the challenge there)."""
+    if request.path == "/v2" or request.path.startswith("/v2/"):
+        principal = await request.app[SERVICES].access.authenticate(
+            request.headers.get("Authorization")
+        )
+        request[PRINCIPAL] = principal
+        request[ACCESS_INFO].user = principal.user
+    return await handler(request)
 
 
 @web.middleware
@@ -145,8 +165,12 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
     if endpoint.kind == "base":
         return web.json_response({})
     if endpoint.kind == "catalog":
+        principal = request[PRINCIPAL]
         listing = await services.listings.catalog(
-            _page_size(request), request.query.get("last"), "/v2/_catalog"
+            _page_size(request),
+            request.query.get("last"),
+            "/v2/_catalog",
+            visible=lambda upstream, repo: services.access.may_pull(principal, upstream, repo),
         )
         return _listing_response(request, listing)
     if endpoint.kind == "manifest":

@@ -123,10 +123,18 @@ class Listings:
             filters_applied=response.headers.get("OCI-Filters-Applied"),
         )
 
-    async def catalog(self, n: int | None, last: str | None, path: str) -> Listing:
+    async def catalog(
+        self,
+        n: int | None,
+        last: str | None,
+        path: str,
+        visible: Callable[[str, str], bool] = lambda upstream, repository: True,
+    ) -> Listing:
+        """The repositories held locally that this client may pull."""
         names = [
             repository if upstream == self._default else f"{upstream}/{repository}"
             for upstream, repository in await self._metadata.list_repositories()
+            if visible(upstream, repository)
         ]
         page, more = paginate(names, n, last)
         link = next_link(path, n, page[-1], {}) if more and n and page else None
