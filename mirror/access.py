@@ -113,12 +113,14 @@ class AccessControl:
         return Unauthorized(message, headers={"WWW-Authenticate": self.challenge})
 
     async def authenticate(self, authorization: str | None) -> Principal:
-        if not authorization:
+        if not authorization or self._htpasswd is None:
+            # With no users configured, credentials a client sends anyway (for the
+            # upstream, say) are no concern of ours.
             if self._config.anonymous:
                 return ANONYMOUS
             raise self._unauthorized("authentication required")
         scheme, _, credentials = authorization.partition(" ")
-        if scheme.lower() != "basic" or self._htpasswd is None:
+        if scheme.lower() != "basic":
             raise self._unauthorized("use Basic authentication")
         try:
             user, sep, password = b64decode(credentials, validate=True).decode().partition(":")

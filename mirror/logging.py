@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 _SECRET_KEYS = re.compile(r"pass(word)?|secret|token|authorization|credential", re.IGNORECASE)
 _SECRET_VALUES = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
@@ -33,6 +34,12 @@ def mask_credentials(
         elif isinstance(value, str) and _SECRET_VALUES.search(value):
             event[key] = _SECRET_VALUES.sub(r"\1 ***", value)
     return event
+
+
+def _drop_bad_client_input(record: logging.LogRecord) -> bool:
+    """aiohttp logs a malformed request (garbage, oversized headers) as an error with a
+    traceback; the client was answered 400 and there is nothing for an operator to do."""
+    return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
@@ -58,6 +65,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             ],
         )
     )
+    handler.addFilter(_drop_bad_client_input)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

@@ -65,8 +65,9 @@ class Router:
                     "no upstream is configured for this registry", detail={"ns": namespace[:255]}
                 )
             # A client given a path-prefixed mirror URL may send ns too: one name, not two.
+            # (Only a registry-like prefix: "private/app" stays a repository name.)
             head, sep, rest = name.partition("/")
-            if sep and self._lookup(head) is upstream:
+            if sep and _looks_like_host(head) and self._lookup(head) is upstream:
                 name = rest
             return self._route(upstream, name, name, namespace)
         head, sep, rest = name.partition("/")

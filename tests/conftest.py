@@ -18,10 +18,12 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from support.images import Image, push, push_with_token, standard_images
+from support.net import eventually
 from support.redis_server import RedisServer
 from support.registry import Registry
 from support.tokenserver import TokenServer
 
+from mirror.api.v2 import SERVICES
 from mirror.app import create_app
 from mirror.config import MirrorConfig, load_config
 
@@ -105,6 +107,12 @@ class Mirror:
     def temp_files(self) -> list[Path]:
         return sorted((self.root / "tmp").iterdir())
 
+    async def settled(self) -> None:
+        """Wait until no download runs: the last byte reaches a client before the fsync,
+        the rename and the record."""
+        blobs = self.server.app[SERVICES].blobs
+        await eventually(lambda: blobs.downloads_in_flight == 0)
+
 
 MirrorFactory = Callable[..., Awaitable[Mirror]]
 
@@ -135,8 +143,8 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
         settings.setdefault("default_upstream", next(iter(upstreams)))
         ssl_context = settings.pop("ssl_context", None)
         config = mirror_config(tmp_path / f"mirror-{count}", upstreams, **settings)
-        server = TestServer(create_app(config), host="127.0.0.1", ssl=ssl_context)
-        await server.start_server()
+        server = TestServer(create_app(config), host="127.0.0.1")
+        await server.start_server(ssl=ssl_context)
         servers.append(server)
         return Mirror(server, config)
 

@@ -93,7 +93,7 @@ class MirrorProcess(Service):
         if self._process.poll() is not None:
             raise MirrorProcessError(f"mirror exited with status {self._process.returncode}")
         try:
-            return http_request("GET", f"{self.url}/v2/", timeout=2).status == 200
+            return http_request("GET", f"{self.url}/healthz", timeout=2).status == 200
         except OSError:
             return False
 
