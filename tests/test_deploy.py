@@ -1,0 +1,308 @@
+"""Everything under deploy/ is checked here so it cannot rot: the Dockerfile (hadolint),
+the compose files (the Compose specification's schema), the Kubernetes manifests (the
+Kubernetes schemas, and kustomize builds), the systemd unit (systemd-analyze), every
+mirror configuration they carry (`mirror check-config`), and the configuration
+reference in the README against the config model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from mirror.config import MirrorConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+BIN = Path(sys.executable).parent
+COMPOSE_WHEEL = "docker-compose==1.29.2"  # ships the Compose specification's JSON schema
+
+
+def run(*argv: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(a) for a in argv], capture_output=True, text=True, timeout=120, check=False, **kwargs
+    )
+
+
+# Dockerfile
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = run(BIN / "hadolint", DEPLOY / "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_really_lints(tmp_path: Path) -> None:
+    broken = tmp_path / "Dockerfile"
+    broken.write_text("FROM python:latest\nRUN apt-get install curl\n")
+    assert run(BIN / "hadolint", broken).returncode != 0
+
+
+def test_dockerfile_copies_what_exists_and_dockerignore_keeps_it() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
+        for path in source.split():
+            assert (ROOT / path).exists(), path
+    assert "HEALTHCHECK" in text
+    assert "/healthz" in text
+    assert re.search(r"^USER \d+", text, re.MULTILINE), "the image must not run as root"
+    ignored = (ROOT / ".dockerignore").read_text()
+    for kept in ("!pyproject.toml", "!README.md", "!mirror/", "!deploy/docker/"):
+        assert kept in ignored
+
+
+# Compose
+
+
+@pytest.fixture(scope="session")
+def compose_schema(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    cache = ROOT / ".cache" / "compose-schema"
+    wheels = list(cache.glob("docker_compose-*.whl")) if cache.exists() else []
+    if not wheels:
+        cache.mkdir(parents=True, exist_ok=True)
+        fetched = run(
+            sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", cache, COMPOSE_WHEEL
+        )
+        assert fetched.returncode == 0, fetched.stderr
+        wheels = list(cache.glob("docker_compose-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        schema: dict[str, Any] = json.loads(wheel.read("compose/config/compose_spec.json"))
+    return schema
+
+
+COMPOSE_FILES = sorted((DEPLOY / "compose").glob("compose*.yaml"))
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_files_follow_the_compose_spec(path: Path, compose_schema: dict[str, Any]) -> None:
+    document = yaml.safe_load(path.read_text())
+    jsonschema.Draft201909Validator(compose_schema).validate(document)
+    for service in document["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (path.parent / source).exists(), source
+        build = service.get("build")
+        if build:
+            context = path.parent / build["context"]
+            assert (context / build["dockerfile"]).exists()
+    assert len([s for s in document["services"] if s.startswith("mirror")]) == (
+        2 if "replicas" in path.name else 1
+    )
+
+
+def test_the_compose_schema_really_validates(compose_schema: dict[str, Any]) -> None:
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft201909Validator(compose_schema).validate(
+            {"services": {"mirror": {"ports": "5000"}}}
+        )
+
+
+# Kubernetes
+
+
+def kubernetes_documents() -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in sorted((DEPLOY / "kubernetes").rglob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document and document.get("kind") != "Kustomization":
+                yield path, document
+
+
+def _is_patch(path: Path, document: dict[str, Any]) -> bool:
+    # Overlay patches are partial by design; they are checked in the kustomize builds.
+    return "overlays" in path.parts and (
+        "$patch" in document
+        or ("spec" not in document and document["kind"] != "ConfigMap")
+        or path.name in ("replicas.yaml", "configmap.yaml")
+    )
+
+
+def validate_manifests(files: list[Path]) -> subprocess.CompletedProcess[str]:
+    return run(BIN / "kubernetes-validate", "--strict", "--quiet", *files)
+
+
+def test_kubernetes_manifests_match_the_schemas() -> None:
+    files = sorted(
+        {path for path, document in kubernetes_documents() if not _is_patch(path, document)}
+    )
+    assert len(files) >= 8
+    result = validate_manifests(files)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "directory", ["base", "overlays/replicas-redis", "overlays/node-local", "node-config"]
+)
+def test_kustomize_builds_valid_manifests(directory: str, tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with kustomize) is not installed; each file is validated above")
+    built = run(kubectl, "kustomize", DEPLOY / "kubernetes" / directory)
+    assert built.returncode == 0, built.stderr
+    output = tmp_path / "built.yaml"
+    output.write_text(built.stdout)
+    result = validate_manifests([output])
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = {d["kind"] for d in yaml.safe_load_all(built.stdout) if d}
+    expected = {
+        "base": {"Namespace", "ConfigMap", "StatefulSet", "Service", "PodDisruptionBudget"},
+        "overlays/replicas-redis": {"StatefulSet", "Deployment", "Service", "PodDisruptionBudget"},
+        "overlays/node-local": {"DaemonSet", "ConfigMap"},
+        "node-config": {"DaemonSet", "ConfigMap"},
+    }[directory]
+    assert expected <= kinds
+    if directory == "overlays/node-local":
+        assert "StatefulSet" not in kinds
+
+
+def test_kubernetes_validate_really_validates(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec: {replicas: many}\n"
+    )
+    assert validate_manifests([broken]).returncode != 0
+
+
+def test_probes_point_at_health_endpoints() -> None:
+    paths = set()
+    for _, document in kubernetes_documents():
+        for container in (
+            document.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+        ):
+            for probe in ("readinessProbe", "livenessProbe"):
+                http_get = container.get(probe, {}).get("httpGet")
+                if http_get:
+                    paths.add(http_get["path"])
+    assert paths == {"/healthz", "/readyz"}
+
+
+# Every mirror configuration shipped must pass check-config
+
+
+def shipped_configs() -> Iterator[tuple[str, str]]:
+    for path, document in kubernetes_documents():
+        if document["kind"] == "ConfigMap" and "mirror.yaml" in document.get("data", {}):
+            yield f"{path.relative_to(ROOT)}", document["data"]["mirror.yaml"]
+    for path in (DEPLOY / "compose" / "mirror.yaml", DEPLOY / "docker" / "mirror.yaml"):
+        yield str(path.relative_to(ROOT)), path.read_text()
+    yield "config.example.yaml", (ROOT / "config.example.yaml").read_text()
+
+
+@pytest.mark.parametrize(("name", "text"), list(shipped_configs()), ids=lambda v: str(v)[:60])
+def test_shipped_mirror_configs_pass_check_config(name: str, text: str, tmp_path: Path) -> None:
+    path = tmp_path / "mirror.yaml"
+    path.write_text(text)
+    result = run(sys.executable, "-m", "mirror", "check-config", "--config", path)
+    assert result.returncode == 0, f"{name}: {result.stderr}"
+
+
+def test_node_config_matches_client_config_output(tmp_path: Path) -> None:
+    node_local = yaml.safe_load(
+        (DEPLOY / "kubernetes/overlays/node-local/configmap.yaml").read_text()
+    )
+    config = tmp_path / "mirror.yaml"
+    config.write_text(node_local["data"]["mirror.yaml"])
+    out = tmp_path / "certs.d"
+    result = run(
+        sys.executable,
+        "-m",
+        "mirror",
+        "client-config",
+        "containerd",
+        "--config",
+        config,
+        "--mirror-url",
+        "http://127.0.0.1:5000",
+        "--output",
+        out,
+    )
+    assert result.returncode == 0, result.stderr
+    generated = {p.parent.name: p.read_text() for p in out.glob("*/hosts.toml")}
+    shipped = yaml.safe_load((DEPLOY / "kubernetes/node-config/hosts-configmap.yaml").read_text())
+    assert shipped["data"] == generated
+
+
+# systemd
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = (DEPLOY / "systemd" / "registry-mirror.service").read_text()
+    assert "ProtectSystem=strict" in unit
+    assert "NoNewPrivileges=yes" in unit
+    assert "StateDirectory=registry-mirror" in unit
+    assert "DynamicUser=yes" in unit
+    # systemd-analyze insists the executable exists: point it at this checkout's.
+    local = tmp_path / "registry-mirror.service"
+    local.write_text(unit.replace("/opt/registry-mirror/bin/mirror", str(BIN / "mirror")))
+    result = run(analyze, "verify", "--man=no", local)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""  # warnings (unknown keys...) count too
+    broken = tmp_path / "broken.service"
+    broken.write_text(local.read_text().replace("NoNewPrivileges=yes", "NoNewPrivilege=yes"))
+    assert "Unknown key" in run(analyze, "verify", "--man=no", broken).stderr
+
+
+# The configuration reference
+
+
+def model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        nested = _model_in(annotation)
+        if name == "upstreams":
+            keys |= model_keys(_upstream_model(), "upstreams.<name>.")
+        elif nested is not None and name not in ("tag_rules", "rules"):
+            keys |= model_keys(nested, f"{key}.")
+        else:
+            keys.add(key)
+    return keys
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _upstream_model() -> type[BaseModel]:
+    from mirror.config import UpstreamConfig
+
+    return UpstreamConfig
+
+
+def readme_keys() -> set[str]:
+    """The keys in the README's configuration table (its first column, in backticks)."""
+    text = (ROOT / "README.md").read_text()
+    table = text.split("| key | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    return {
+        key for row in table.splitlines()[2:] for key in re.findall(r"`([^`]+)`", row.split("|")[1])
+    }
+
+
+def test_every_config_key_is_documented_and_every_documented_key_exists() -> None:
+    in_model = model_keys(MirrorConfig)
+    in_readme = readme_keys()
+    assert in_model - in_readme == set(), "in the config model but not in the README"
+    assert in_readme - in_model == set(), "in the README but not in the config model"
+    example = (ROOT / "config.example.yaml").read_text()
+    for key in in_model:
+        leaf = key.rsplit(".", 1)[-1]
+        assert re.search(rf"^\s*#?\s*{re.escape(leaf)}:", example, re.MULTILINE), (
+            f"{key} is not in config.example.yaml"
+        )
