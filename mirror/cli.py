@@ -410,20 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.command == "serve":
-        return serve(config, args)
-    if args.command == "client-config":
-        return client_config(config, args)
-    if args.command == "seed":
-        return seed_command(config, args)
-    if args.command == "export":
-        return export_command(config, args)
-    if args.command == "import":
-        return import_command(config, args)
-    if args.command == "gc":
-        return gc_command(config, args)
-    if args.command == "verify":
-        return verify_command(config)
-    if args.command == "stats":
-        return stats_command(config, args.json)
-    return check_config(config, args.config)
+    commands: dict[str, Callable[[MirrorConfig, argparse.Namespace], int]] = {
+        "serve": serve,
+        "check-config": lambda config, args: check_config(config, args.config),
+        "client-config": client_config,
+        "seed": seed_command,
+        "export": export_command,
+        "import": import_command,
+        "gc": gc_command,
+        "verify": lambda config, args: verify_command(config),
+        "stats": lambda config, args: stats_command(config, args.json),
+    }
+    return commands[args.command](config, args)

@@ -8,8 +8,6 @@ import asyncio
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ import aiohttp
 import pytest
 import yaml
 from conftest import TAG, MirrorFactory, Upstream
+from support.cli import containerd_hosts, mirror_cli
 from support.containerd import Containerd
 from support.images import Image, push, standard_images
 from support.net import free_port
@@ -27,16 +26,6 @@ from support.skopeo import inspect_raw, skopeo_copy_async
 
 REGISTRY = "reg.test"  # the upstream's name at both sites
 KINDS = ("oci", "oci-index", "docker")
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mirror", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def site_config(path: Path, root: Path, upstream_url: str, **settings: object) -> Path:
@@ -77,17 +66,17 @@ def seeded_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         config_a = site_config(work / "a.yaml", work / "site-a", registry.url)
         # Only arm64 of the index; then a single image and one named without a registry
         # (the default upstream), for this host's platform.
-        only_arm64 = run_cli(
+        only_arm64 = mirror_cli(
             "seed", "--config", str(config_a), "--platform", "linux/arm64", ref("oci-index")
         )
         assert only_arm64.returncode == 0, only_arm64.stdout + only_arm64.stderr
-        seeded = run_cli(
+        seeded = mirror_cli(
             "seed", "--config", str(config_a), ref("oci"), f"{Upstream.repo('docker')}:{TAG}"
         )
         assert seeded.returncode == 0, seeded.stdout + seeded.stderr
-        reseeded = run_cli("seed", "--config", str(config_a), ref("oci"))
+        reseeded = mirror_cli("seed", "--config", str(config_a), ref("oci"))
         bundle = work / "bundle.tar"
-        exported = run_cli("export", "--config", str(config_a), "--output", str(bundle), "--all")
+        exported = mirror_cli("export", "--config", str(config_a), "--output", str(bundle), "--all")
         assert exported.returncode == 0, exported.stdout + exported.stderr
     finally:
         registry.stop()
@@ -104,7 +93,7 @@ def test_seed_reports_progress_and_resumes(seeded_bundle: Site) -> None:
     config = site_config(
         seeded_bundle.work / "x.yaml", seeded_bundle.work / "x", seeded_bundle.upstream_url
     )
-    failed = run_cli("seed", "--config", str(config), "nowhere.example/app:1", ref("oci"))
+    failed = mirror_cli("seed", "--config", str(config), "nowhere.example/app:1", ref("oci"))
     assert failed.returncode == 1
     assert "failed (2):" in failed.stdout
     assert "nowhere.example/app:1: no upstream is configured for this registry" in failed.stdout
@@ -124,10 +113,10 @@ def site_b(seeded_bundle: Site, tmp_path: Path) -> Path:
     config = site_config(
         tmp_path / "b.yaml", tmp_path / "site-b", seeded_bundle.upstream_url, offline=True
     )
-    imported = run_cli("import", "--config", str(config), str(seeded_bundle.bundle))
+    imported = mirror_cli("import", "--config", str(config), str(seeded_bundle.bundle))
     assert imported.returncode == 0, imported.stdout + imported.stderr
     assert "3 images" in imported.stdout
-    again = run_cli("import", "--config", str(config), str(seeded_bundle.bundle))
+    again = mirror_cli("import", "--config", str(config), str(seeded_bundle.bundle))
     assert again.returncode == 0
     assert "0 blobs added" in again.stdout  # idempotent
     return tmp_path / "site-b"
@@ -185,19 +174,7 @@ async def test_containerd_pulls_from_the_offline_site(
     )
     config = site_config(tmp_path / "c.yaml", site_b, seeded_bundle.upstream_url, offline=True)
     hosts = tmp_path / "certs.d"
-    generated = run_cli(
-        "client-config",
-        "containerd",
-        "--config",
-        str(config),
-        "--mirror-url",
-        mirror.url,
-        "--fallback",
-        "none",
-        "--output",
-        str(hosts),
-    )
-    assert generated.returncode == 0, generated.stderr
+    containerd_hosts(config, mirror.url, hosts, fallback="none")
     with Containerd(Path(f"/tmp/ctd-airgap-{free_port()}")) as daemon:
         try:
             reference = ref("oci")
@@ -238,7 +215,7 @@ def test_a_corrupted_bundle_is_refused_and_changes_nothing(
     for root in (fresh, site_b):
         config = site_config(tmp_path / "c.yaml", root, seeded_bundle.upstream_url, offline=True)
         before = _cache_state(root) if root.exists() else None
-        result = run_cli("import", "--config", str(config), str(corrupted))
+        result = mirror_cli("import", "--config", str(config), str(corrupted))
         assert result.returncode == 1
         assert f"blob {victim} does not match its digest" in result.stderr
         assert "nothing was imported" in result.stderr
@@ -248,5 +225,5 @@ def test_a_corrupted_bundle_is_refused_and_changes_nothing(
             assert after[1] == []
         else:
             assert after == before
-    stats = run_cli("stats", "--config", str(tmp_path / "c.yaml"), "--json")
+    stats = mirror_cli("stats", "--config", str(tmp_path / "c.yaml"), "--json")
     assert json.loads(stats.stdout)["blobs"] == len(_cache_state(site_b)[0])

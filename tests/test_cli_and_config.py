@@ -8,15 +8,13 @@ and writes one JSON access line per request, with no credential in any line.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import PUSHER, PUSHER_PASSWORD, TAG, Upstream
+from support.cli import mirror_cli
 from support.mirror_process import MirrorProcess
 from support.net import wait_until
 from support.skopeo import skopeo_copy
@@ -26,24 +24,13 @@ from mirror.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_mirror(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mirror", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=60,
-        check=False,
-    )
-
-
 def write_config(path: Path, data: dict[str, object]) -> Path:
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
 
 
 def test_example_config_is_valid() -> None:
-    result = run_mirror("check-config", "--config", str(ROOT / "config.example.yaml"))
+    result = mirror_cli("check-config", "--config", str(ROOT / "config.example.yaml"))
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
 
@@ -74,21 +61,21 @@ def test_bad_config_names_the_key(change: dict[str, object], named: str, tmp_pat
         **change,
     }
     path = write_config(tmp_path / "bad.yaml", data)
-    result = run_mirror("check-config", "--config", str(path))
+    result = mirror_cli("check-config", "--config", str(path))
     assert result.returncode == 2
     assert named in result.stderr, result.stderr
-    result = run_mirror("serve", "--config", str(path))
+    result = mirror_cli("serve", "--config", str(path))
     assert result.returncode == 2
     assert named in result.stderr
 
 
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
-    result = run_mirror("check-config", "--config", str(tmp_path / "missing.yaml"))
+    result = mirror_cli("check-config", "--config", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2
     assert "cannot read config file" in result.stderr
     broken = tmp_path / "broken.yaml"
     broken.write_text("listen: [unclosed", encoding="utf-8")
-    result = run_mirror("check-config", "--config", str(broken))
+    result = mirror_cli("check-config", "--config", str(broken))
     assert result.returncode == 2
     assert "not valid YAML" in result.stderr
 
@@ -195,7 +182,7 @@ def test_client_config_outputs(tmp_path: Path) -> None:
         },
     )
     mirror = "http://mirror.internal:5000"
-    result = run_mirror(
+    result = mirror_cli(
         "client-config",
         "docker",
         "--config",
@@ -211,7 +198,7 @@ def test_client_config_outputs(tmp_path: Path) -> None:
         "insecure-registries": ["mirror.internal:5000"],
     }
 
-    result = run_mirror(
+    result = mirror_cli(
         "client-config",
         "containerd",
         "--config",
@@ -229,10 +216,10 @@ def test_client_config_outputs(tmp_path: Path) -> None:
     quay = (tmp_path / "certs.d" / "quay.io" / "hosts.toml").read_text()
     assert f'server = "{mirror}"' in quay  # no fallback: the mirror is the server
 
-    result = run_mirror("client-config", "podman", "--config", str(config), "--mirror-url", mirror)
+    result = mirror_cli("client-config", "podman", "--config", str(config), "--mirror-url", mirror)
     assert result.returncode == 0, result.stderr
     assert 'prefix = "quay.io"' in result.stdout
     assert 'location = "mirror.internal:5000/quay.io"' in result.stdout
 
-    result = run_mirror("client-config", "podman", "--config", str(config), "--fallback", "ftp://x")
+    result = mirror_cli("client-config", "podman", "--config", str(config), "--fallback", "ftp://x")
     assert result.returncode == 2

@@ -20,6 +20,7 @@ import jsonschema
 import pytest
 import yaml
 from pydantic import BaseModel
+from support.cli import containerd_hosts, mirror_cli
 
 from mirror.config import MirrorConfig
 
@@ -203,7 +204,7 @@ def shipped_configs() -> Iterator[tuple[str, str]]:
 def test_shipped_mirror_configs_pass_check_config(name: str, text: str, tmp_path: Path) -> None:
     path = tmp_path / "mirror.yaml"
     path.write_text(text)
-    result = run(sys.executable, "-m", "mirror", "check-config", "--config", path)
+    result = mirror_cli("check-config", "--config", path)
     assert result.returncode == 0, f"{name}: {result.stderr}"
 
 
@@ -213,21 +214,7 @@ def test_node_config_matches_client_config_output(tmp_path: Path) -> None:
     )
     config = tmp_path / "mirror.yaml"
     config.write_text(node_local["data"]["mirror.yaml"])
-    out = tmp_path / "certs.d"
-    result = run(
-        sys.executable,
-        "-m",
-        "mirror",
-        "client-config",
-        "containerd",
-        "--config",
-        config,
-        "--mirror-url",
-        "http://127.0.0.1:5000",
-        "--output",
-        out,
-    )
-    assert result.returncode == 0, result.stderr
+    out = containerd_hosts(config, "http://127.0.0.1:5000", tmp_path / "certs.d")
     generated = {p.parent.name: p.read_text() for p in out.glob("*/hosts.toml")}
     shipped = yaml.safe_load((DEPLOY / "kubernetes/node-config/hosts-configmap.yaml").read_text())
     assert shipped["data"] == generated

@@ -7,8 +7,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +16,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 from conftest import Mirror, MirrorFactory
 from prometheus_client.parser import text_string_to_metric_families
+from support.cli import mirror_cli
 from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
 from support.mirror_process import MirrorProcess
 from support.net import eventually
@@ -177,16 +176,6 @@ async def test_restart_after_sigkill_mid_download(
         mirror.stop()
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mirror", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def write_config(mirror: Mirror, path: Path) -> Path:
     data = json.loads(mirror.config.model_dump_json(exclude={"listen"}))
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -205,7 +194,7 @@ async def test_verify_finds_a_flipped_byte_and_the_next_pull_heals(
     for data in blobs:
         await fetch_and_wait(http, mirror, digest_of(data))
     config = write_config(mirror, tmp_path / "mirror.yaml")
-    assert run_cli("verify", "--config", str(config)).returncode == 0
+    assert mirror_cli("verify", "--config", str(config)).returncode == 0
 
     victim = digest_of(blobs[1])
     path = mirror.root / "blobs" / "sha256" / victim[7:9] / victim[7:]
@@ -213,7 +202,7 @@ async def test_verify_finds_a_flipped_byte_and_the_next_pull_heals(
     corrupted[1000] ^= 0x01
     path.write_bytes(bytes(corrupted))
 
-    result = run_cli("verify", "--config", str(config))
+    result = mirror_cli("verify", "--config", str(config))
     assert result.returncode == 1
     assert f"corrupt {victim}" in result.stdout
     assert "checked 3 blobs" in result.stdout
@@ -255,7 +244,7 @@ async def test_gc_removes_what_nothing_uses(
     await metadata.put_tag("fake", REPO, "new", fresh)
     config = write_config(mirror, tmp_path / "mirror.yaml")
 
-    dry = run_cli("gc", "--config", str(config), "--dry-run")
+    dry = mirror_cli("gc", "--config", str(config), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     for line in (
         "would remove temp file left-behind.partial",
@@ -268,7 +257,7 @@ async def test_gc_removes_what_nothing_uses(
     assert stale_temp.exists()
     assert orphan_path.exists()
 
-    done = run_cli("gc", "--config", str(config))
+    done = mirror_cli("gc", "--config", str(config))
     assert f"removed 4 items, {1000 + 10 * KIB} bytes freed" in done.stdout
     assert not stale_temp.exists()
     assert not orphan_path.exists()
@@ -331,7 +320,7 @@ async def test_metrics_and_stats_match_the_traffic(
 
     await mirror.server.app[METRICS].flush(mirror.server.app[METADATA])
     config = write_config(mirror, tmp_path / "mirror.yaml")
-    result = run_cli("stats", "--config", str(config), "--json")
+    result = mirror_cli("stats", "--config", str(config), "--json")
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
     assert stats["requests"] == 5

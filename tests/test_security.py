@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import ssl
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import trustme
 import yaml
 from conftest import PUSHER, PUSHER_PASSWORD, TAG, MirrorFactory, Upstream
+from support.cli import containerd_hosts
 from support.containerd import Containerd
 from support.images import oci_image, push_with_token
 from support.mirror_process import MirrorProcess
@@ -150,22 +150,7 @@ async def test_containerd_pulls_with_credentials(
     config = tmp_path / "m.yaml"
     config.write_text(yaml.safe_dump({"upstreams": upstreams}))
     hosts = tmp_path / "certs.d"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mirror",
-        "client-config",
-        "containerd",
-        "--config",
-        str(config),
-        "--mirror-url",
-        mirror.url,
-        "--fallback",
-        "none",
-        "--output",
-        str(hosts),
-    )
-    assert await process.wait() == 0
+    containerd_hosts(config, mirror.url, hosts, fallback="none")
     reference = f"reg.test/{Upstream.repo('oci')}:{TAG}"
     with Containerd(Path(f"/tmp/ctd-auth-{free_port()}")) as daemon:
         await asyncio.to_thread(
