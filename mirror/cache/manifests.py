@@ -24,8 +24,10 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
+from aiocache import SimpleMemoryCache
 
 from mirror.cache.fetch import raise_for_upstream_status
 from mirror.concurrency import SingleFlight
@@ -57,6 +59,7 @@ from mirror.upstream.client import UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger(__name__)
 
+FRESH_IN_MEMORY = 5.0  # seconds a fresh tag record is answered from memory
 OFFLINE_MISS = "not in the cache, and this mirror is offline"
 ACCEPT_ALL_MANIFESTS = ", ".join(MANIFEST_MEDIA_TYPES)
 
@@ -92,10 +95,12 @@ class ManifestCache:
         self._by_digest: SingleFlight[tuple[str, str, str], Manifest] = SingleFlight()
         self._by_tag: SingleFlight[tuple[str, str, str], Manifest] = SingleFlight()
         self.stale_answers: Counter[str] = Counter()  # by upstream
+        self._fresh_tags = SimpleMemoryCache()
 
     async def close(self) -> None:
         await self._by_digest.close()
         await self._by_tag.close()
+        await self._fresh_tags.close()
 
     async def get(
         self, route: Route, reference: Reference, accept: AcceptSet, *, head: bool = False
@@ -190,17 +195,34 @@ class ManifestCache:
 
     # By tag
 
-    async def _by_tag_cached(self, route: Route, tag: str, *, head: bool) -> Manifest:
+    async def _tag_record(self, route: Route, tag: str) -> TagRecord | None:
+        """The tag's record: from memory while fresh there, else from the store."""
+        key = f"{route.upstream}/{route.repository}:{tag}"
+        remembered = await self._fresh_tags.get(key)
+        if remembered is not None:
+            return cast(TagRecord, remembered)
         try:
-            record = await self._metadata.get_tag(route.upstream, route.repository, tag)
+            return await self._metadata.get_tag(route.upstream, route.repository, tag)
         except MetadataUnavailable:
-            record = None  # degraded: ask the upstream, as if we had never seen the tag
+            return None  # degraded: ask the upstream, as if we had never seen the tag
+
+    async def _remember_fresh(self, route: Route, tag: str, record: TagRecord, ttl: float) -> None:
+        # Hot tags skip the metadata store; a short memory keeps processes and nodes
+        # that share the store close to each other's view.
+        left = min(ttl - (self._clock() - record.checked_at), FRESH_IN_MEMORY)
+        if left > 0:
+            key = f"{route.upstream}/{route.repository}:{tag}"
+            await self._fresh_tags.set(key, record, ttl=left)
+
+    async def _by_tag_cached(self, route: Route, tag: str, *, head: bool) -> Manifest:
+        record = await self._tag_record(route, tag)
         policy = self._policies[route.upstream]
         # Offline, what we hold is the truth whatever its age.
         ttl = FOREVER if self._offline else policy.ttl_for(route.repository, tag)
         if record is not None and self._clock() - record.checked_at < ttl:
             manifest = await self._load(record.digest, "hit")
             if manifest is not None:
+                await self._remember_fresh(route, tag, record, ttl)
                 return manifest
         key = (route.upstream, route.repository, tag)
         return await self._by_tag.run(
