@@ -13,8 +13,15 @@ from support.net import free_port, http_request, wait_until
 
 
 def serving_pids(mirror: MirrorProcess) -> set[int]:
-    lines = [json.loads(line) for line in mirror.log_text().splitlines() if line.startswith("{")]
-    return {line["pid"] for line in lines if line.get("event") == "request"}
+    pids = set()
+    for line in mirror.log_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # the line a worker is writing right now
+        if record.get("event") == "request":
+            pids.add(record["pid"])
+    return pids
 
 
 def answers(url: str) -> bool:
