@@ -10,7 +10,6 @@ caches'.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import os
 import uuid
@@ -382,11 +381,10 @@ async def _send_file(
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("client went away")
-    if not _peer_is_local(request):
-        # No zero-copy on some transports (TLS): those get the chunked writes below.
-        with contextlib.suppress(NotImplementedError):
-            await asyncio.get_running_loop().sendfile(transport, file, offset, count)
-            return
+    # TLS has no zero-copy path (the bytes must be encrypted): chunked writes below.
+    if not _peer_is_local(request) and transport.get_extra_info("sslcontext") is None:
+        await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+        return
     remaining = count
     while remaining > 0:
         chunk = await asyncio.to_thread(os.pread, file.fileno(), min(remaining, FILE_CHUNK), offset)

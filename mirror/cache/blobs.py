@@ -66,6 +66,13 @@ class BlobSource:
             self.file.close()
 
 
+def _open_if_present(path: Path) -> BinaryIO | None:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        return None
+
+
 def process_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
 
@@ -134,11 +141,8 @@ class BlobCache:
         """A source for the blob's bytes, fetching it if it is not here."""
         size = self._store.size(digest)
         if size is not None and await self._may_serve_cached(route, digest):
-            try:
-                file = open(self._store.path(digest), "rb")  # noqa: ASYNC230, SIM115 - instant; the source owns it
-            except FileNotFoundError:
-                pass  # evicted a moment ago: fetch it again below
-            else:
+            file = _open_if_present(self._store.path(digest))
+            if file is not None:  # else evicted a moment ago: fetch it again below
                 self._accessed[str(digest)] = time.time()
                 return BlobSource(digest, size, "hit", file=file)
         if self._offline:

@@ -17,7 +17,7 @@ from .net import LOOPBACK, Service, free_port, http_request, wait_until
 
 
 class MirrorProcessError(RuntimeError):
-    pass
+    """The mirror process did not start, or died."""
 
 
 class MirrorProcess(Service):
