@@ -99,11 +99,9 @@ async def open_core(
         auto_decompress=False,
         trust_env=False,
     )
-    tokens = (
-        TokenCache.for_redis(config.metadata.redis_url, config.metadata.key_prefix)
-        if config.metadata.backend == "redis" and config.metadata.redis_url
-        else TokenCache()
-    )
+    # Shared through the store: a fleet on one Redis (or workers on one host) asks each
+    # token server once.
+    tokens = TokenCache(metadata)
     clients = {
         name: UpstreamClient(
             UpstreamSettings(

@@ -177,3 +177,17 @@ async def test_counters_add_up(store: MetadataStore) -> None:
     await store.add_counters({"requests:hit": 3, "requests:miss": 1})
     await store.add_counters({"requests:hit": 2})
     assert await store.counters() == {"requests:hit": 5, "requests:miss": 1}
+
+
+async def test_tokens_are_kept_for_their_lifetime(store: MetadataStore) -> None:
+    assert await store.get_token("hub:realm:scope") is None
+    await store.put_token("hub:realm:scope", "secret-token", ttl=60)
+    found = await store.get_token("hub:realm:scope")
+    assert found is not None
+    token, left = found
+    assert token == "secret-token"
+    assert 50 < left <= 60
+    await store.put_token("short", "x", ttl=0.05)
+    deadline = time.monotonic() + 5
+    while await store.get_token("short") is not None:
+        assert time.monotonic() < deadline, "the token never expired"

@@ -146,3 +146,31 @@ async def test_docker_hub_rate_limit_headers_are_recorded(
     rate_limit = mirror.server.app[SERVICES].upstreams["docker.io"].rate_limit
     assert rate_limit is not None
     assert (rate_limit.limit, rate_limit.remaining, rate_limit.window_seconds) == (100, 7, 21600)
+
+
+async def test_a_refused_token_is_replaced_by_a_fresh_one(
+    aiohttp_server: ServerFactory, make_mirror: MirrorFactory, http: aiohttp.ClientSession
+) -> None:
+    registry = FakeUpstream()
+    server = await aiohttp_server(registry.app(), host="127.0.0.1")
+    url = str(server.make_url("")).rstrip("/")
+    issued = iter(["revoked-token", "good-token"])
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"token": next(issued), "expires_in": 300})
+
+    async def manifest(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != "Bearer good-token":
+            challenge = f'Bearer realm="{url}/token",service="fake"'
+            return web.Response(status=401, headers={"WWW-Authenticate": challenge})
+        return await serve(MANIFEST, content_type=OCI_MANIFEST)(request)
+
+    registry.on("GET", "/token", token)
+    for method in ("HEAD", "GET"):
+        registry.on(method, "/v2/team/app/manifests/v1", manifest)
+        registry.on(method, f"/v2/team/app/manifests/{MANIFEST_DIGEST}", manifest)
+    mirror = await make_mirror({"fake": {"url": url}})
+    async with http.get(f"{mirror.url}/v2/team/app/manifests/v1") as response:
+        assert response.status == 200
+        assert await response.read() == MANIFEST
+    assert registry.count("GET", "/token") == 2  # the cached, refused one was replaced

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import TAG, Upstream
+from conftest import TAG, MirrorFactory, Upstream
 from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
 from support.images import push, standard_images
 from support.mirror_process import MirrorProcess
@@ -212,3 +212,24 @@ async def test_redis_outage_keeps_cached_pulls_working_and_recovers(
             assert fresh_upstream.registry.requests("GET", "/blobs/", since=mark) == []
     finally:
         redis.stop()
+
+
+async def test_mirrors_sharing_redis_ask_the_token_server_once(
+    make_mirror: MirrorFactory,
+    token_upstream: Upstream,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    tokens = token_upstream.token_server
+    assert tokens is not None
+    settings = redis_settings(redis_server)
+    upstreams = {"hub": {"url": token_upstream.url}}
+    first = await make_mirror(upstreams, **settings)
+    second = await make_mirror(upstreams, **settings)  # another node: its own memory
+    path = f"/v2/{Upstream.repo('oci')}/manifests/{TAG}"
+    before = len(tokens.requests)
+    for mirror in (first, second):
+        async with http.get(mirror.url + path) as response:
+            assert response.status == 200
+    asked = tokens.requests[before:]
+    assert len(asked) == 1, asked  # the second mirror found the token in Redis

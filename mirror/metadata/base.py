@@ -144,6 +144,12 @@ class MetadataStore(Protocol):
 
     async def delete_download(self, digest: str) -> None: ...
 
+    async def put_token(self, key: str, token: str, ttl: float) -> None:
+        """Keep an upstream token for `ttl` seconds, for every process sharing the store."""
+
+    async def get_token(self, key: str) -> tuple[str, float] | None:
+        """A kept token and the seconds it has left, or None."""
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -251,6 +252,18 @@ class EmbeddedMetadataStore:
             if isinstance(key, str) and key.startswith(("lease:", "download:")):
                 dropped += int(self._cache.delete(key))
         return dropped
+
+    async def put_token(self, key: str, token: str, ttl: float) -> None:
+        await self._run(functools.partial(self._cache.set, f"token:{key}", token, expire=ttl))
+
+    async def get_token(self, key: str) -> tuple[str, float] | None:
+        found = await self._run(
+            functools.partial(self._cache.get, f"token:{key}", expire_time=True)
+        )
+        token, expires = found if isinstance(found, tuple) else (None, None)
+        if token is None or expires is None:
+            return None
+        return str(token), max(float(expires) - time.time(), 0.0)
 
     async def ping(self) -> None:
         await self._run(self._cache.get, "ping")

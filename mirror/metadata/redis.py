@@ -271,6 +271,23 @@ class RedisMetadataStore:
     async def delete_download(self, digest: str) -> None:
         await self._run(lambda: self._redis.delete(self._k("download", digest)))
 
+    async def put_token(self, key: str, token: str, ttl: float) -> None:
+        await self._run(
+            lambda: self._redis.set(self._k("token", key), token, px=max(int(ttl * 1000), 1))
+        )
+
+    async def get_token(self, key: str) -> tuple[str, float] | None:
+        async def read() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(self._k("token", key))
+                pipe.pttl(self._k("token", key))
+                return await pipe.execute()
+
+        token, left_ms = await self._run(read)
+        if token is None or left_ms is None or int(left_ms) <= 0:
+            return None
+        return _text(token), int(left_ms) / 1000
+
     async def ping(self) -> None:
         await self._run(lambda: self._redis.ping())
 

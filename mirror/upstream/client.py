@@ -260,10 +260,20 @@ class UpstreamClient:
         response = await self._send(method, url, repository, headers, refresh_token=False)
         if response.status != 401:
             return response
+        sent_credentials = "Authorization" in response.request_info.headers
         challenge_header = response.headers.get("WWW-Authenticate", "")
         response.release()
         if self._auth.remember(origin_of(url), challenge_header) is None:
             return await self._send(method, url, repository, headers, refresh_token=False)
+        # A token we sent was refused: fetch a fresh one. If we sent none, the challenge
+        # was news to us, and a token another process already fetched may do...
+        response = await self._send(
+            method, url, repository, headers, refresh_token=sent_credentials
+        )
+        if response.status != 401 or sent_credentials:
+            return response
+        # ...unless it is refused too: then one fresh token, and that is the answer.
+        response.release()
         return await self._send(method, url, repository, headers, refresh_token=True)
 
     async def _send(
