@@ -296,3 +296,20 @@ async def test_a_connection_lost_before_any_byte_is_retried_once(
     async with http.get(f"{fake_mirror.url}{path}") as response:
         assert response.status == 503
     assert fake.count("GET", path) == 2
+
+
+async def test_a_range_of_a_blob_that_fails_verification_is_never_complete(
+    fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    # The range ends long before the blob does: its last byte still waits for the whole
+    # blob's verification, so a bad blob cannot yield a complete 206.
+    corrupted = bytearray(BLOB)
+    corrupted[len(BLOB) - 10] ^= 0xFF
+    fake.on("GET", BLOB_PATH, serve(bytes(corrupted), digest=BLOB_DIGEST))
+    async with http.get(
+        f"{fake_mirror.url}{BLOB_PATH}", headers={"Range": "bytes=0-1023"}
+    ) as response:
+        assert response.status == 206
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert fake_mirror.blob_files() == []

@@ -213,9 +213,14 @@ class BlobDownload:
         async with self._progress:
             self._progress.notify_all()
 
-    def _readable_limit(self) -> int:
-        # Hold back the last byte until the whole blob is verified.
-        return self.written if self.verified else max(self.written - 1, 0)
+    def _readable_limit(self, end: int | None) -> int:
+        """How far a reader of [.., end) may go now: the last byte of the blob, and of a
+        range, waits until the whole blob is verified, so no response is ever complete
+        with bytes nobody checked."""
+        if self.verified:
+            return self.written if end is None else min(self.written, end)
+        limit = max(self.written - 1, 0)
+        return limit if end is None else min(limit, end - 1)
 
     async def iter_bytes(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes [start, end) of the blob as they arrive; raises if the download fails."""
@@ -233,9 +238,7 @@ class BlobDownload:
         try:
             position = start
             while end is None or position < end:
-                limit = self._readable_limit()
-                if end is not None:
-                    limit = min(limit, end)
+                limit = self._readable_limit(end)
                 if position < limit:
                     data = os.pread(fd, min(READ_CHUNK, limit - position), position)
                     if not data:
@@ -248,7 +251,7 @@ class BlobDownload:
                 if self._finished:
                     raise self.error or UpstreamUnavailable("blob download failed")
                 async with self._progress:
-                    if self._readable_limit() <= position and not self._finished:
+                    if self._readable_limit(end) <= position and not self._finished:
                         await self._progress.wait()
         finally:
             os.close(fd)
