@@ -20,7 +20,7 @@ from support.cli import containerd_hosts
 from support.containerd import Containerd
 from support.images import oci_image, push_with_token
 from support.mirror_process import MirrorProcess
-from support.net import free_port, http_request
+from support.net import http_request
 from support.registry import Registry
 from support.skopeo import SkopeoError, run_skopeo_async, skopeo_copy_async
 from support.tokenserver import TokenServer
@@ -152,7 +152,7 @@ async def test_containerd_pulls_with_credentials(
     hosts = tmp_path / "certs.d"
     containerd_hosts(config, mirror.url, hosts, fallback="none")
     reference = f"reg.test/{Upstream.repo('oci')}:{TAG}"
-    with Containerd(Path(f"/tmp/ctd-auth-{free_port()}")) as daemon:
+    with Containerd() as daemon:
         await asyncio.to_thread(
             daemon.ctr,
             "images",

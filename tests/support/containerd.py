@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from .net import Service, wait_until
@@ -17,9 +18,12 @@ NAMESPACE = "mirror-tests"
 
 
 class Containerd(Service):
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.socket = workdir / "containerd.sock"
+    def __init__(self, workdir: Path | None = None):
+        # Unix socket paths are limited to ~100 bytes: without a workdir, a short one
+        # of our own, removed again at stop.
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="ctd-"))
+        self.socket = self.workdir / "containerd.sock"
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -90,3 +94,5 @@ class Containerd(Service):
             self._process.terminate()
             self._process.wait(timeout=20)
             self._process = None
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
