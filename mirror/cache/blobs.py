@@ -148,7 +148,11 @@ class BlobCache:
         if self._offline:
             raise BlobUnknown(OFFLINE_MISS, detail={"digest": str(digest)})
         running = self._downloads.get(digest)
-        if running is not None and running[0].error is None and self._may_join(route, running[1]):
+        if running is not None and running[0].error is None:
+            if not self._may_join(route, running[1]):
+                # Fetched for another repository of a credentialed upstream: join it
+                # only once this repository is known to hold the blob too.
+                await self._confirm_upstream_holds(route, digest)
             download = running[0]
         else:
             download = await self._start_download(route, digest)
