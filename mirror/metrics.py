@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +21,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from mirror.metadata.base import MetadataStore, MetadataUnavailable
 from mirror.storage.blobstore import BlobStore
 from mirror.upstream.client import RateLimit
 
+# Set by the supervisor of `serve --workers` (prometheus_client's multiprocess mode).
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -87,6 +91,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.pending: collections.Counter[str] = collections.Counter()
+        self._state: _StateCollector | None = None
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "mirror_requests",
@@ -115,7 +120,8 @@ class Metrics:
         )
 
     def watch(self, sources: StateSources) -> None:
-        self.registry.register(_StateCollector(sources))
+        self._state = _StateCollector(sources)
+        self.registry.register(self._state)
 
     def observe_request(
         self,
@@ -152,6 +158,14 @@ class Metrics:
         self.upstream_seconds.labels(upstream).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
+        directory = os.environ.get(MULTIPROCESS_ENV)
+        if directory and self._state is not None:
+            # Under `serve --workers`: the event counts of every worker, from their shared
+            # files, and this worker's view of the state.
+            combined = CollectorRegistry()
+            MultiProcessCollector(combined, path=directory)  # type: ignore[no-untyped-call]
+            combined.register(self._state)
+            return generate_latest(combined), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 

@@ -14,14 +14,17 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from types import FrameType
 
 import structlog
+from prometheus_client.multiprocess import mark_process_dead
 
 from mirror.config import MirrorConfig
 from mirror.core import default_sweep
+from mirror.metrics import MULTIPROCESS_ENV
 from mirror.storage.blobstore import BlobStore
 
 log = structlog.get_logger(__name__)
@@ -37,12 +40,19 @@ class Supervisor:
         self._workers = workers
         self._processes: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
         self._stopping = False
+        self._env: dict[str, str] = dict(os.environ)
 
     def run(self) -> int:
         swept = BlobStore(self._config.storage.root).prepare(default_sweep(self._config).older_than)
         log.info("supervisor_started", workers=self._workers, temp_files_swept=swept)
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        # Workers count into shared files here, so any worker's /metrics reports them all.
+        with tempfile.TemporaryDirectory(prefix="mirror-metrics-") as metrics_dir:
+            self._env = {**os.environ, MULTIPROCESS_ENV: metrics_dir}
+            return self._supervise()
+
+    def _supervise(self) -> int:
         for slot in range(self._workers):
             self._start(slot)
         pause = 1.0
@@ -57,6 +67,7 @@ class Supervisor:
             slot = found
             process, started = self._processes.pop(slot)
             process.returncode = os.waitstatus_to_exitcode(status)
+            mark_process_dead(pid, self._env[MULTIPROCESS_ENV])  # type: ignore[no-untyped-call]
             if self._stopping:
                 continue
             lived = time.monotonic() - started
@@ -69,7 +80,7 @@ class Supervisor:
         return 0
 
     def _start(self, slot: int) -> None:
-        process = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL, env=self._env)
         self._processes[slot] = (process, time.monotonic())
         log.info("worker_started", slot=slot, pid=process.pid)
 

@@ -8,18 +8,20 @@ import signal
 from pathlib import Path
 
 from conftest import TAG, Upstream
+from prometheus_client.parser import text_string_to_metric_families
 from support.mirror_process import MirrorProcess
 from support.net import free_port, http_request, wait_until
 
 
-def serving_pids(mirror: MirrorProcess) -> set[int]:
+def serving_pids(mirror: MirrorProcess, path: str | None = None) -> set[int]:
+    """The workers that answered requests (for `path` only, if given)."""
     pids = set()
     for line in mirror.log_text().splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue  # the line a worker is writing right now
-        if record.get("event") == "request":
+        if record.get("event") == "request" and path in (None, record.get("path")):
             pids.add(record["pid"])
     return pids
 
@@ -56,3 +58,26 @@ def test_two_workers_share_the_port_and_are_restarted(tmp_path: Path, upstream: 
             message="no replacement worker served",
         )
     assert mirror.stop() in (0, None)
+
+
+def test_metrics_count_every_workers_requests(tmp_path: Path, upstream: Upstream) -> None:
+    upstreams = {"local": {"url": upstream.url}}
+    mirror = MirrorProcess(
+        tmp_path / "m", upstreams, port=free_port(), extra_args=("--workers", "2")
+    )
+    with mirror:
+        sent = 0
+        # New connections each time, until both workers have answered some.
+        while len(serving_pids(mirror, "/v2/")) < 2 or sent < 20:
+            assert answers(f"{mirror.url}/v2/")
+            sent += 1
+            assert sent < 500, "the requests never reached both workers"
+        for _ in range(5):  # whichever worker answers the scrape, the total is the same
+            text = http_request("GET", f"{mirror.url}/metrics").body.decode()
+            counted = sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "mirror_requests_total" and sample.labels.get("kind") == "base"
+            )
+            assert counted == sent
