@@ -108,7 +108,8 @@ def _route(request: web.Request, services: Services, name: str, reference: str =
     return route
 
 
-def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every response carries, streamed or not, error or not."""
     response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
     namespace = request.query.get("ns")
     if namespace and response.status < 400:
@@ -116,11 +117,6 @@ def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
     info = request.get(ACCESS_INFO)
     if info is not None:
         response.headers["X-Request-Id"] = info.request_id
-
-
-async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """Headers every response carries, streamed or not, error or not."""
-    _common_headers(request, response)
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)

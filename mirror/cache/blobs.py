@@ -66,13 +66,6 @@ class BlobSource:
             self.file.close()
 
 
-def _open_if_present(path: Path) -> BinaryIO | None:
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        return None
-
-
 def process_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
 
@@ -139,12 +132,17 @@ class BlobCache:
 
     async def open(self, route: Route, digest: Digest) -> BlobSource:
         """A source for the blob's bytes, fetching it if it is not here."""
-        size = self._store.size(digest)
-        if size is not None and await self._may_serve_cached(route, digest):
-            file = _open_if_present(self._store.path(digest))
-            if file is not None:  # else evicted a moment ago: fetch it again below
-                self._accessed[str(digest)] = time.time()
-                return BlobSource(digest, size, "hit", file=file)
+        # Opened before it is served, so eviction cannot pull it away meanwhile.
+        committed = self._store.open_committed(digest)
+        if committed is not None:
+            file, size = committed
+            try:
+                await self._check_may_serve(route, digest)
+            except BaseException:
+                file.close()
+                raise
+            self._accessed[str(digest)] = time.time()
+            return BlobSource(digest, size, "hit", file=file)
         if self._offline:
             raise BlobUnknown(OFFLINE_MISS, detail={"digest": str(digest)})
         running = self._downloads.get(digest)
@@ -176,7 +174,8 @@ class BlobCache:
     async def head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
         """The blob's size and the cache result, without fetching its bytes."""
         size = self._store.size(digest)
-        if size is not None and await self._may_serve_cached(route, digest):
+        if size is not None:
+            await self._check_may_serve(route, digest)
             return size, "hit"
         running = self._downloads.get(digest)
         if running is not None and self._may_join(route, running[1]):
@@ -186,11 +185,7 @@ class BlobCache:
                 return download.size, "hit" if download.verified else "miss"
         if self._offline:
             raise BlobUnknown(OFFLINE_MISS, detail={"digest": str(digest)})
-        async with await self._client(route).open(
-            "HEAD", route.repository, f"blobs/{digest}"
-        ) as response:
-            raise_for_upstream_status(response, BlobUnknown)
-            length = response.content_length
+        length = await self._confirm_upstream_holds(route, digest)
         await self._metadata.add_blob_repository(str(digest), route.upstream, route.repository)
         return length, "pass-through"
 
@@ -202,33 +197,38 @@ class BlobCache:
             return True
         return not ({route.upstream, started_for.upstream} & self._credentialed)
 
-    async def _may_serve_cached(self, route: Route, digest: Digest) -> bool:
+    async def _check_may_serve(self, route: Route, digest: Digest) -> None:
+        """Raise BLOB_UNKNOWN unless this repository may be served the cached blob."""
+        if not self._credentialed:
+            # Only public content is cached: any repository may have it, and the hot
+            # path makes no metadata round trip to find that out.
+            return
         try:
             holders = await self._metadata.blob_repositories(str(digest))
         except MetadataUnavailable:
-            # Degraded: blobs on disk keep being served. With no credentialed upstream
-            # there is nothing to protect; otherwise the upstream is asked (not recorded).
-            if not self._credentialed:
-                return True
+            # Degraded: blobs on disk keep being served once the upstream says this
+            # repository holds them (not recorded: the store is away).
             await self._confirm_upstream_holds(route, digest)
-            return True
+            return
         if (route.upstream, route.repository) in holders:
-            return True
+            return
         public = route.upstream not in self._credentialed and not any(
             upstream in self._credentialed for upstream, _ in holders
         )
         if public:
-            return True
+            return
         # Ask the upstream whether this repository holds the blob, and remember a yes.
         await self._confirm_upstream_holds(route, digest)
         await self._metadata.add_blob_repository(str(digest), route.upstream, route.repository)
-        return True
 
-    async def _confirm_upstream_holds(self, route: Route, digest: Digest) -> None:
+    async def _confirm_upstream_holds(self, route: Route, digest: Digest) -> int | None:
+        """HEAD the blob in this repository upstream (BLOB_UNKNOWN if it is not there);
+        returns its size."""
         async with await self._client(route).open(
             "HEAD", route.repository, f"blobs/{digest}"
         ) as response:
             raise_for_upstream_status(response, BlobUnknown)
+            return response.content_length
 
     # Fetching
 

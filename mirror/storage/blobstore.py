@@ -25,6 +25,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from mirror.errors import DigestInvalid, UpstreamBadResponse
 from mirror.oci import Digest
@@ -104,6 +105,14 @@ class BlobStore:
             return self.path(digest).stat().st_size
         except FileNotFoundError:
             return None
+
+    def open_committed(self, digest: Digest) -> tuple[BinaryIO, int] | None:
+        """The committed blob opened for reading, with its size; None if not here."""
+        try:
+            file = open(self.path(digest), "rb")  # noqa: SIM115 - the caller owns it
+        except FileNotFoundError:
+            return None
+        return file, os.fstat(file.fileno()).st_size
 
     def read_bytes(self, digest: Digest) -> bytes | None:
         try:
