@@ -29,6 +29,7 @@ from mirror.config import MirrorConfig, TlsConfig
 from mirror.core import TempSweep, default_sweep, open_core
 from mirror.eviction import Evictor, SizeLimit
 from mirror.metadata.base import MetadataStore, MetadataUnavailable
+from mirror.metadata.deferred import DeferredWrites
 from mirror.metrics import METRICS, Metrics, StateSources, handle_metrics
 from mirror.storage.blobstore import BlobStore
 
@@ -41,6 +42,7 @@ CONFIG = web.AppKey("config", MirrorConfig)
 METADATA = web.AppKey("metadata", MetadataStore)
 STORE = web.AppKey("store", BlobStore)
 EVICTOR = web.AppKey("evictor", Evictor)
+DEFERRED = web.AppKey("deferred", DeferredWrites)
 
 
 SWEEP_TEMP = web.AppKey("sweep_temp", TempSweep)
@@ -73,10 +75,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                 evictions=lambda: (evictor.evicted_blobs, evictor.evicted_bytes),
                 stale_answers=lambda: manifests.stale_answers,
                 rate_limits=lambda: {n: c.rate_limit for n, c in core.clients.items()},
+                metadata_writes_pending=lambda: core.deferred.pending,
+                uncoordinated_fetches=lambda: blobs.uncoordinated_fetches,
             )
         )
+        app[DEFERRED] = core.deferred
         background = TaskOwner("lifecycle")
         background.spawn(evictor.run(storage.eviction_interval), name="evictor")
+        # Once the store is back: what waited, then files the records do not know yet.
+        background.spawn(core.deferred.run(evictor.reconcile), name="deferred-writes")
         background.spawn(_flush_counters(app[METRICS], metadata), name="counters")
         log.info(
             "mirror_started",
@@ -138,8 +145,11 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    """Ready: storage is writable and the metadata store answers."""
+    """Ready: storage is writable. The metadata store is reported, but its outage
+    leaves the mirror ready (degraded): pulls go on without it, and taking every
+    replica out of its Service would turn a Redis outage into an outage."""
     checks: dict[str, str] = {}
+    degraded: dict[str, str] = {}
     try:
         await asyncio.to_thread(request.app[STORE].check_writable)
         checks["storage"] = "ok"
@@ -150,8 +160,12 @@ async def _readyz(request: web.Request) -> web.Response:
         checks["metadata"] = "ok"
     except (MetadataUnavailable, TimeoutError):
         checks["metadata"] = "unreachable"
-    ready = all(value == "ok" for value in checks.values())
-    return web.json_response(
-        {"status": "ready" if ready else "not ready", "checks": checks},
-        status=200 if ready else 503,
-    )
+        degraded["metadata"] = (
+            "pulls are fetched without coordination; "
+            f"{request.app[DEFERRED].pending} records wait for the store"
+        )
+    ready = checks["storage"] == "ok"
+    body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": checks}
+    if degraded:
+        body["degraded"] = degraded
+    return web.json_response(body, status=200 if ready else 503)

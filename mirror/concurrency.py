@@ -3,7 +3,7 @@
 `SingleFlight` runs one coroutine per key at a time and lets every concurrent
 caller await that one result. `TaskOwner` keeps background tasks referenced,
 logs their failures, and cancels and awaits them at shut-down, so no task is
-fire-and-forget.
+fire-and-forget. `cancel_and_wait` is how either stops a task.
 """
 
 from __future__ import annotations
@@ -18,6 +18,24 @@ K = TypeVar("K")
 T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
+
+RECANCEL_AFTER = 1.0
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and return once it has ended.
+
+    A task can swallow a cancellation (redis-py's asyncio client has been seen to while
+    a command was in flight), and a single `cancel()` followed by a wait would then wait
+    forever: cancel again until it ends, and say so.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=RECANCEL_AFTER)
+        if not task.done():
+            log.warning("task_ignored_cancellation", task=task.get_name())
+    if not task.cancelled():
+        task.exception()  # retrieved: an error here was the task's own, already handled
 
 
 class SingleFlight(Generic[K, T]):
@@ -49,10 +67,8 @@ class SingleFlight(Generic[K, T]):
         return len(self._running)
 
     async def close(self) -> None:
-        tasks = list(self._running.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in list(self._running.values()):
+            await cancel_and_wait(task)
 
 
 class TaskOwner:
@@ -88,5 +104,4 @@ class TaskOwner:
         if tasks and grace > 0:
             await asyncio.wait(tasks, timeout=grace)
         for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(task)

@@ -17,8 +17,10 @@ import aiohttp
 from mirror.cache.blobs import BlobCache
 from mirror.cache.listings import Listings
 from mirror.cache.manifests import ManifestCache
+from mirror.cache.provenance import ContentAccess
 from mirror.config import MirrorConfig
-from mirror.metadata.base import MetadataStore
+from mirror.metadata.base import MetadataStore, MetadataUnavailable
+from mirror.metadata.deferred import DeferredWrites
 from mirror.metadata.embedded import EmbeddedMetadataStore
 from mirror.policy import UpstreamPolicy
 from mirror.routing import Router, UpstreamNames
@@ -71,6 +73,7 @@ class MirrorCore:
     config: MirrorConfig
     store: BlobStore
     metadata: MetadataStore
+    deferred: DeferredWrites
     clients: dict[str, UpstreamClient]
     router: Router
     blobs: BlobCache
@@ -122,10 +125,20 @@ async def open_core(
     credentialed = frozenset(
         name for name, upstream in config.upstreams.items() if upstream.username
     )
+    deferred = DeferredWrites(metadata)
+    access = ContentAccess(metadata, deferred, clients, credentialed)
     blobs = BlobCache(
-        store, metadata, clients, credentialed, config.metadata.lease_ttl, offline=config.offline
+        store,
+        metadata,
+        deferred,
+        clients,
+        access,
+        config.metadata.lease_ttl,
+        offline=config.offline,
     )
-    manifests = ManifestCache(store, metadata, clients, policies, offline=config.offline)
+    manifests = ManifestCache(
+        store, metadata, deferred, clients, access, policies, offline=config.offline
+    )
     listings = Listings(
         metadata,
         clients,
@@ -139,6 +152,7 @@ async def open_core(
             config,
             store,
             metadata,
+            deferred,
             clients,
             build_router(config),
             blobs,
@@ -149,6 +163,10 @@ async def open_core(
     finally:
         await blobs.close()
         await manifests.close()
+        if deferred.pending:
+            # Last chance for records that waited out an outage (a seed run, say).
+            with contextlib.suppress(MetadataUnavailable):
+                await deferred.replay()
         await session.close()
         await tokens.close()
         await metadata.close()

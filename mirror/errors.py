@@ -11,9 +11,15 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
     ├── Unsupported
     ├── Unauthorized, Denied
     ├── TooManyRequests
-    └── UpstreamError              upstream unreachable, 5xx, or broken reply
-        ├── UpstreamUnavailable    connection refused, timeout, 5xx  (503)
-        └── UpstreamBadResponse    wrong digest, size or protocol      (502)
+    ├── UpstreamError              upstream unreachable, 5xx, or broken reply
+    │   ├── UpstreamUnavailable    connection refused, timeout, 5xx  (503)
+    │   └── UpstreamBadResponse    wrong digest, size or protocol      (502)
+    └── MetadataUnavailable        the metadata store cannot be reached (503)
+
+`MetadataUnavailable` is deliberately not an upstream failure: the upstream may be
+right there while Redis is down, and the caches answer the two differently (an
+upstream failure may be answered stale; a metadata outage is worked around, and the
+pull goes on uncoordinated).
 """
 
 from __future__ import annotations
@@ -98,3 +104,13 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamBadResponse(UpstreamError):
     code, status = "UNAVAILABLE", 502
+
+
+class MetadataUnavailable(MirrorError):
+    """The metadata store cannot be reached. The caches work around it (fetch without
+    a lease, keep records for later); a client sees it only where nothing else helps."""
+
+    code, status = "UNAVAILABLE", 503
+
+    def __init__(self, message: str, *, detail: Any = None):
+        super().__init__(message, detail=detail, headers={"Retry-After": "10"})

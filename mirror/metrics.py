@@ -43,6 +43,8 @@ class StateSources:
     evictions: Callable[[], tuple[int, int]]  # (blobs, bytes)
     stale_answers: Callable[[], Mapping[str, int]]
     rate_limits: Callable[[], Mapping[str, RateLimit | None]]
+    metadata_writes_pending: Callable[[], int] = lambda: 0
+    uncoordinated_fetches: Callable[[], int] = lambda: 0
 
 
 class _StateCollector(Collector):
@@ -84,6 +86,16 @@ class _StateCollector(Collector):
             if rate_limit is not None and rate_limit.remaining is not None:
                 remaining.add_metric([upstream], rate_limit.remaining)
         yield remaining
+        yield GaugeMetricFamily(
+            "mirror_metadata_writes_pending",
+            "Metadata records waiting for the metadata store to come back",
+            value=s.metadata_writes_pending(),
+        )
+        yield CounterMetricFamily(
+            "mirror_uncoordinated_fetches",
+            "Blob misses fetched without a lease because the metadata store was away",
+            value=s.uncoordinated_fetches(),
+        )
 
 
 class Metrics:

@@ -33,6 +33,8 @@ DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 
 # What we ask every upstream for, so one cached copy serves every client.
 MANIFEST_MEDIA_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST)
+# The Accept header carrying them all.
+ACCEPT_ALL_MANIFESTS = ", ".join(MANIFEST_MEDIA_TYPES)
 INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 
 # containerd rejects manifests above 4*1048*1048 bytes; we allow some headroom but

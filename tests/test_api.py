@@ -372,6 +372,28 @@ async def test_head_by_tag_of_an_uncached_manifest_costs_no_upstream_get(
     assert registry.requests(method="GET", path_contains="/manifests/", since=mark) == []
 
 
+async def test_a_docker_pull_of_a_cold_tag_records_the_tag(
+    mirror: Mirror, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    # Docker resolves a tag with HEAD, then GETs the manifest by digest. The next pull
+    # within tag_ttl must be answered without asking the upstream anything.
+    image = upstream.images["docker"]
+    registry = upstream.registry
+    tag_url = f"{mirror.url}/v2/{repo('docker')}/manifests/{TAG}"
+    digest_url = f"{mirror.url}/v2/{repo('docker')}/manifests/{image.digest}"
+    caches = {}
+    mark = 0
+    for pull in ("cold", "warm"):
+        mark = registry.mark()
+        async with http.head(tag_url) as response:
+            assert response.headers["Docker-Content-Digest"] == image.digest
+            caches[pull] = response.headers["X-Cache"]
+        async with http.get(digest_url) as response:
+            assert await response.read() == image.manifest
+    assert caches == {"cold": "MISS", "warm": "HIT"}
+    assert registry.requests(path_contains="/manifests/", since=mark) == []
+
+
 async def test_zero_copy_path_for_remote_peers(
     mirror: Mirror, upstream: Upstream, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import Mirror, MirrorFactory
+from redis.asyncio import Redis
 from support.fake_upstream import (
     FakeUpstream,
     digest_of,
@@ -29,6 +30,7 @@ from support.fake_upstream import (
     status,
 )
 from support.net import eventually, free_port
+from support.redis_server import RedisServer
 
 from mirror.oci import OCI_MANIFEST
 
@@ -313,3 +315,36 @@ async def test_a_range_of_a_blob_that_fails_verification_is_never_complete(
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     assert fake_mirror.blob_files() == []
+
+
+async def test_an_unexpected_error_before_the_download_starts_answers_every_client(
+    fake: FakeUpstream,
+    aiohttp_server: ServerFactory,
+    make_mirror: MirrorFactory,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Another process holds the lease and its download record is unreadable (written by
+    another version, say): the clients waiting for the download get an error at once,
+    never a hang."""
+    server = await aiohttp_server(fake.app(), host="127.0.0.1")
+    fake.on("GET", BLOB_PATH, serve(BLOB))
+    prefix = f"unexpected{os.getpid()}:"
+    mirror = await make_mirror(
+        {"fake": {"url": str(server.make_url("")).rstrip("/")}},
+        metadata={"backend": "redis", "redis_url": redis_server.url, "key_prefix": prefix},
+    )
+    client = Redis.from_url(redis_server.url)
+    try:
+        await client.set(f"{prefix}lease:blob:{BLOB_DIGEST}", "another-process", px=60_000)
+        await client.set(f"{prefix}download:{BLOB_DIGEST}", b"\x00 not a record")
+
+        async def attempt() -> int:
+            async with http.get(f"{mirror.url}{BLOB_PATH}") as response:
+                return response.status
+
+        statuses = await asyncio.wait_for(asyncio.gather(*(attempt() for _ in range(3))), 30)
+        assert statuses == [503, 503, 503]
+        assert fake.count("GET", BLOB_PATH) == 0
+    finally:
+        await client.aclose()

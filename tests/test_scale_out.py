@@ -2,13 +2,14 @@
 
 The upstream must see each blob once whichever process a client reaches; a lease
 holder that dies hands over to another process once its lease lapses, and no client
-gets wrong bytes; a Redis outage leaves cached pulls working and `/readyz` honest, and
-the mirror recovers by itself when Redis returns.
+gets wrong bytes; a Redis outage leaves pulls working (cold ones too) and `/readyz`
+honest, and the records written meanwhile reach Redis by themselves when it returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections import Counter
@@ -20,12 +21,14 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import TAG, MirrorFactory, Upstream
 from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
-from support.images import push, standard_images
+from support.images import Image, push, standard_images
 from support.mirror_process import MirrorProcess
 from support.net import eventually, http_request
 from support.redis_server import RedisServer
 from support.registry import Registry
-from support.skopeo import SkopeoError, skopeo_copy_async
+from support.skopeo import skopeo_copy_async
+
+from mirror.metadata.redis import RedisMetadataStore
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -177,7 +180,15 @@ async def test_lease_holder_killed_mid_download_hands_over(
         other.stop()
 
 
-async def test_redis_outage_keeps_cached_pulls_working_and_recovers(
+def all_digests(image: Image) -> set[str]:
+    """The image's manifest and every blob it reaches, children included."""
+    found = {image.digest, *image.blobs}
+    for child in image.children:
+        found |= all_digests(child)
+    return found
+
+
+async def test_redis_outage_keeps_pulls_working_and_records_catch_up(
     tmp_path: Path, fresh_upstream: Upstream
 ) -> None:
     redis = RedisServer(tmp_path / "redis")
@@ -194,24 +205,52 @@ async def test_redis_outage_keeps_cached_pulls_working_and_recovers(
             await skopeo_copy_async(cached, f"dir:{tmp_path / 'during'}")
             expected = fresh_upstream.images["oci"].manifest
             assert (tmp_path / "during" / "manifest.json").read_bytes() == expected
-            ready = http_request("GET", f"{mirror.url}/readyz")
-            assert ready.status == 503
-            assert b"unreachable" in ready.body
             assert http_request("GET", f"{mirror.url}/healthz").status == 200
-            uncached = f"docker://{mirror.host}/{Upstream.repo('oci-index')}:{TAG}"
-            with pytest.raises(SkopeoError):
-                await skopeo_copy_async(uncached, f"dir:{tmp_path / 'refused'}")
 
-            redis.start()  # same port, empty: the mirror reconnects on its own
-            await eventually(
-                lambda: http_request("GET", f"{mirror.url}/readyz").status == 200, timeout=30
-            )
-            await skopeo_copy_async(uncached, f"dir:{tmp_path / 'after'}")
+            # A cold pull while the store is away: fetched anyway, never a 503.
+            index = fresh_upstream.images["oci-index"]
+            uncached = f"docker://{mirror.host}/{Upstream.repo('oci-index')}:{TAG}"
+            await skopeo_copy_async(uncached, f"dir:{tmp_path / 'cold-during-outage'}")
+            ready = http_request("GET", f"{mirror.url}/readyz")
+            # Still ready (a Redis outage must not empty the Service), and honest about it.
+            assert ready.status == 200
+            assert json.loads(ready.body)["checks"]["metadata"] == "unreachable"
+            assert "metadata" in json.loads(ready.body)["degraded"]
+            metrics = http_request("GET", f"{mirror.url}/metrics").body.decode()
+            assert metric_value(metrics, "mirror_uncoordinated_fetches_total") >= 1
+            assert metric_value(metrics, "mirror_metadata_writes_pending") >= 1
+
+            redis.start()  # same port, empty: the mirror catches up on its own
+            prefix = str(settings["metadata"]["key_prefix"])  # type: ignore[index]
+
+            async def recorded() -> bool:
+                store = RedisMetadataStore(redis.url, prefix)
+                try:
+                    tag = await store.get_tag("local", Upstream.repo("oci-index"), TAG)
+                    blobs = [await store.get_blob(d) for d in all_digests(index)]
+                finally:
+                    await store.close()
+                return tag is not None and tag.digest == index.digest and all(blobs)
+
+            # Polled from eventually's worker thread, on a loop of its own.
+            await eventually(lambda: asyncio.run(recorded()), timeout=30)
+            body = json.loads(http_request("GET", f"{mirror.url}/readyz").body)
+            assert body["checks"]["metadata"] == "ok"
+            assert "degraded" not in body
+
             mark = fresh_upstream.registry.mark()
             await skopeo_copy_async(uncached, f"dir:{tmp_path / 'again'}")
             assert fresh_upstream.registry.requests("GET", "/blobs/", since=mark) == []
+            assert fresh_upstream.registry.requests("GET", "/manifests/", since=mark) == []
     finally:
         redis.stop()
+
+
+def metric_value(exposition: str, name: str) -> float:
+    for line in exposition.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 async def test_mirrors_sharing_redis_ask_the_token_server_once(

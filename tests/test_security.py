@@ -9,6 +9,7 @@ import json
 import os
 import ssl
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +22,7 @@ from support.containerd import Containerd
 from support.images import oci_image, push_with_token
 from support.mirror_process import MirrorProcess
 from support.net import http_request
+from support.redis_server import RedisServer
 from support.registry import Registry
 from support.skopeo import SkopeoError, run_skopeo_async, skopeo_copy_async
 from support.tokenserver import TokenServer
@@ -180,9 +182,17 @@ async def test_containerd_pulls_with_credentials(
         assert refused.returncode != 0
 
 
+@dataclass(frozen=True)
+class PrivateUpstream:
+    """A registry nobody may read anonymously, holding one image under two names."""
+
+    registry: Registry
+    layer: str
+    manifest: str
+
+
 @pytest.fixture
-def private_upstream(tmp_path: Path) -> Iterator[tuple[Registry, str, str]]:
-    """A registry nobody may read anonymously, holding private/app."""
+def private_upstream(tmp_path: Path) -> Iterator[PrivateUpstream]:
     with (
         TokenServer(
             users={PUSHER: PUSHER_PASSWORD}, anonymous_actions=(), workdir=tmp_path / "t"
@@ -190,41 +200,77 @@ def private_upstream(tmp_path: Path) -> Iterator[tuple[Registry, str, str]]:
         Registry(tmp_path / "private", token_auth=tokens.registry_settings()) as registry,
     ):
         image = oci_image([64 * 1024], seed=777)
-        push_with_token(registry.url, "private/app", image, TAG, tokens, PUSHER, PUSHER_PASSWORD)
-        yield registry, image.layer_digests[0], image.digest
+        for repository in ("private/app", "private/copy"):
+            push_with_token(registry.url, repository, image, TAG, tokens, PUSHER, PUSHER_PASSWORD)
+        yield PrivateUpstream(registry, image.layer_digests[0], image.digest)
 
 
-async def test_private_blobs_are_not_served_through_other_names(
+@pytest.mark.parametrize("backend", ["embedded", "redis"])
+async def test_private_content_is_not_served_through_other_names(
     make_mirror: MirrorFactory,
     upstream: Upstream,
-    private_upstream: tuple[Registry, str, str],
+    private_upstream: PrivateUpstream,
+    redis_server: RedisServer,
     http: aiohttp.ClientSession,
+    backend: str,
 ) -> None:
-    registry, layer, _ = private_upstream
+    """Blobs and manifests fetched with credentials reach another repository or upstream
+    only once that upstream says the repository holds them."""
+    metadata: dict[str, str] = {"backend": backend}
+    if backend == "redis":
+        metadata |= {"redis_url": redis_server.url, "key_prefix": f"private{os.getpid()}:"}
     mirror = await make_mirror(
         {
-            "private": {"url": registry.url, "username": PUSHER, "password": PUSHER_PASSWORD},
+            "private": {
+                "url": private_upstream.registry.url,
+                "username": PUSHER,
+                "password": PUSHER_PASSWORD,
+            },
             "public": {"url": upstream.url},
-        }
+        },
+        metadata=metadata,
     )
-    own = f"{mirror.url}/v2/private/app/blobs/{layer}?ns=private"
-    async with http.get(own) as response:
-        assert response.status == 200
-        await response.read()
-    await mirror.settled()
-    async with http.get(own) as response:
-        assert response.headers["X-Cache"] == "HIT"
-    # Cached, yet not through a public repository's name, nor another private one's.
-    for path in (
-        f"/v2/public/app/blobs/{layer}?ns=public",
-        f"/v2/{Upstream.repo('oci')}/blobs/{layer}?ns=public",
-        f"/v2/private/other/blobs/{layer}?ns=private",
-    ):
-        async with http.get(mirror.url + path) as response:
-            assert response.status == 404, path
-            assert (await response.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
-        async with http.head(mirror.url + path) as response:
-            assert response.status == 404, path
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    content = {
+        "blobs": private_upstream.layer,
+        "manifests": private_upstream.manifest,
+    }
+    for kind, digest in content.items():
+        own = f"{mirror.url}/v2/private/app/{kind}/{digest}?ns=private"
+        async with http.get(own, headers=accept) as response:
+            assert response.status == 200, kind
+            await response.read()
+        await mirror.settled()
+        async with http.get(own, headers=accept) as response:
+            assert response.headers["X-Cache"] == "HIT", kind
+
+    for kind, digest in content.items():
+        unknown = "BLOB_UNKNOWN" if kind == "blobs" else "MANIFEST_UNKNOWN"
+        # Cached, yet not through a public upstream's names, nor through a private
+        # repository the upstream says lacks it.
+        for path in (
+            f"/v2/public/app/{kind}/{digest}?ns=public",
+            f"/v2/{Upstream.repo('oci')}/{kind}/{digest}?ns=public",
+            f"/v2/private/other/{kind}/{digest}?ns=private",
+        ):
+            async with http.get(mirror.url + path, headers=accept) as response:
+                assert response.status == 404, path
+                assert (await response.json())["errors"][0]["code"] == unknown, path
+            async with http.head(mirror.url + path, headers=accept) as response:
+                assert response.status == 404, path
+
+        # A private repository that does hold it gets the cached copy, after one HEAD.
+        mark = private_upstream.registry.mark()
+        copy = f"{mirror.url}/v2/private/copy/{kind}/{digest}?ns=private"
+        for method in ("HEAD", "GET"):
+            async with http.request(method, copy, headers=accept) as response:
+                assert response.status == 200, (method, kind)
+                assert response.headers["X-Cache"] == "HIT", (method, kind)
+                await response.read()
+        asked = [
+            e.method for e in private_upstream.registry.requests(since=mark) if digest in e.path
+        ]
+        assert asked == ["HEAD"], (kind, asked)
 
 
 @pytest.fixture(scope="module")

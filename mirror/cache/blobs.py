@@ -12,10 +12,11 @@ holder's growing temp file when they share a volume, or else waits for the
 holder's commit; if the holder dies, its lease lapses and this process fetches
 the blob itself.
 
-Access rule: a blob reached through a credentialed upstream is served for
-another repository only once that repository is known to hold it (the
-upstream said so to a HEAD or a GET); content from public upstreams is
-content-addressed and served for any repository of a public upstream.
+Availability comes before coordination: if the metadata store cannot be reached,
+a miss is fetched anyway (single-flight within this process, verified and committed
+as usual) and its records wait in `DeferredWrites` until the store answers.
+
+Who may be served what is `ContentAccess`'s rule (provenance.py).
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from typing import BinaryIO
 
 import structlog
 
-from mirror.cache.fetch import BlobDownload, raise_for_upstream_status
+from mirror.cache.fetch import BlobDownload
 from mirror.cache.manifests import OFFLINE_MISS
-from mirror.concurrency import TaskOwner
-from mirror.errors import BlobUnknown, UpstreamUnavailable
-from mirror.metadata.base import BlobRecord, DownloadRecord, MetadataStore, MetadataUnavailable
+from mirror.cache.provenance import ContentAccess
+from mirror.concurrency import TaskOwner, cancel_and_wait
+from mirror.errors import BlobUnknown, MetadataUnavailable, MirrorError, UpstreamUnavailable
+from mirror.metadata.base import BlobRecord, DownloadRecord, MetadataStore
+from mirror.metadata.deferred import DeferredWrites
 from mirror.oci import Digest
 from mirror.routing import Route
 from mirror.storage.blobstore import BlobStore
@@ -75,8 +78,9 @@ class BlobCache:
         self,
         store: BlobStore,
         metadata: MetadataStore,
+        deferred: DeferredWrites,
         clients: Mapping[str, UpstreamClient],
-        credentialed: frozenset[str],
+        access: ContentAccess,
         lease_ttl: float = 30.0,
         *,
         offline: bool = False,
@@ -84,8 +88,9 @@ class BlobCache:
         self._offline = offline
         self._store = store
         self._metadata = metadata
+        self._deferred = deferred
         self._clients = clients
-        self._credentialed = credentialed
+        self._access = access
         # A holder that dies stops renewing; others take over once the lease lapses.
         self._lease_ttl = lease_ttl
         self._downloads: dict[Digest, tuple[BlobDownload, Route]] = {}
@@ -94,6 +99,8 @@ class BlobCache:
         self._accessed: dict[str, float] = {}
         self._readers: Counter[Digest] = Counter()
         self._flusher: asyncio.Task[None] | None = None
+        # Misses fetched without a lease because the metadata store was away.
+        self.uncoordinated_fetches = 0
 
     # Lifecycle
 
@@ -102,12 +109,14 @@ class BlobCache:
 
     async def close(self) -> None:
         if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
+            await cancel_and_wait(self._flusher)
         # A download close to its end is worth finishing: its clients get their bytes
         # and the cache keeps the blob.
         await self._tasks.close(grace=SHUTDOWN_GRACE)
-        await self.flush_access()
+        try:
+            await self.flush_access()
+        except MetadataUnavailable as exc:
+            log.warning("access_flush_failed", error=exc.message)
 
     @property
     def downloads_in_flight(self) -> int:
@@ -137,7 +146,7 @@ class BlobCache:
         if committed is not None:
             file, size = committed
             try:
-                await self._check_may_serve(route, digest)
+                await self._access.check(route, "blobs", digest)
             except BaseException:
                 file.close()
                 raise
@@ -147,10 +156,10 @@ class BlobCache:
             raise BlobUnknown(OFFLINE_MISS, detail={"digest": str(digest)})
         running = self._downloads.get(digest)
         if running is not None and running[0].error is None:
-            if not self._may_join(route, running[1]):
+            if not self._access.may_share(route, running[1]):
                 # Fetched for another repository of a credentialed upstream: join it
                 # only once this repository is known to hold the blob too.
-                await self._confirm_upstream_holds(route, digest)
+                await self._access.confirm(route, "blobs", digest)
             download = running[0]
         else:
             download = await self._start_download(route, digest)
@@ -175,60 +184,22 @@ class BlobCache:
         """The blob's size and the cache result, without fetching its bytes."""
         size = self._store.size(digest)
         if size is not None:
-            await self._check_may_serve(route, digest)
+            await self._access.check(route, "blobs", digest)
             return size, "hit"
         running = self._downloads.get(digest)
-        if running is not None and self._may_join(route, running[1]):
+        if running is not None and self._access.may_share(route, running[1]):
             download = running[0]
             if download.error is None and download.size is not None:
                 # Being fetched (or verified and about to be committed): no need to ask.
                 return download.size, "hit" if download.verified else "miss"
         if self._offline:
             raise BlobUnknown(OFFLINE_MISS, detail={"digest": str(digest)})
-        length = await self._confirm_upstream_holds(route, digest)
-        await self._metadata.add_blob_repository(str(digest), route.upstream, route.repository)
+        length = await self._access.confirm(route, "blobs", digest)
+        await self._access.record(route, digest)
         return length, "pass-through"
 
     def _client(self, route: Route) -> UpstreamClient:
         return self._clients[route.upstream]
-
-    def _may_join(self, route: Route, started_for: Route) -> bool:
-        if started_for.upstream == route.upstream and started_for.repository == route.repository:
-            return True
-        return not ({route.upstream, started_for.upstream} & self._credentialed)
-
-    async def _check_may_serve(self, route: Route, digest: Digest) -> None:
-        """Raise BLOB_UNKNOWN unless this repository may be served the cached blob."""
-        if not self._credentialed:
-            # Only public content is cached: any repository may have it, and the hot
-            # path makes no metadata round trip to find that out.
-            return
-        try:
-            holders = await self._metadata.blob_repositories(str(digest))
-        except MetadataUnavailable:
-            # Degraded: blobs on disk keep being served once the upstream says this
-            # repository holds them (not recorded: the store is away).
-            await self._confirm_upstream_holds(route, digest)
-            return
-        if (route.upstream, route.repository) in holders:
-            return
-        public = route.upstream not in self._credentialed and not any(
-            upstream in self._credentialed for upstream, _ in holders
-        )
-        if public:
-            return
-        # Ask the upstream whether this repository holds the blob, and remember a yes.
-        await self._confirm_upstream_holds(route, digest)
-        await self._metadata.add_blob_repository(str(digest), route.upstream, route.repository)
-
-    async def _confirm_upstream_holds(self, route: Route, digest: Digest) -> int | None:
-        """HEAD the blob in this repository upstream (BLOB_UNKNOWN if it is not there);
-        returns its size."""
-        async with await self._client(route).open(
-            "HEAD", route.repository, f"blobs/{digest}"
-        ) as response:
-            raise_for_upstream_status(response, BlobUnknown)
-            return response.content_length
 
     # Fetching
 
@@ -242,7 +213,14 @@ class BlobCache:
         digest = download.digest
         lease = f"blob:{digest}"
         try:
-            role, holder = await self._hold_or_observe(lease, digest)
+            try:
+                role, holder = await self._hold_or_observe(lease, digest)
+            except MetadataUnavailable as exc:
+                # Nobody can be asked who fetches: fetching anyway costs at worst a
+                # duplicate download, refusing would fail a pull the upstream can answer.
+                self.uncoordinated_fetches += 1
+                log.warning("blob_fetch_uncoordinated", digest=str(digest), error=exc.message)
+                role, holder = "fetch-unleased", None
             if role == "committed":
                 # Another process committed it while we waited: serve our readers from disk.
                 await download.adopt_committed()
@@ -250,16 +228,23 @@ class BlobCache:
                 assert holder is not None
                 await self._follow(download, lease, holder, route)
             else:
-                await self._fetch(download, lease, route)
-        except UpstreamUnavailable as exc:
+                await self._fetch(download, lease if role == "fetch" else None, route)
+        except MirrorError as exc:
             await download.fail(exc)
+        except Exception as exc:
+            # A bug, not an outage: say so loudly, and still release the clients below.
+            log.exception("blob_download_crashed", digest=str(digest))
+            await download.fail(UpstreamUnavailable("blob download failed", detail=repr(exc)))
         finally:
+            if not download.finished:
+                # Cancelled (shutdown) before it settled: nobody may wait for it forever.
+                await download.fail(UpstreamUnavailable("blob download was stopped"))
             if self._downloads.get(digest, (None,))[0] is download:
                 del self._downloads[digest]
             download.settled.set()
 
-    async def _fetch(self, download: BlobDownload, lease: str, route: Route) -> None:
-        """Hold the lease and download from the upstream."""
+    async def _fetch(self, download: BlobDownload, lease: str | None, route: Route) -> None:
+        """Download from the upstream, holding the lease (None: the store is away)."""
         digest = str(download.digest)
 
         async def announce(temp_path: Path, size: int | None) -> None:
@@ -267,21 +252,26 @@ class BlobCache:
             with contextlib.suppress(MetadataUnavailable):  # followers then wait for the commit
                 await self._metadata.put_download(digest, record, DOWNLOAD_RECORD_TTL)
 
-        renewer = asyncio.create_task(self._renew_lease(lease), name=f"lease:{digest}")
-        try:
-            await download.run(self._client(route), route.repository, announce)
-        finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
-            with contextlib.suppress(MetadataUnavailable):
-                await self._metadata.delete_download(digest)
-            await self._metadata.release_lease(lease, self._owner)
+        if lease is None:
+            await download.run(self._client(route), route.repository)
+        else:
+            renewer = asyncio.create_task(self._renew_lease(lease), name=f"lease:{digest}")
+            try:
+                await download.run(self._client(route), route.repository, announce)
+            finally:
+                await cancel_and_wait(renewer)
         if download.committed:
+            # Recorded before the lease goes, so another process never finds neither.
             now = time.time()
-            await self._metadata.put_blob(
+            await self._deferred.put_blob(
                 digest, BlobRecord(size=download.written, created_at=now, last_access=now)
             )
-            await self._metadata.add_blob_repository(digest, route.upstream, route.repository)
+            await self._access.record(route, download.digest)
+        if lease is not None:
+            # An outage here only leaves the lease to lapse on its own.
+            with contextlib.suppress(MetadataUnavailable):
+                await self._metadata.delete_download(digest)
+                await self._metadata.release_lease(lease, self._owner)
 
     async def _follow(
         self, download: BlobDownload, lease: str, holder: DownloadRecord, route: Route
@@ -335,7 +325,11 @@ class BlobCache:
     async def _renew_lease(self, lease: str) -> None:
         while True:
             await asyncio.sleep(self._lease_ttl / 3)
-            if not await self._metadata.renew_lease(lease, self._owner, self._lease_ttl):
+            try:
+                held = await self._metadata.renew_lease(lease, self._owner, self._lease_ttl)
+            except MetadataUnavailable:
+                continue  # the store is away: keep fetching, and renew once it answers
+            if not held:
                 log.warning("lease_lost", lease=lease)
                 return
 
@@ -346,11 +340,17 @@ class BlobCache:
             await asyncio.sleep(ACCESS_FLUSH_EVERY)
             try:
                 await self.flush_access()
-            except UpstreamUnavailable as exc:
-                log.warning("access_flush_failed", error=repr(exc))
+            except MetadataUnavailable as exc:
+                log.warning("access_flush_failed", error=exc.message)
 
     async def flush_access(self) -> None:
         if not self._accessed:
             return
         batch, self._accessed = self._accessed, {}
-        await self._metadata.touch_blobs(batch)
+        try:
+            await self._metadata.touch_blobs(batch)
+        except MetadataUnavailable:
+            # Kept for the next flush: LRU order must survive an outage.
+            for digest, when in batch.items():
+                self._accessed[digest] = max(when, self._accessed.get(digest, 0.0))
+            raise

@@ -22,7 +22,7 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -30,18 +30,22 @@ import structlog
 from aiocache import SimpleMemoryCache
 
 from mirror.cache.fetch import raise_for_upstream_status
+from mirror.cache.provenance import ContentAccess
 from mirror.concurrency import SingleFlight
 from mirror.errors import (
     DigestInvalid,
     ManifestInvalid,
     ManifestUnknown,
+    MetadataUnavailable,
     MirrorError,
     TooManyRequests,
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
-from mirror.metadata.base import BlobRecord, MetadataStore, MetadataUnavailable, TagRecord
+from mirror.metadata.base import BlobRecord, MetadataStore, TagRecord
+from mirror.metadata.deferred import DeferredWrites
 from mirror.oci import (
+    ACCEPT_ALL_MANIFESTS,
     DOCKER_MANIFEST_LIST,
     MANIFEST_MAX_BYTES,
     MANIFEST_MEDIA_TYPES,
@@ -61,7 +65,6 @@ log = structlog.get_logger(__name__)
 
 FRESH_IN_MEMORY = 5.0  # seconds a fresh tag record is answered from memory
 OFFLINE_MISS = "not in the cache, and this mirror is offline"
-ACCEPT_ALL_MANIFESTS = ", ".join(MANIFEST_MEDIA_TYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +83,9 @@ class ManifestCache:
         self,
         store: BlobStore,
         metadata: MetadataStore,
+        deferred: DeferredWrites,
         clients: Mapping[str, UpstreamClient],
+        access: ContentAccess,
         policies: Mapping[str, UpstreamPolicy],
         clock: Callable[[], float] = time.time,
         *,
@@ -89,6 +94,8 @@ class ManifestCache:
         self._offline = offline
         self._store = store
         self._metadata = metadata
+        self._deferred = deferred
+        self._access = access
         self._clients = clients
         self._policies = policies
         self._clock = clock
@@ -117,6 +124,7 @@ class ManifestCache:
     async def _by_digest_cached(self, route: Route, digest: Digest) -> Manifest:
         manifest = await self._load(str(digest), "hit")
         if manifest is not None:
+            await self._access.check(route, "manifests", digest)
             return manifest
         key = (route.upstream, route.repository, str(digest))
         return await self._by_digest.run(key, lambda: self._fetch(route, str(digest), digest))
@@ -151,13 +159,6 @@ class ManifestCache:
             return None
         return Manifest(digest, media_type, len(body), body, cache_result)
 
-    async def _record(self, write: Awaitable[None]) -> None:
-        """A metadata write the answer does not depend on: an outage only loses it."""
-        try:
-            await write
-        except MetadataUnavailable as exc:
-            log.warning("metadata_write_skipped", error=exc.message)
-
     async def _fetch(self, route: Route, reference: str, expected: Digest | None) -> Manifest:
         """GET a manifest from the upstream, verify it, store it."""
         if self._offline:
@@ -175,16 +176,13 @@ class ManifestCache:
             digest = _verified_digest(response, body, expected)
         await asyncio.to_thread(self._store.put_bytes, digest, body)
         now = self._clock()
-        await self._record(
-            self._metadata.put_blob(
-                str(digest),
-                BlobRecord(size=len(body), created_at=now, last_access=now, media_type=media_type),
-            )
+        # Records the answer does not depend on: an outage only delays them.
+        await self._deferred.put_blob(
+            str(digest),
+            BlobRecord(size=len(body), created_at=now, last_access=now, media_type=media_type),
         )
-        await self._record(
-            self._metadata.add_blob_repository(str(digest), route.upstream, route.repository)
-        )
-        await self._record(self._metadata.add_repository(route.upstream, route.repository))
+        await self._access.record(route, digest)
+        await self._deferred.add_repository(route.upstream, route.repository)
         log.info(
             "manifest_fetched",
             upstream=route.upstream,
@@ -247,10 +245,15 @@ class ManifestCache:
             manifest = None
             if announced is not None:
                 manifest = await self._load(str(announced), "revalidated")
-                if manifest is None and head and head_type in MANIFEST_MEDIA_TYPES and head_size:
+                if manifest is not None:
+                    # The upstream just said this repository's tag points at it.
+                    await self._access.record(route, announced)
+                elif head and head_type in MANIFEST_MEDIA_TYPES and head_size:
                     # A client HEAD needs no body: answer from the upstream's headers and
-                    # spare a GET, which Docker Hub counts as a pull.
-                    return Manifest(str(announced), head_type, head_size, None, "pass-through")
+                    # spare a GET, which Docker Hub counts as a pull. The tag is recorded
+                    # all the same: Docker's GET by digest follows and caches the body,
+                    # and the next pull within tag_ttl then asks the upstream nothing.
+                    manifest = Manifest(str(announced), head_type, head_size, None, "pass-through")
             if manifest is None:
                 # By digest when we know it: the tag cannot move between HEAD and GET.
                 manifest = await self._fetch(route, str(announced or tag), announced)
@@ -258,15 +261,13 @@ class ManifestCache:
             return self._stale_or_raise(route, tag, record, usable_for, exc)
         except MirrorError:
             raise
-        await self._record(
-            self._metadata.put_tag(
-                route.upstream,
-                route.repository,
-                tag,
-                TagRecord(
-                    digest=manifest.digest, media_type=manifest.media_type, checked_at=self._clock()
-                ),
-            )
+        await self._deferred.put_tag(
+            route.upstream,
+            route.repository,
+            tag,
+            TagRecord(
+                digest=manifest.digest, media_type=manifest.media_type, checked_at=self._clock()
+            ),
         )
         return manifest
 

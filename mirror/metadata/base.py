@@ -19,16 +19,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Self
 
-from mirror.errors import UpstreamUnavailable
-
-
-class MetadataUnavailable(UpstreamUnavailable):
-    """The metadata store cannot be reached; the request cannot be cached."""
-
-    code, status = "UNAVAILABLE", 503
-
-    def __init__(self, message: str, *, detail: Any = None):
-        super().__init__(message, detail=detail, headers={"Retry-After": "10"})
+# Declared in the one error tree; re-exported for the backends that raise it.
+from mirror.errors import MetadataUnavailable as MetadataUnavailable
 
 
 class _JsonRecord:
