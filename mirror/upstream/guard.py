@@ -61,10 +61,11 @@ class TargetRefusedError(OSError):
     """The resolver's refusal. An OSError so that aiohttp carries it out of a request
     as `ClientConnectorDNSError.os_error` instead of as a foreign exception."""
 
-    def __init__(self, host: str, reason: str):
+    def __init__(self, host: str, reason: str, *, own: bool = False):
         super().__init__(reason)
         self.host = host
         self.reason = reason
+        self.own = own  # the configured upstream itself, not a host it named
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,19 +149,26 @@ class GuardedResolver(AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._lookup(host.lower(), port, family)
-        await self.admit(host, [result["host"] for result in results])
+        await self.admit(host, port, [result["host"] for result in results])
         return results
 
-    async def admit(self, host: str, addresses: list[str]) -> None:
+    def is_own(self, host: str, port: int) -> bool:
+        """The configured upstream itself (another port on its host is ranked instead:
+        an equal rank passes, and a test may declare the upstream more public)."""
+        return host.lower() == self.own_host and port == self._own_port
+
+    async def admit(self, host: str, port: int, addresses: list[str]) -> None:
         """Raise `TargetRefusedError` unless every address may be connected to."""
         host = host.lower()
-        if host == self.own_host:
-            # The configured upstream itself. Named as an address, that is the operator's
-            # word; named as a host, its DNS must not lead to a metadata endpoint either.
+        if self.is_own(host, port):
+            # Named as an address, the upstream is the operator's word; named as a
+            # host, its DNS must not lead to a metadata endpoint either.
             if not self._own_literal:
                 for address in addresses:
                     if classify_text(address) is Reach.SPECIAL:
-                        raise TargetRefusedError(host, "resolves to a special-purpose address")
+                        raise TargetRefusedError(
+                            host, "resolves to a special-purpose address", own=True
+                        )
             return
         ceiling = await self.own_reach()
         for address in addresses:
@@ -237,7 +245,7 @@ class TargetGuard:
             raise self.refused(kind, TargetRefusedError(host, "names no host"))
         try:
             if parse_address(host) is not None:
-                await self._resolver.admit(host, [host])
+                await self._resolver.admit(host, port, [host])
             else:
                 await self._resolver.resolve(host, port, socket.AF_UNSPEC)
         except TargetRefusedError as exc:
@@ -270,7 +278,7 @@ class TargetGuard:
         if not isinstance(inner, TargetRefusedError):
             return None
         if kind is None:
-            kind = "upstream" if inner.host == self._own_host else "redirect"
+            kind = "upstream" if inner.own else "redirect"
         return self.refused(kind, inner)
 
     def refused(self, kind: TargetKind, exc: TargetRefusedError) -> UpstreamTargetRefused:
