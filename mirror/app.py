@@ -32,6 +32,7 @@ from mirror.metadata.base import MetadataStore, MetadataUnavailable
 from mirror.metadata.deferred import DeferredWrites
 from mirror.metrics import METRICS, Metrics, StateSources, handle_metrics
 from mirror.storage.blobstore import BlobStore
+from mirror.upstream.guard import NetworkOverrides
 
 log = structlog.get_logger(__name__)
 
@@ -46,12 +47,16 @@ DEFERRED = web.AppKey("deferred", DeferredWrites)
 
 
 SWEEP_TEMP = web.AppKey("sweep_temp", TempSweep)
+NETWORK = web.AppKey("network", NetworkOverrides)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     async with open_core(
-        config, sweep=app[SWEEP_TEMP], observe=app[METRICS].observe_upstream
+        config,
+        sweep=app[SWEEP_TEMP],
+        observe=app[METRICS].observe_upstream,
+        network=app.get(NETWORK),
     ) as core:
         blobs, manifests, store, metadata = core.blobs, core.manifests, core.store, core.metadata
         app[SERVICES] = Services(
@@ -108,12 +113,20 @@ async def _flush_counters(metrics: Metrics, metadata: MetadataStore) -> None:
         await metrics.flush(metadata)  # what the last seconds counted, at shut-down
 
 
-def create_app(config: MirrorConfig, *, sweep: TempSweep | None = None) -> web.Application:
+def create_app(
+    config: MirrorConfig,
+    *,
+    sweep: TempSweep | None = None,
+    network: NetworkOverrides | None = None,
+) -> web.Application:
+    """The mirror as an aiohttp app; `network` is the test seam of `upstream/guard.py`."""
     app = web.Application(
         middlewares=[request_context, oci_errors, authenticate], client_max_size=1024
     )
     app[CONFIG] = config
     app[SWEEP_TEMP] = sweep or default_sweep(config)
+    if network is not None:
+        app[NETWORK] = network
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(on_prepare)

@@ -12,8 +12,6 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import aiohttp
-
 from mirror.cache.blobs import BlobCache
 from mirror.cache.listings import Listings
 from mirror.cache.manifests import ManifestCache
@@ -26,6 +24,7 @@ from mirror.policy import UpstreamPolicy
 from mirror.routing import Router, UpstreamNames
 from mirror.storage.blobstore import BlobStore
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
+from mirror.upstream.guard import NetworkOverrides, UpstreamNetwork
 from mirror.upstream.tokens import TokenCache
 
 # Shared storage (several processes or nodes on one volume): leave others' downloads be.
@@ -88,6 +87,7 @@ async def open_core(
     *,
     sweep: TempSweep | None = None,
     observe: Callable[[str, str, int, float], None] | None = None,
+    network: NetworkOverrides | None = None,
 ) -> AsyncIterator[MirrorCore]:
     sweep = sweep or default_sweep(config)
     store = BlobStore(config.storage.root)
@@ -97,11 +97,11 @@ async def open_core(
         # Alone on this store (tmp/ was swept whole): leases of a crashed predecessor
         # would only make us wait out their TTL.
         await metadata.forget_downloads()
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
-        auto_decompress=False,
-        trust_env=False,
-    )
+    # One session per upstream: its resolver enforces where that upstream may send us.
+    networks = {
+        name: UpstreamNetwork(name, upstream.url, network)
+        for name, upstream in config.upstreams.items()
+    }
     # Shared through the store: a fleet on one Redis (or workers on one host) asks each
     # token server once.
     tokens = TokenCache(metadata)
@@ -115,7 +115,7 @@ async def open_core(
                 read_timeout=upstream.read_timeout,
                 offline=config.offline,
             ),
-            session,
+            networks[name],
             tokens,
             observe=observe,
         )
@@ -167,6 +167,7 @@ async def open_core(
             # Last chance for records that waited out an outage (a seed run, say).
             with contextlib.suppress(MetadataUnavailable):
                 await deferred.replay()
-        await session.close()
+        for upstream_network in networks.values():
+            await upstream_network.close()
         await tokens.close()
         await metadata.close()

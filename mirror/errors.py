@@ -13,7 +13,8 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
     ├── TooManyRequests
     ├── UpstreamError              upstream unreachable, 5xx, or broken reply
     │   ├── UpstreamUnavailable    connection refused, timeout, 5xx  (503)
-    │   └── UpstreamBadResponse    wrong digest, size or protocol      (502)
+    │   ├── UpstreamBadResponse    wrong digest, size or protocol      (502)
+    │   └── UpstreamTargetRefused  a realm or redirect the mirror must not follow (502)
     └── MetadataUnavailable        the metadata store cannot be reached (503)
 
 `MetadataUnavailable` is deliberately not an upstream failure: the upstream may be
@@ -103,6 +104,13 @@ class UpstreamUnavailable(UpstreamError):
 
 
 class UpstreamBadResponse(UpstreamError):
+    code, status = "UNAVAILABLE", 502
+
+
+class UpstreamTargetRefused(UpstreamError):
+    """The upstream named a token realm or redirect the mirror will not follow: an
+    address more internal than the upstream's own, or credentials over plain HTTP."""
+
     code, status = "UNAVAILABLE", 502
 
 

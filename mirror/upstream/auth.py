@@ -7,7 +7,9 @@ with the upstream's credentials, and cache the token until `expires_in`
 next request carries a token up front instead of paying a 401 round trip.
 
 Credentials are only ever offered to the configured upstream's own origin and
-the token realm it names; a redirect target gets an anonymous token at most.
+the token realm it names; a redirect target gets an anonymous token at most. Every
+realm passes the upstream's `TargetGuard` first (see `guard.py`), and credentials
+never go to a realm over plain HTTP on another host.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import structlog
 
 from mirror.concurrency import SingleFlight
 from mirror.errors import UpstreamBadResponse, UpstreamUnavailable
+from mirror.upstream.guard import TargetGuard
 from mirror.upstream.tokens import TokenCache
 
 log = structlog.get_logger(__name__)
@@ -78,6 +81,7 @@ class Authenticator:
         session: aiohttp.ClientSession,
         tokens: TokenCache,
         timeout: aiohttp.ClientTimeout,
+        guard: TargetGuard,
     ):
         self._name = upstream_name
         self._origin = upstream_origin
@@ -85,6 +89,7 @@ class Authenticator:
         self._session = session
         self._tokens = tokens
         self._timeout = timeout
+        self._guard = guard
         self._challenges: dict[str, Challenge] = {}
         self._inflight: SingleFlight[str, str] = SingleFlight()
 
@@ -147,6 +152,9 @@ class Authenticator:
             key: value for key, value in (("service", challenge.service), ("scope", scope)) if value
         }
         url = challenge.realm + ("&" if "?" in challenge.realm else "?") + urlencode(query)
+        if credentials:
+            self._guard.check_credentials("realm", url)
+        await self._guard.check("realm", url)
         headers = {"Authorization": basic_header(credentials)} if credentials else {}
         started = time.monotonic()
         try:
@@ -165,8 +173,12 @@ class Authenticator:
                         "upstream token server refused the request",
                         detail={"status": response.status},
                     )
-                body = await response.content.read(TOKEN_MAX_BYTES)
-                data = json.loads(body)
+                data = json.loads(await _read_bounded(response, TOKEN_MAX_BYTES))
+        except aiohttp.ClientConnectorError as exc:
+            refusal = self._guard.refusal_of(exc, "realm")
+            if refusal is not None:
+                raise refusal from None
+            raise UpstreamUnavailable("upstream token server unreachable") from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnavailable("upstream token server unreachable") from exc
         except ValueError as exc:
@@ -185,3 +197,15 @@ class Authenticator:
             seconds=round(time.monotonic() - started, 4),
         )
         return token, float(lifetime)
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, however many pieces it arrives in; refuses more than `limit`."""
+    body = bytearray()
+    while True:
+        piece = await response.content.read(limit + 1 - len(body))
+        if not piece:
+            return bytes(body)
+        body += piece
+        if len(body) > limit:
+            raise UpstreamBadResponse("upstream token response is too large")

@@ -6,7 +6,8 @@ an `UpstreamResponse` once the status line and headers are in. Along the way it:
   when the cached one was refused;
 - follows 301/302/303/307/308 itself (at most 10 hops), so that credentials
   go only to the upstream's own origin and a redirect target's own challenge
-  is answered anonymously;
+  is answered anonymously; every target passes the upstream's `TargetGuard`
+  (`guard.py`) before it is contacted;
 - re-asks the registry once when a redirect target answers 403, the sign of a
   presigned URL that expired;
 - retries once when connecting fails or times out (aiohttp itself retries once
@@ -29,6 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from mirror.errors import MirrorError, UpstreamBadResponse, UpstreamUnavailable
 from mirror.upstream.auth import Authenticator, origin_of
+from mirror.upstream.guard import UpstreamNetwork
 from mirror.upstream.tokens import TokenCache
 
 log = structlog.get_logger(__name__)
@@ -172,7 +174,7 @@ class UpstreamClient:
     def __init__(
         self,
         settings: UpstreamSettings,
-        session: aiohttp.ClientSession,
+        network: UpstreamNetwork,
         tokens: TokenCache,
         observe: Callable[[str, str, int, float], None] | None = None,
     ):
@@ -181,12 +183,19 @@ class UpstreamClient:
         self.name = settings.name
         self._base = settings.url.rstrip("/")
         self._origin = origin_of(self._base)
-        self._session = session
+        self._session = network.session
+        self._guard = network.guard
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
         )
         self._auth = Authenticator(
-            settings.name, self._origin, settings.credentials, session, tokens, self._timeout
+            settings.name,
+            self._origin,
+            settings.credentials,
+            network.session,
+            tokens,
+            self._timeout,
+            network.guard,
         )
         self.rate_limit: RateLimit | None = None
 
@@ -247,6 +256,7 @@ class UpstreamClient:
             target = urljoin(url, location)
             if urlsplit(target).scheme not in ("http", "https"):
                 raise UpstreamBadResponse("upstream redirected to a non-HTTP URL")
+            await self._guard.check("redirect", target)
             if response.status == 303:
                 method = "GET"
             if origin_of(target) != self._origin:
@@ -293,13 +303,21 @@ class UpstreamClient:
         if authorization:
             request_headers["Authorization"] = authorization
         started = time.monotonic()
-        response = await self._session.request(
-            method,
-            url,
-            headers=request_headers,
-            allow_redirects=False,
-            timeout=self._timeout,
-        )
+        try:
+            response = await self._session.request(
+                method,
+                url,
+                headers=request_headers,
+                allow_redirects=False,
+                timeout=self._timeout,
+            )
+        except aiohttp.ClientConnectorError as exc:
+            # The name was checked before this hop; it answering otherwise now (DNS
+            # rebinding) is refused by the session's resolver, and is no failure to retry.
+            refusal = self._guard.refusal_of(exc)
+            if refusal is not None:
+                raise refusal from None
+            raise
         self._note_rate_limit(response.headers)
         if self._observe is not None:
             self._observe(self.name, method, response.status, time.monotonic() - started)
