@@ -27,7 +27,7 @@ from mirror.api.v2 import (
 from mirror.concurrency import TaskOwner
 from mirror.config import MirrorConfig, TlsConfig
 from mirror.core import TempSweep, default_sweep, open_core
-from mirror.eviction import Evictor, SizeLimit
+from mirror.eviction import Evictor
 from mirror.metadata.base import MetadataStore, MetadataUnavailable
 from mirror.metadata.deferred import DeferredWrites
 from mirror.metrics import METRICS, Metrics, StateSources, handle_metrics
@@ -65,19 +65,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[METADATA] = metadata
         app[STORE] = store
         storage = config.storage
-        limit = (
-            SizeLimit(int(storage.max_size), storage.high_watermark, storage.low_watermark)
-            if storage.max_size is not None
-            else None
-        )
-        evictor = Evictor(store, metadata, limit, blobs.in_use, blobs.flush_access)
+        evictor = Evictor(store, metadata, blobs.in_use, blobs.flush_access)
+        blobs.reserve_space = evictor.reserve  # downloads make room before their first byte
         app[EVICTOR] = evictor
         app[METRICS].watch(
             StateSources(
                 downloads_in_flight=lambda: blobs.downloads_in_flight,
                 cache_bytes=lambda: store.usage,
-                cache_limit=lambda: limit.max_size if limit else None,
+                cache_limit=lambda: store.quota.max_size,
                 evictions=lambda: (evictor.evicted_blobs, evictor.evicted_bytes),
+                not_cached=lambda: evictor.refused_blobs,
                 stale_answers=lambda: manifests.stale_answers,
                 rate_limits=lambda: {n: c.rate_limit for n, c in core.clients.items()},
                 metadata_writes_pending=lambda: core.deferred.pending,

@@ -25,7 +25,9 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    PlainSerializer,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -63,6 +65,32 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def parse_min_free(value: Any) -> int | float:
+    """Bytes (`5GiB`, `1000`) as an int, or a share of the filesystem (`"10%"`) as a
+    float between 0 and 1."""
+    if isinstance(value, bool):
+        raise ValueError("expected bytes like '5GiB' or a percentage like '10%'")
+    if isinstance(value, float) and 0 < value < 1:
+        return value  # a share, read back from a dumped config
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            share = float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"invalid percentage {value!r}: use e.g. '10%'") from None
+        if not 0 < share < 1:
+            raise ValueError(f"percentage {value!r} must be between 0% and 100%")
+        return share
+    return int(_BYTE_SIZE.validate_python(value))
+
+
+def _dump_min_free(value: int | float) -> int | str:
+    return f"{value * 100:g}%" if isinstance(value, float) else value
+
+
+MinFree = Annotated[int | float, BeforeValidator(parse_min_free), PlainSerializer(_dump_min_free)]
+_BYTE_SIZE: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
 
 
 class _Section(BaseModel):
@@ -169,12 +197,22 @@ class StorageConfig(_Section):
     high_watermark: float = Field(default=0.95, gt=0, le=1)
     low_watermark: float = Field(default=0.85, gt=0, le=1)
     eviction_interval: Duration = 30.0
+    # Bytes ("5GiB") or a share of the filesystem ("10%") always left free.
+    min_free: MinFree | None = None
 
     @model_validator(mode="after")
     def _check_watermarks(self) -> StorageConfig:
         if self.low_watermark >= self.high_watermark:
             raise ValueError("low_watermark must be below high_watermark")
         return self
+
+    @property
+    def min_free_bytes(self) -> int | None:
+        return self.min_free if isinstance(self.min_free, int) else None
+
+    @property
+    def min_free_ratio(self) -> float | None:
+        return self.min_free if isinstance(self.min_free, float) else None
 
 
 class MetadataConfig(_Section):

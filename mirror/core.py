@@ -22,7 +22,7 @@ from mirror.metadata.deferred import DeferredWrites
 from mirror.metadata.embedded import EmbeddedMetadataStore
 from mirror.policy import UpstreamPolicy
 from mirror.routing import Router, UpstreamNames
-from mirror.storage.blobstore import BlobStore
+from mirror.storage.blobstore import BlobStore, Quota
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
 from mirror.upstream.guard import NetworkOverrides, UpstreamNetwork
 from mirror.upstream.tokens import TokenCache
@@ -58,6 +58,17 @@ def build_router(config: MirrorConfig) -> Router:
     )
 
 
+def storage_quota(config: MirrorConfig) -> Quota:
+    storage = config.storage
+    return Quota(
+        max_size=None if storage.max_size is None else int(storage.max_size),
+        high_watermark=storage.high_watermark,
+        low_watermark=storage.low_watermark,
+        min_free=storage.min_free_bytes,
+        min_free_ratio=storage.min_free_ratio,
+    )
+
+
 def open_metadata(config: MirrorConfig, store: BlobStore) -> MetadataStore:
     if config.metadata.backend == "redis":
         from mirror.metadata.redis import RedisMetadataStore
@@ -90,7 +101,7 @@ async def open_core(
     network: NetworkOverrides | None = None,
 ) -> AsyncIterator[MirrorCore]:
     sweep = sweep or default_sweep(config)
-    store = BlobStore(config.storage.root)
+    store = BlobStore(config.storage.root, storage_quota(config))
     swept = await asyncio.to_thread(store.prepare, sweep.older_than)
     metadata = open_metadata(config, store)
     if sweep.older_than == 0 and isinstance(metadata, EmbeddedMetadataStore):

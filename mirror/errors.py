@@ -11,6 +11,7 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
     ├── Unsupported
     ├── Unauthorized, Denied
     ├── TooManyRequests
+    ├── StorageFull                a blob does not fit the storage bounds (seeding)
     ├── UpstreamError              upstream unreachable, 5xx, or broken reply
     │   ├── UpstreamUnavailable    connection refused, timeout, 5xx  (503)
     │   ├── UpstreamBadResponse    wrong digest, size or protocol      (502)
@@ -87,6 +88,16 @@ class Denied(MirrorError):
 
 class TooManyRequests(MirrorError):
     code, status = "TOOMANYREQUESTS", 429
+
+
+class StorageFull(MirrorError):
+    """A blob does not fit within storage.max_size / min_free even after eviction.
+
+    Clients never see it (such a blob is streamed to them without caching); `mirror
+    seed`, which wants it cached, does.
+    """
+
+    code, status = "UNAVAILABLE", 507
 
 
 class UpstreamError(MirrorError):

@@ -1,8 +1,17 @@
-"""Keeping the cache within its size, and consistent with its metadata.
+"""Keeping the cache within its bounds, and consistent with its metadata.
 
-`Evictor` runs in the background of a serving process. Above the high watermark of
-`storage.max_size` it removes least-recently-used blobs until usage is under the low
-watermark. It never removes a pinned blob, nor one this process is fetching or sending
+`Evictor` owns the size policy of a serving process. Every download asks it for room
+(`reserve`) before its first byte: below the high watermark of `storage.max_size`
+(and above `storage.min_free`) the bytes are reserved at once; otherwise least-
+recently-used blobs are evicted then and there, down to the low watermark, and the
+write is admitted if it fits under the limit itself. What cannot fit even then (a
+blob bigger than the limit, or the rest pinned or in use, or no metadata store to say
+which blobs are least recently used) is refused: the caller streams it to its clients
+without caching it. A commit that crosses the high watermark without a reservation (an
+upstream that sent no Content-Length) wakes the evictor at once; a timer remains as a
+rescan of what other processes sharing the disk wrote.
+
+Eviction never removes a pinned blob, nor one this process is fetching or sending
 (and a client reading a removed file still gets it whole: its open file outlives the
 name). A manifest whose layers went is still valid: they are fetched again on demand.
 
@@ -17,6 +26,7 @@ the background at start, so a large cache serves at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -26,26 +36,12 @@ import structlog
 
 from mirror.metadata.base import BlobRecord, MetadataStore, MetadataUnavailable
 from mirror.oci import Digest
-from mirror.storage.blobstore import BlobStore
+from mirror.storage.blobstore import BlobStore, Reservation
+from mirror.storage.ledger import HEARTBEAT
 
 log = structlog.get_logger(__name__)
 
 RESCAN_EVERY = 10  # intervals
-
-
-@dataclass(frozen=True, slots=True)
-class SizeLimit:
-    max_size: int
-    high_watermark: float
-    low_watermark: float
-
-    @property
-    def high(self) -> int:
-        return int(self.max_size * self.high_watermark)
-
-    @property
-    def low(self) -> int:
-        return int(self.max_size * self.low_watermark)
 
 
 @dataclass
@@ -59,17 +55,19 @@ class Evictor:
         self,
         store: BlobStore,
         metadata: MetadataStore,
-        limit: SizeLimit | None,
         in_use: Callable[[], set[str]],
         before_evicting: Callable[[], Awaitable[None]] | None = None,
     ):
         self._store = store
         self._metadata = metadata
-        self.limit = limit
         self._in_use = in_use
         self._before = before_evicting
         self.evicted_blobs = 0
         self.evicted_bytes = 0
+        self.refused_blobs = 0  # writes that could not fit: streamed without caching
+        # One eviction pass at a time: a burst of reservations that all find the cache
+        # full evicts once, and the rest find room.
+        self._evicting = asyncio.Lock()
 
     async def reconcile(self) -> Reconciled:
         """Records for files that lack them; no records for files that are gone."""
@@ -87,51 +85,72 @@ class Evictor:
             if digest not in busy and self._store.size(Digest.parse(digest)) is None:
                 await self._metadata.delete_blob(digest)
                 outcome.records_dropped += 1
-        self._store.usage = sum(stat.st_size for stat in on_disk.values())
+        await asyncio.to_thread(self._store.scan_usage)
         return outcome
 
     def _list_files(self) -> list[tuple[Digest, os.stat_result]]:
         return list(self._store.iter_digests())
 
-    def over_limit(self) -> bool:
-        return self.limit is not None and self._store.usage > self.limit.high
+    async def reserve(self, size: int) -> Reservation | None:
+        """Room for a write of `size` bytes, evicting first if it would cross the high
+        watermark; None if it cannot fit even after eviction."""
+        store = self._store
+        reservation = await asyncio.to_thread(store.reserve, size, "high")
+        if reservation is not None:
+            return reservation
+        try:
+            await self.evict(size)
+        except MetadataUnavailable as exc:
+            # No LRU order without the store: nothing is evicted; it fits or it does not.
+            log.warning("eviction_skipped", error=exc.message)
+        reservation = await asyncio.to_thread(store.reserve, size, "max")
+        if reservation is None:
+            self.refused_blobs += 1
+        return reservation
 
-    async def evict(self) -> int:
-        """If above the high watermark, evict down to the low one; return bytes freed."""
-        if self.limit is None:
+    async def evict(self, incoming: int = 0) -> int:
+        """If `incoming` more bytes would cross the high watermark (or min_free), evict
+        least-recently-used blobs until they fit under the low one; return bytes freed."""
+        store = self._store
+        if not store.quota.bounded:
             return 0
-        usage = await asyncio.to_thread(self._store.scan_usage)  # others may share the disk
-        if usage <= self.limit.high:
-            return 0
-        if self._before is not None:
-            await self._before()  # fresh access times first: LRU order must be current
-        freed = 0
-        busy = self._in_use()
-        for digest, record in await self._metadata.list_blobs():
-            if usage - freed <= self.limit.low:
-                break
-            if record.pinned or digest in busy:
-                continue
-            released = await asyncio.to_thread(self._store.delete, Digest.parse(digest))
-            await self._metadata.delete_blob(digest)
-            freed += released
-            if released:
-                self.evicted_blobs += 1
-                self.evicted_bytes += released
-                log.info(
-                    "blob_evicted", digest=digest, bytes=released, last_access=record.last_access
-                )
-        log.info(
-            "eviction_done",
-            freed=freed,
-            usage=self._store.usage,
-            high=self.limit.high,
-            low=self.limit.low,
-        )
-        return freed
+        async with self._evicting:
+            if await asyncio.to_thread(store.excess, incoming, "high") <= 0:
+                return 0
+            if self._before is not None:
+                await self._before()  # fresh access times first: LRU order must be current
+            target = await asyncio.to_thread(store.excess, incoming, "low")
+            freed = 0
+            busy = self._in_use()
+            for digest, record in await self._metadata.list_blobs():
+                if freed >= target:
+                    break
+                if record.pinned or digest in busy:
+                    continue
+                released = await asyncio.to_thread(store.delete, Digest.parse(digest))
+                await self._metadata.delete_blob(digest)
+                freed += released
+                if released:
+                    self.evicted_blobs += 1
+                    self.evicted_bytes += released
+                    log.info(
+                        "blob_evicted",
+                        digest=digest,
+                        bytes=released,
+                        last_access=record.last_access,
+                    )
+            log.info(
+                "eviction_done",
+                freed=freed,
+                wanted=target,
+                usage=store.usage,
+                limit=store.quota.max_size,
+            )
+            return freed
 
     async def run(self, interval: float) -> None:
-        """Reconcile once, then check the size limit every `interval` seconds."""
+        """Reconcile once, then evict whenever a commit crosses the high watermark, and
+        rescan the disk (other processes' writes) every few `interval`s."""
         try:
             outcome = await self.reconcile()
             log.info(
@@ -142,17 +161,32 @@ class Evictor:
             )
         except MetadataUnavailable as exc:
             log.warning("reconcile_skipped", error=exc.message)
+        if not self._store.quota.bounded:
+            return
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def over_high() -> None:  # called from the thread that committed
+            with contextlib.suppress(RuntimeError):  # the loop is closing: nothing to do
+                loop.call_soon_threadsafe(wake.set)
+
+        self._store.on_over_high = over_high
         last_scan = time.monotonic()
-        while self.limit is not None:
-            await asyncio.sleep(interval)
-            # This process's count is exact for its own writes; other processes sharing
-            # the disk are caught by a full rescan now and then.
-            if self.over_limit() or time.monotonic() - last_scan > RESCAN_EVERY * interval:
-                last_scan = time.monotonic()
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=min(interval, HEARTBEAT))
+                wake.clear()
+                await asyncio.to_thread(self._store.heartbeat)
+                if time.monotonic() - last_scan > RESCAN_EVERY * interval:
+                    last_scan = time.monotonic()
+                    await asyncio.to_thread(self._store.scan_usage)
                 try:
                     await self.evict()
                 except MetadataUnavailable as exc:
                     log.warning("eviction_skipped", error=exc.message)
+        finally:
+            self._store.on_over_high = None
 
 
 @dataclass

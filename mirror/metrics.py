@@ -45,6 +45,7 @@ class StateSources:
     rate_limits: Callable[[], Mapping[str, RateLimit | None]]
     metadata_writes_pending: Callable[[], int] = lambda: 0
     uncoordinated_fetches: Callable[[], int] = lambda: 0
+    not_cached: Callable[[], int] = lambda: 0  # blobs streamed without caching: no room
 
 
 class _StateCollector(Collector):
@@ -69,6 +70,11 @@ class _StateCollector(Collector):
             "mirror_evictions", "Blobs evicted to keep under max_size", value=blobs
         )
         yield CounterMetricFamily("mirror_evicted_bytes", "Bytes evicted", value=freed)
+        yield CounterMetricFamily(
+            "mirror_blobs_not_cached",
+            "Blobs streamed to clients without caching: no room even after eviction",
+            value=s.not_cached(),
+        )
         stale = CounterMetricFamily(
             "mirror_stale_answers",
             "Tags served stale because the upstream failed",

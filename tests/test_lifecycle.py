@@ -70,8 +70,9 @@ async def test_size_limit_keeps_the_most_recently_used(
     blobs = [os.urandom(100 * KIB) for _ in range(8)]
     digests = [digest_of(data) for data in blobs]
     _, url = await fake_with_blobs(aiohttp_server, blobs)
-    # An hour between checks: this test runs the evictor itself, when it chooses.
-    storage = {"max_size": 500 * KIB, "high_watermark": 0.9, "low_watermark": 0.7}
+    # Room for all eight while they are fetched; the limit is lowered below (as an
+    # operator does to free space) and the evictor run when the test chooses.
+    storage = {"max_size": 1000 * KIB, "high_watermark": 0.9, "low_watermark": 0.7}
     mirror = await make_mirror(
         {"fake": {"url": url}}, storage={**storage, "eviction_interval": "1h"}
     )
@@ -82,6 +83,7 @@ async def test_size_limit_keeps_the_most_recently_used(
         await get(http, mirror.url + blob_path(digests[index]))
 
     app = mirror.server.app
+    app[STORE].quota = dataclasses.replace(app[STORE].quota, max_size=500 * KIB)
     freed = await app[EVICTOR].evict()
     assert freed == 5 * 100 * KIB
     assert app[STORE].usage <= 0.9 * 500 * KIB
@@ -122,11 +124,12 @@ async def test_a_blob_evicted_while_read_still_reaches_its_client(
     _, url = await fake_with_blobs(aiohttp_server, [big, small])
     mirror = await make_mirror(
         {"fake": {"url": url}},
-        storage={"max_size": 1024 * KIB, "eviction_interval": "1h"},
+        storage={"max_size": 32 * 1024 * KIB, "eviction_interval": "1h"},
     )
     big_digest = digest_of(big)
     await fetch_and_wait(http, mirror, big_digest)
     app = mirror.server.app
+    app[STORE].quota = dataclasses.replace(app[STORE].quota, max_size=1024 * KIB)
     async with http.get(mirror.url + blob_path(big_digest)) as response:
         first = await response.content.readexactly(KIB)  # the rest is still to come
         # This process never evicts a blob it is sending...

@@ -34,7 +34,7 @@ from typing import BinaryIO
 
 import structlog
 
-from mirror.cache.fetch import BlobDownload
+from mirror.cache.fetch import BlobDownload, Reserve
 from mirror.cache.manifests import OFFLINE_MISS
 from mirror.cache.provenance import ContentAccess
 from mirror.concurrency import TaskOwner, cancel_and_wait
@@ -67,6 +67,8 @@ class BlobSource:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        if self.download is not None:
+            self.download.leave()
 
 
 def process_owner_id() -> str:
@@ -101,6 +103,9 @@ class BlobCache:
         self._flusher: asyncio.Task[None] | None = None
         # Misses fetched without a lease because the metadata store was away.
         self.uncoordinated_fetches = 0
+        # Room for a download before its first byte (the evictor's, which evicts to make
+        # it); unset, the store alone says whether it fits.
+        self.reserve_space: Reserve | None = None
 
     # Lifecycle
 
@@ -155,7 +160,7 @@ class BlobCache:
         if self._offline:
             raise BlobUnknown(OFFLINE_MISS, detail={"digest": str(digest)})
         running = self._downloads.get(digest)
-        if running is not None and running[0].error is None:
+        if running is not None and running[0].error is None and running[0].joinable:
             if not self._access.may_share(route, running[1]):
                 # Fetched for another repository of a credentialed upstream: join it
                 # only once this repository is known to hold the blob too.
@@ -163,7 +168,12 @@ class BlobCache:
             download = running[0]
         else:
             download = await self._start_download(route, digest)
-        await download.wait_started()
+        download.join()  # left in BlobSource.close
+        try:
+            await download.wait_started()
+        except BaseException:
+            download.leave()
+            raise
         return BlobSource(digest, download.size, "miss", download=download)
 
     async def ensure(self, route: Route, digest: Digest) -> tuple[int, bool]:
@@ -204,7 +214,7 @@ class BlobCache:
     # Fetching
 
     async def _start_download(self, route: Route, digest: Digest) -> BlobDownload:
-        download = BlobDownload(self._store, digest)
+        download = BlobDownload(self._store, digest, self.reserve_space)
         self._downloads[digest] = (download, route)
         self._tasks.spawn(self._download(download, route), name=f"download:{digest}")
         return download
@@ -247,7 +257,19 @@ class BlobCache:
         """Download from the upstream, holding the lease (None: the store is away)."""
         digest = str(download.digest)
 
-        async def announce(temp_path: Path, size: int | None) -> None:
+        passing_through = False
+
+        async def announce(temp_path: Path | None, size: int | None) -> None:
+            nonlocal passing_through
+            if temp_path is None:
+                # Not cached: nothing for other processes to follow or wait for. They
+                # fetch their own (each client of a refused blob costs an upstream read).
+                passing_through = True
+                renewer.cancel()
+                assert lease is not None
+                with contextlib.suppress(MetadataUnavailable):
+                    await self._metadata.release_lease(lease, self._owner)
+                return
             record = DownloadRecord(owner=self._owner, temp_name=temp_path.name, size=size)
             with contextlib.suppress(MetadataUnavailable):  # followers then wait for the commit
                 await self._metadata.put_download(digest, record, DOWNLOAD_RECORD_TTL)
@@ -267,7 +289,7 @@ class BlobCache:
                 digest, BlobRecord(size=download.written, created_at=now, last_access=now)
             )
             await self._access.record(route, download.digest)
-        if lease is not None:
+        if lease is not None and not passing_through:  # else the lease may be another's now
             # An outage here only leaves the lease to lapse on its own.
             with contextlib.suppress(MetadataUnavailable):
                 await self._metadata.delete_download(digest)

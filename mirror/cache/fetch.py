@@ -11,12 +11,23 @@ The last byte is held back from every reader until the digest and size are
 verified, so a client can never receive a complete body of unverified bytes;
 the fsync and rename into `blobs/` follow without holding clients up. On a
 mismatch or an upstream error the temp file is deleted and every reader raises,
-which the HTTP layer turns into an aborted connection.
+which the HTTP layer turns into an aborted connection. A failed write (ENOSPC or any
+other OSError) is such an error: nothing partial is committed.
+
+Before the first byte the download reserves the upstream's Content-Length (`reserve`,
+the evictor's, which makes room by evicting). A blob refused room is still served by
+this same mechanism, only without a disk: its bytes pass through a bounded window in
+memory (`_PassThrough`), hashed as they pass, the last one held back until the
+digest is verified, dropped once every reader has them, never stored. The upstream is
+read no faster than the slowest reader, and when every reader has gone the download
+stops: nobody else can join it once its first bytes were dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,12 +39,13 @@ from mirror.errors import (
     BlobUnknown,
     Denied,
     MirrorError,
+    StorageFull,
     TooManyRequests,
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
 from mirror.oci import Digest
-from mirror.storage.blobstore import BlobStore, BlobWriter
+from mirror.storage.blobstore import BlobStore, BlobWriter, DigestCheck, Reservation
 from mirror.upstream.client import UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger(__name__)
@@ -45,6 +57,14 @@ READ_CHUNK = 512 * 1024
 # often its lease.
 FOLLOW_POLL = 0.02
 FOLLOW_HOLDER_CHECK = 0.5
+# An uncached download holds at most this much beyond its slowest reader, and gives up
+# when no reader has taken a byte for this long.
+PASS_THROUGH_WINDOW = 8 * 1024 * 1024
+PASS_THROUGH_IDLE = 60.0
+
+Reserve = Callable[[int], Awaitable[Reservation | None]]
+# Told the temp file and size once the upstream answered; None: not cached, no file.
+Announce = Callable[[Path | None, int | None], Awaitable[None]]
 
 
 def raise_for_upstream_status(response: UpstreamResponse, not_found: type[MirrorError]) -> None:
@@ -67,12 +87,54 @@ def raise_for_upstream_status(response: UpstreamResponse, not_found: type[Mirror
     raise UpstreamBadResponse("unexpected upstream status", detail={"upstream_status": status})
 
 
+class _PassThrough:
+    """The bytes of a download that is not cached, held only until every reader has
+    them (`trim`)."""
+
+    def __init__(self, check: DigestCheck):
+        self.check = check
+        self.base = 0  # offset of the first byte still held
+        self.held = 0
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self.positions: dict[int, int] = {}  # reader -> the next offset it wants
+
+    def append(self, data: bytes) -> None:
+        self.check.update(data)
+        self._chunks.append(data)
+        self.held += len(data)
+
+    def read(self, position: int, limit: int) -> bytes:
+        if position < self.base:
+            raise UpstreamUnavailable("the start of this uncached blob has already passed")
+        offset = self.base
+        for chunk in self._chunks:
+            if position < offset + len(chunk):
+                start = position - offset
+                return chunk[start : start + limit]
+            offset += len(chunk)
+        return b""
+
+    def trim(self, keep_from: int) -> None:
+        while self._chunks and self.base + len(self._chunks[0]) <= keep_from:
+            chunk = self._chunks.popleft()
+            self.base += len(chunk)
+            self.held -= len(chunk)
+
+
 class BlobDownload:
     """The in-flight fetch of one blob and the readers following it."""
 
-    def __init__(self, store: BlobStore, digest: Digest):
+    _reader_ids = itertools.count()
+
+    def __init__(self, store: BlobStore, digest: Digest, reserve: Reserve | None = None):
         self.store = store
         self.digest = digest
+        self._reserve = reserve
+        # False once the blob was refused room: it passes through memory, uncached.
+        self.caching = True
+        self._pass: _PassThrough | None = None
+        self._joined = 0
+        self._drained = asyncio.Event()
         self.size: int | None = None
         self.written = 0
         self.error: BaseException | None = None
@@ -90,6 +152,23 @@ class BlobDownload:
     def finished(self) -> bool:
         return self._finished
 
+    @property
+    def joinable(self) -> bool:
+        """A new client can be served from this download: it is cached, or nothing it
+        passed through has been dropped yet."""
+        return self._pass is None or self._pass.base == 0
+
+    def join(self) -> None:
+        """A client will read this download (until `leave`)."""
+        self._joined += 1
+
+    def leave(self) -> None:
+        self._joined -= 1
+        self._drained.set()  # an uncached download with nobody left stops
+
+    def _nobody_reading(self) -> bool:
+        return self._joined <= 0 and not (self._pass is not None and self._pass.positions)
+
     async def wait_started(self) -> None:
         """Wait for the upstream's headers; raise the failure if it failed before."""
         await self._started.wait()
@@ -100,12 +179,12 @@ class BlobDownload:
         self,
         client: UpstreamClient,
         repository: str,
-        announce: Callable[[Path, int | None], Awaitable[None]] | None = None,
+        announce: Announce | None = None,
     ) -> None:
         """Download, verify and commit. Never raises: the outcome is on `self`.
 
         `announce` is told the temp file and size once the upstream answered, so other
-        processes on a shared volume can follow the download.
+        processes on a shared volume can follow the download (None: it is not cached).
         """
         started = time.monotonic()
         writer: BlobWriter | None = None
@@ -113,26 +192,36 @@ class BlobDownload:
             async with await client.open("GET", repository, f"blobs/{self.digest}") as response:
                 raise_for_upstream_status(response, BlobUnknown)
                 self.size = response.content_length
-                writer = self.store.new_writer(self.digest, self.size)
-                self.temp_path = writer.temp_path
+                writer = await self._open_writer()
+                self.temp_path = None if writer is None else writer.temp_path
                 self._started.set()
                 if announce is not None:
-                    await announce(writer.temp_path, self.size)
+                    await announce(self.temp_path, self.size)
                 async for batch in response.iter_batches(WRITE_BATCH):
                     await self._append(writer, batch)
-            await asyncio.to_thread(writer.verify)
+            if writer is None:
+                assert self._pass is not None
+                self._pass.check.verify()
+            else:
+                await asyncio.to_thread(writer.verify)
             # Verified bytes may reach clients now; the fsync need not hold them up.
             self.verified = True
             async with self._progress:
                 self._progress.notify_all()
-            await asyncio.to_thread(writer.commit)
-            self.committed = True
+            if writer is not None:
+                await asyncio.to_thread(writer.commit)
+                self.committed = True
             log.info(
                 "blob_fetched",
                 digest=str(self.digest),
                 bytes=self.written,
+                cached=self.committed,
                 seconds=round(time.monotonic() - started, 3),
             )
+        except StorageFull as exc:
+            # Uncached, and every client went away: nothing more to do.
+            self.error = exc
+            log.info("blob_pass_through_stopped", digest=str(self.digest), bytes=self.written)
         except BaseException as exc:
             self.error = (
                 exc
@@ -207,11 +296,52 @@ class BlobDownload:
         async with self._progress:
             self._progress.notify_all()
 
-    async def _append(self, writer: BlobWriter, data: bytes) -> None:
-        await asyncio.to_thread(_write_and_flush, writer, data)
+    async def _open_writer(self) -> BlobWriter | None:
+        """A temp file with room reserved for the blob, or None (and a pass-through) if
+        it cannot fit. An unknown size reserves nothing: it is counted when committed."""
+        if self.size is None:
+            return await asyncio.to_thread(self.store.new_writer, self.digest, None)
+        if self._reserve is not None:
+            reservation = await self._reserve(self.size)
+        else:
+            reservation = await asyncio.to_thread(self.store.reserve, self.size)
+        if reservation is None:
+            self.caching = False
+            self._pass = _PassThrough(DigestCheck(self.digest, self.size))
+            log.info("blob_not_cached", digest=str(self.digest), bytes=self.size, reason="no room")
+            return None
+        return await asyncio.to_thread(self.store.new_writer, self.digest, self.size, reservation)
+
+    async def _append(self, writer: BlobWriter | None, data: bytes) -> None:
+        if writer is not None:
+            await asyncio.to_thread(_write_and_flush, writer, data)
+        else:
+            assert self._pass is not None
+            await self._wait_for_readers(self._pass)
+            self._pass.append(data)
         self.written += len(data)
         async with self._progress:
             self._progress.notify_all()
+
+    async def _wait_for_readers(self, passing: _PassThrough) -> None:
+        """Hold the upstream back while the window is full; stop when nobody reads."""
+        while True:
+            if self._nobody_reading():
+                raise StorageFull("not cached for lack of room, and no client is reading it")
+            if passing.held < PASS_THROUGH_WINDOW:
+                return
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), PASS_THROUGH_IDLE)
+            except TimeoutError:
+                raise StorageFull("not cached for lack of room, and no client reads it") from None
+
+    def _reader_moved(self, passing: _PassThrough) -> None:
+        # Drop what every reader has; while a client has joined but not started reading
+        # (it may want byte 0), keep everything.
+        if passing.positions and len(passing.positions) >= self._joined:
+            passing.trim(min(passing.positions.values()))
+        self._drained.set()
 
     def _readable_limit(self, end: int | None) -> int:
         """How far a reader of [.., end) may go now: the last byte of the blob, and of a
@@ -225,25 +355,40 @@ class BlobDownload:
     async def iter_bytes(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes [start, end) of the blob as they arrive; raises if the download fails."""
         await self.wait_started()
-        assert self.temp_path is not None
-        try:
-            fd = os.open(self.temp_path, os.O_RDONLY)
-        except FileNotFoundError:
-            # Renamed into blobs/ (perhaps a moment before `committed` is set: only a
-            # verified blob is ever renamed there), or deleted after a failure.
+        passing = self._pass
+        reader = next(self._reader_ids)
+        fd: int | None = None
+        if passing is not None:
+            passing.read(start, 0)  # raises if those bytes are gone
+            passing.positions[reader] = start
+        else:
+            assert self.temp_path is not None
             try:
-                fd = os.open(self.store.path(self.digest), os.O_RDONLY)
+                fd = os.open(self.temp_path, os.O_RDONLY)
             except FileNotFoundError:
-                raise self.error or UpstreamUnavailable("blob download failed") from None
+                # Renamed into blobs/ (perhaps a moment before `committed` is set: only a
+                # verified blob is ever renamed there), or deleted after a failure.
+                try:
+                    fd = os.open(self.store.path(self.digest), os.O_RDONLY)
+                except FileNotFoundError:
+                    raise self.error or UpstreamUnavailable("blob download failed") from None
         try:
             position = start
             while end is None or position < end:
                 limit = self._readable_limit(end)
                 if position < limit:
-                    data = os.pread(fd, min(READ_CHUNK, limit - position), position)
+                    wanted = min(READ_CHUNK, limit - position)
+                    if passing is None:
+                        assert fd is not None
+                        data = os.pread(fd, wanted, position)
+                    else:
+                        data = passing.read(position, wanted)
                     if not data:
                         raise UpstreamBadResponse("blob temp file shorter than recorded")
                     position += len(data)
+                    if passing is not None:
+                        passing.positions[reader] = position
+                        self._reader_moved(passing)
                     yield data
                     continue
                 if self.verified:
@@ -254,7 +399,11 @@ class BlobDownload:
                     if self._readable_limit(end) <= position and not self._finished:
                         await self._progress.wait()
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
+            if passing is not None:
+                del passing.positions[reader]
+                self._reader_moved(passing)
 
 
 def _write_and_flush(writer: BlobWriter, data: bytes) -> None:

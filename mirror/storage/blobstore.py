@@ -6,6 +6,7 @@ The layout, version 1:
     ├── layout-version              "1"
     ├── blobs/<algorithm>/<2 hex>/<hex>   complete, verified, immutable
     ├── tmp/                        in-flight downloads; emptied at start
+    ├── ledger.json, ledger.lock    the shared account of space (storage/ledger.py)
     └── meta/                       the embedded metadata store (not ours)
 
 A file appears under `blobs/` only through `BlobWriter.commit`: the bytes were
@@ -14,6 +15,14 @@ then renamed with `os.replace`, and the directory fsynced. A crash at any
 moment leaves either no file or a complete verified one. The store knows
 nothing of registries; every method here blocks, so async callers run them in
 a thread.
+
+Space is a bound, not a wish: a write reserves its size before its first byte
+(`reserve`), and committed bytes plus every process's reservations are what is
+compared with the `Quota` (`max_size` and its watermarks, `min_free` of the
+filesystem). The account is the ledger every process under this root shares; a
+commit turns a reservation into usage, a failure releases it. Whether to evict
+to make room is the evictor's business (`excess` says how much); the store only
+refuses what does not fit.
 """
 
 from __future__ import annotations
@@ -22,15 +31,75 @@ import contextlib
 import os
 import secrets
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
+
+import structlog
 
 from mirror.errors import DigestInvalid, UpstreamBadResponse
 from mirror.oci import Digest
+from mirror.storage.ledger import HEARTBEAT, Ledger, LedgerState
 
 LAYOUT_VERSION = "1"
+
+log = structlog.get_logger(__name__)
+
+# Which bound a write is measured against: "high" (above it, evict first), "low" (what
+# eviction aims for), "max" (the hard limit: beyond it a write is refused).
+Level = Literal["high", "low", "max"]
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """How much the store may hold: `max_size` bytes under `blobs/` plus reservations,
+    and at least `min_free` bytes (or `min_free_ratio` of the filesystem) left free."""
+
+    max_size: int | None = None
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+    min_free: int | None = None
+    min_free_ratio: float | None = None
+
+    @property
+    def bounded(self) -> bool:
+        return (
+            self.max_size is not None
+            or self.min_free is not None
+            or self.min_free_ratio is not None
+        )
+
+    def ceiling(self, level: Level) -> int | None:
+        if self.max_size is None:
+            return None
+        if level == "max":
+            return self.max_size
+        fraction = self.high_watermark if level == "high" else self.low_watermark
+        return int(self.max_size * fraction)
+
+    def floor(self, total: int, level: Level) -> int | None:
+        """Bytes to keep free on a filesystem of `total` bytes; eviction ("low") aims
+        past the floor by the watermarks' gap, so it does not run for every write."""
+        if self.min_free is None and self.min_free_ratio is None:
+            return None
+        floor = max(self.min_free or 0, int(total * (self.min_free_ratio or 0.0)))
+        if level == "low":
+            floor += int(floor * (self.high_watermark - self.low_watermark))
+        return floor
+
+
+class Reservation:
+    """Bytes promised to one write before its first byte; released on commit or failure."""
+
+    __slots__ = ("released", "size", "written")
+
+    def __init__(self, size: int):
+        self.size = size
+        self.written = 0  # what has reached the disk: no longer pending against min_free
+        self.released = False
 
 
 class DigestMismatch(UpstreamBadResponse):
@@ -40,15 +109,94 @@ class DigestMismatch(UpstreamBadResponse):
 class BlobStore:
     """Verified, content-addressed blobs under one root directory."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, quota: Quota | None = None):
+        quota = quota or Quota()
         self.root = root
         self.blobs_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
         self.meta_dir = root / "meta"
         self.corrupt_dir = root / "corrupt"
-        # Bytes under blobs/ as this process knows them: set by `scan_usage`, kept up to
-        # date by commits and deletes here (other processes' are seen at the next scan).
-        self.usage = 0
+        self.quota = quota
+        self._ledger = Ledger(root)
+        # This process's live reservations: what they have not written yet still has to
+        # come out of the filesystem's free space.
+        self._reservations: set[Reservation] = set()
+        self._reservations_lock = threading.Lock()
+        self._last_heartbeat = 0.0
+        self._usage = 0
+        # Called (from any thread) when a commit took usage above the high watermark.
+        self.on_over_high: Callable[[], None] | None = None
+
+    @property
+    def usage(self) -> int:
+        """Bytes under blobs/, as the shared ledger counts them."""
+        committed = self._ledger.read().committed
+        return self._usage if committed is None else committed
+
+    # Space
+
+    def reserve(self, size: int, level: Level = "max") -> Reservation | None:
+        """Reserve `size` bytes for a write if they fit under `level`; None if not."""
+        reservation = Reservation(size)
+        with self._ledger.transaction() as state:
+            self._know_committed(state)
+            if self._shortfall(state, size, level) > 0:
+                return None
+            state.adjust(self._ledger.owner, size, time.time())
+        with self._reservations_lock:
+            self._reservations.add(reservation)
+        return reservation
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a reservation whose write failed or was abandoned. Idempotent."""
+        if reservation.released:
+            return
+        reservation.released = True
+        with self._reservations_lock:
+            self._reservations.discard(reservation)
+        with self._ledger.transaction() as state:
+            state.adjust(self._ledger.owner, -reservation.size, time.time())
+
+    def excess(self, incoming: int = 0, level: Level = "high") -> int:
+        """Bytes to free so that `incoming` more bytes fit under `level` (0: they do)."""
+        with self._ledger.transaction() as state:
+            self._know_committed(state)
+            return self._shortfall(state, incoming, level)
+
+    def heartbeat(self) -> None:
+        """Keep this process's reservations alive in the ledger (others age them out)."""
+        self._last_heartbeat = time.monotonic()
+        with self._ledger.transaction() as state:
+            state.adjust(self._ledger.owner, 0, time.time())
+
+    def _heartbeat_due(self) -> None:
+        if time.monotonic() - self._last_heartbeat > HEARTBEAT:
+            self.heartbeat()
+
+    def _shortfall(self, state: LedgerState, incoming: int, level: Level) -> int:
+        assert state.committed is not None
+        short = 0
+        ceiling = self.quota.ceiling(level)
+        if ceiling is not None:
+            short = state.committed + state.reserved() + incoming - ceiling
+        stat = os.statvfs(self.root) if self.quota.floor(0, level) is not None else None
+        if stat is not None:
+            floor = self.quota.floor(stat.f_blocks * stat.f_frsize, level)
+            assert floor is not None
+            with self._reservations_lock:
+                unwritten = sum(max(r.size - r.written, 0) for r in self._reservations)
+            # Other processes' reservations count whole: how much of them is written
+            # (and so already out of the free space) is not known here.
+            pending = state.reserved(excluding=self._ledger.owner) + unwritten
+            free = stat.f_bavail * stat.f_frsize
+            short = max(short, floor + pending + incoming - free)
+        return max(short, 0)
+
+    def _know_committed(self, state: LedgerState) -> None:
+        """A ledger that lost count (new, or unreadable) is recounted, under its lock."""
+        if state.committed is None:
+            state.committed = sum(stat.st_size for _, stat in self.iter_digests())
+        self._usage = state.committed
 
     def prepare(self, sweep_older_than: float | None = 0.0) -> int:
         """Create the layout and sweep left-over temp files; return how many were swept.
@@ -120,15 +268,44 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
-    def new_writer(self, digest: Digest, expected_size: int | None = None) -> BlobWriter:
-        return BlobWriter(self, digest, expected_size)
+    def new_writer(
+        self,
+        digest: Digest,
+        expected_size: int | None = None,
+        reservation: Reservation | None = None,
+    ) -> BlobWriter:
+        """A writer for one blob; it owns `reservation` from now on (released when the
+        writer commits or is discarded, or here if the temp file cannot be made)."""
+        try:
+            return BlobWriter(self, digest, expected_size, reservation)
+        except BaseException:
+            if reservation is not None:
+                self.release(reservation)
+            raise
 
-    def put_bytes(self, digest: Digest, data: bytes) -> Path:
-        """Verify and commit a small blob (a manifest) held in memory."""
-        writer = self.new_writer(digest, len(data))
+    def put_bytes(self, digest: Digest, data: bytes) -> Path | None:
+        """Verify and commit a small blob (a manifest) held in memory. None if it could
+        not be stored (no room, or the disk failed): the caller still has the bytes, and
+        serves them; only the caching is lost."""
+        reservation = self.reserve(len(data))
+        if reservation is None:
+            log.warning("blob_not_cached", digest=str(digest), bytes=len(data), reason="no room")
+            return None
+        try:
+            writer = self.new_writer(digest, len(data), reservation)
+        except OSError as exc:
+            log.warning(
+                "blob_not_cached", digest=str(digest), reason="write failed", error=str(exc)
+            )
+            return None
         try:
             writer.write(data)
             return writer.commit()
+        except OSError as exc:
+            log.warning(
+                "blob_not_cached", digest=str(digest), reason="write failed", error=str(exc)
+            )
+            return None
         finally:
             writer.discard()
 
@@ -136,30 +313,41 @@ class BlobStore:
         """Remove a committed blob; return the bytes freed. Readers with the file open
         keep reading it whole: the inode lives until they close it."""
         path = self.path(digest)
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:
-            return 0
-        self.usage = max(self.usage - size, 0)
+        with self._ledger.transaction() as state:
+            self._know_committed(state)
+            assert state.committed is not None
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                return 0
+            state.committed = max(state.committed - size, 0)
+            self._usage = state.committed
         return size
 
     def move_aside(self, digest: Digest) -> Path | None:
         """Take a (corrupt) blob out of the cache, keeping it under corrupt/ to inspect."""
         self.corrupt_dir.mkdir(exist_ok=True)
         target = self.corrupt_dir / f"{digest.algorithm}-{digest.hex}"
-        try:
-            size = self.path(digest).stat().st_size
-            os.replace(self.path(digest), target)
-        except FileNotFoundError:
-            return None
-        self.usage = max(self.usage - size, 0)
+        with self._ledger.transaction() as state:
+            self._know_committed(state)
+            assert state.committed is not None
+            try:
+                size = self.path(digest).stat().st_size
+                os.replace(self.path(digest), target)
+            except FileNotFoundError:
+                return None
+            state.committed = max(state.committed - size, 0)
+            self._usage = state.committed
         return target
 
     def scan_usage(self) -> int:
-        """Walk blobs/ and return (and remember) the bytes it holds."""
-        self.usage = sum(stat.st_size for _, stat in self.iter_digests())
-        return self.usage
+        """Walk blobs/ and set the shared count to the bytes it holds (under the lock,
+        so no commit or delete slips between the walk and the count)."""
+        with self._ledger.transaction() as state:
+            state.committed = None
+            self._know_committed(state)
+        return self._usage
 
     def hash_matches(self, digest: Digest) -> bool:
         """Re-read a committed blob and check it still hashes to its name."""
@@ -191,31 +379,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class BlobWriter:
-    """A temp file that hashes what is written and commits only a verified blob."""
+class DigestCheck:
+    """Hashes bytes as they pass and says whether they are the blob they claim to be."""
 
-    def __init__(self, store: BlobStore, digest: Digest, expected_size: int | None):
-        self.store = store
+    def __init__(self, digest: Digest, expected_size: int | None):
         self.digest = digest
         self.expected_size = expected_size
-        self.temp_path = store.tmp_dir / f"{digest.hex[:16]}.{secrets.token_hex(8)}"
         self._hasher = digest.hasher()
-        self._file = open(self.temp_path, "xb")  # noqa: SIM115 - owned until commit/discard
-        self.written = 0
+        self.seen = 0
         self._verified = False
-        self._committed = False
 
-    def write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
+    def update(self, chunk: bytes) -> None:
         self._hasher.update(chunk)
-        self.written += len(chunk)
-
-    def flush(self) -> None:
-        """Make written bytes visible to readers of the temp file."""
-        self._file.flush()
+        self.seen += len(chunk)
 
     def verify(self) -> None:
-        """Raise `DigestMismatch` unless what was written hashes to the digest (and size)."""
+        """Raise `DigestMismatch` unless what passed hashes to the digest (and size)."""
         if self._verified:
             return
         actual = self._hasher.hexdigest()
@@ -227,30 +406,91 @@ class BlobWriter:
                     "actual": f"{self.digest.algorithm}:{actual}",
                 },
             )
-        if self.expected_size is not None and self.written != self.expected_size:
+        if self.expected_size is not None and self.seen != self.expected_size:
             raise DigestMismatch(
                 "upstream content has the wrong size",
-                detail={"expected": self.expected_size, "actual": self.written},
+                detail={"expected": self.expected_size, "actual": self.seen},
             )
         self._verified = True
 
+
+class BlobWriter:
+    """A temp file that hashes what is written and commits only a verified blob."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        digest: Digest,
+        expected_size: int | None,
+        reservation: Reservation | None = None,
+    ):
+        self.store = store
+        self.digest = digest
+        self.expected_size = expected_size
+        self.reservation = reservation
+        self.temp_path = store.tmp_dir / f"{digest.hex[:16]}.{secrets.token_hex(8)}"
+        self._check = DigestCheck(digest, expected_size)
+        self._file = open(self.temp_path, "xb")  # noqa: SIM115 - owned until commit/discard
+        self.written = 0
+        self._committed = False
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._check.update(chunk)
+        self.written += len(chunk)
+        if self.reservation is not None:
+            self.reservation.written = self.written
+            self.store._heartbeat_due()
+
+    def flush(self) -> None:
+        """Make written bytes visible to readers of the temp file."""
+        self._file.flush()
+
+    def verify(self) -> None:
+        """Raise `DigestMismatch` unless what was written hashes to the digest (and size)."""
+        self._check.verify()
+
     def commit(self) -> Path:
-        """Verify, fsync, and move into `blobs/`: only now is the blob in the cache."""
+        """Verify, fsync, and move into `blobs/`: only now is the blob in the cache. The
+        rename and the account change together, under the ledger's lock."""
         self.verify()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         final = self.store.path(self.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.temp_path, final)
+        store = self.store
+        with store._ledger.transaction() as state:
+            store._know_committed(state)
+            assert state.committed is not None
+            if not final.exists():  # another process's copy is already counted
+                state.committed += self.written
+            os.replace(self.temp_path, final)
+            self._committed = True
+            if self.reservation is not None:
+                state.adjust(store._ledger.owner, -self.reservation.size, time.time())
+                self._forget_reservation()
+            store._usage = state.committed
+            over_high = store.quota.bounded and store._shortfall(state, 0, "high") > 0
         _fsync_dir(final.parent)
-        self._committed = True
-        self.store.usage += self.written
+        if over_high and store.on_over_high is not None:
+            store.on_over_high()
         return final
 
+    def _forget_reservation(self) -> None:
+        reservation, self.reservation = self.reservation, None
+        if reservation is not None:
+            reservation.released = True
+            with self.store._reservations_lock:
+                self.store._reservations.discard(reservation)
+
     def discard(self) -> None:
-        """Close and delete the temp file unless it was committed. Safe to call twice."""
+        """Close and delete the temp file unless it was committed, and give back the
+        reservation. Safe to call twice."""
         if not self._file.closed:
             self._file.close()
         if not self._committed:
             self.temp_path.unlink(missing_ok=True)
+        if self.reservation is not None:
+            reservation, self.reservation = self.reservation, None
+            self.store.release(reservation)
