@@ -18,17 +18,23 @@ import random
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
+from conftest import MirrorFactory
 from prometheus_client.parser import text_string_to_metric_families
+from support.fake_upstream import FakeUpstream, digest_of, serve
 from support.images import push_blob, sha256_digest
 from support.mirror_process import MirrorProcess
-from support.net import http_request, wait_until
+from support.net import eventually, http_request, wait_until
 from support.registry import Registry
 
+from mirror.api.v2 import SERVICES
+from mirror.cache.fetch import PASS_THROUGH_WINDOW, WRITE_BATCH
+from mirror.errors import StorageFull
 from mirror.eviction import Evictor
 from mirror.metadata.base import BlobRecord
 from mirror.metadata.embedded import EmbeddedMetadataStore
@@ -467,3 +473,35 @@ async def test_a_full_disk_mid_download_fails_that_transfer_only(
 
 def victim_absent(storage: Path, data: bytes) -> bool:
     return sha256_digest(data)[7:] not in {p.name for p in committed_blobs(storage)}
+
+
+async def test_an_uncached_blob_follows_its_slowest_reader_and_stops_when_all_leave(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    make_mirror: MirrorFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    big = os.urandom(40 * MIB)
+    digest = digest_of(big)
+    fake = FakeUpstream()
+    fake.on("GET", f"/v2/{REPO}/blobs/{digest}", serve(big))
+    server = await aiohttp_server(fake.app(), host="127.0.0.1")
+    mirror = await make_mirror(
+        {"fake": {"url": str(server.make_url("")).rstrip("/")}}, storage={"max_size": MIB}
+    )
+    blobs = mirror.server.app[SERVICES].blobs
+    url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
+    async with http.get(url) as response:
+        await response.content.readexactly(MIB)
+        # The reader stalls: the upstream is read no further than the window allows.
+        download = blobs._downloads[Digest.parse(digest)][0]
+        await eventually(lambda: download._pass is not None and download.written > MIB)
+        assert download._pass is not None
+        await eventually(lambda: download._pass.held >= PASS_THROUGH_WINDOW - WRITE_BATCH)
+        assert download.written < 20 * MIB
+        response.close()  # and hangs up
+    await eventually(lambda: blobs.downloads_in_flight == 0)
+    assert isinstance(download.error, StorageFull)
+    assert mirror.blob_files() == []
+    # The next client gets a download of its own, whole and verified.
+    async with http.get(url) as response:
+        assert await response.read() == big

@@ -28,6 +28,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
+log = structlog.get_logger(__name__)
+
 HEARTBEAT = 30.0
 STALE_AFTER = 300.0
 HOST = socket.gethostname()
@@ -104,11 +108,21 @@ class Ledger:
             yield state
             after = _encode(state)
             if after != before:
-                temp = self.path.with_name(f"ledger.{self.owner.rsplit(':', 1)[-1]}.tmp")
-                temp.write_text(after, encoding="utf-8")
-                os.replace(temp, self.path)
+                self._write(after)
         finally:
             os.close(fd)  # releases the lock
+
+    def _write(self, text: str) -> None:
+        temp = self.path.with_name(f"ledger.{self.owner.rsplit(':', 1)[-1]}.tmp")
+        try:
+            temp.write_text(text, encoding="utf-8")
+            os.replace(temp, self.path)
+        except OSError as exc:
+            # A full disk must not wedge the account: without the file the count is
+            # unknown, and the next transaction rescans blobs/ (removing needs no space).
+            temp.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
+            log.warning("ledger_write_failed", path=str(self.path), error=str(exc))
 
     def read(self) -> LedgerState:
         """A snapshot without the lock (for metrics and reports)."""
