@@ -478,6 +478,7 @@ def _endpoints(upstream: Upstream) -> list[str]:
         f"/v2/{repo}/blobs/{small_blob}",
         f"/v2/{repo}/referrers/{image.digest}",
         "/healthz",
+        "/nowhere",
     ]
 
 
