@@ -15,7 +15,6 @@ that lack the right are 403 DENIED.
 from __future__ import annotations
 
 import asyncio
-import binascii
 import hashlib
 import hmac
 import secrets
@@ -34,6 +33,7 @@ from mirror.errors import Denied, Unauthorized
 log = structlog.get_logger(__name__)
 
 VERIFIED_FOR = 300.0
+BCRYPT_MAX_PASSWORD = 72  # bytes
 # A real bcrypt hash to check against for unknown users, so the answer takes as long
 # as for known ones and does not tell which user names exist.
 _DUMMY_HASH = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=10))
@@ -88,7 +88,13 @@ class Htpasswd:
         if self._verified.get(key, 0.0) > time.monotonic():
             return True
         hashed = self._entries.get(user)
-        matches = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed or _DUMMY_HASH)
+        secret = password.encode()
+        if len(secret) > BCRYPT_MAX_PASSWORD or b"\0" in secret:
+            # bcrypt refuses the long ones (ValueError) and C implementations end a
+            # password at NUL: htpasswd -B could not have stored either whole, and
+            # accepting a prefix would accept passwords never set.
+            return False
+        matches = await asyncio.to_thread(bcrypt.checkpw, secret, hashed or _DUMMY_HASH)
         if matches and hashed is not None:
             self._verified[key] = time.monotonic() + VERIFIED_FOR
             return True
@@ -124,7 +130,7 @@ class AccessControl:
             raise self._unauthorized("use Basic authentication")
         try:
             user, sep, password = b64decode(credentials, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, non-ASCII text
             raise self._unauthorized("malformed credentials") from None
         if not sep or not await self._htpasswd.verify(user, password):
             raise self._unauthorized("invalid username or password")

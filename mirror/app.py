@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from mirror.access import AccessControl
-from mirror.api.errors import oci_errors
+from mirror.api.errors import expect_handler, oci_errors
 from mirror.api.v2 import (
     SERVICES,
     Services,
@@ -27,6 +27,7 @@ from mirror.api.v2 import (
 from mirror.concurrency import TaskOwner
 from mirror.config import MirrorConfig, TlsConfig
 from mirror.core import TempSweep, default_sweep, open_core
+from mirror.errors import NameUnknown
 from mirror.eviction import Evictor
 from mirror.metadata.base import MetadataStore, MetadataUnavailable
 from mirror.metadata.deferred import DeferredWrites
@@ -127,12 +128,20 @@ def create_app(
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(on_prepare)
-    app.router.add_route("*", "/v2", handle_v2)
-    app.router.add_route("*", "/v2/{tail:.*}", handle_v2)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", handle_metrics)
+    routes = app.router
+    routes.add_route("*", "/v2", handle_v2, expect_handler=expect_handler)
+    routes.add_route("*", "/v2/{tail:.*}", handle_v2, expect_handler=expect_handler)
+    routes.add_get("/healthz", _healthz, expect_handler=expect_handler)
+    routes.add_get("/readyz", _readyz, expect_handler=expect_handler)
+    routes.add_get("/metrics", handle_metrics, expect_handler=expect_handler)
+    # Every other path too, so that even its `Expect` is answered in OCI form. GET and
+    # HEAD only: another method on a known path stays 405, not 404.
+    routes.add_get("/{tail:.*}", _no_such_endpoint, expect_handler=expect_handler)
     return app
+
+
+async def _no_such_endpoint(request: web.Request) -> web.StreamResponse:
+    raise NameUnknown("no such endpoint")
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:

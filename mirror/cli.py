@@ -15,8 +15,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from aiohttp import web
-
 from mirror import __version__, clientconfig
 from mirror.config import ConfigError, MirrorConfig, load_config, parse_duration
 from mirror.errors import MirrorError
@@ -128,6 +126,7 @@ def _load(args: argparse.Namespace) -> MirrorConfig:
 
 
 def serve(config: MirrorConfig, args: argparse.Namespace) -> int:
+    from mirror import server
     from mirror.app import create_app, server_ssl_context
     from mirror.core import TempSweep
     from mirror.supervisor import Supervisor
@@ -147,16 +146,14 @@ def serve(config: MirrorConfig, args: argparse.Namespace) -> int:
         if args.offline:
             worker_argv.append("--offline")
         return Supervisor(config, worker_argv, args.workers).run()
-    web.run_app(
+    server.run(
         create_app(config, sweep=TempSweep(None) if args.worker else None),
         host=host,
         port=port,
         ssl_context=server_ssl_context(config.tls),
-        keepalive_timeout=config.server.idle_timeout,
+        idle_timeout=config.server.idle_timeout,
         reuse_port=args.worker,
         access_log_class=AccessLogger,
-        print=None,
-        shutdown_timeout=10,
     )
     return 0
 

@@ -7,15 +7,18 @@ default upstream (dockerd `registry-mirrors`). Only configured upstreams can
 ever be chosen: an `ns` or a host-like prefix that names none is NAME_UNKNOWN
 before any connection is made. For Docker Hub a one-component name `x` is
 `library/x` upstream. A repository the upstream's policy does not allow is
-DENIED here, before any cache or upstream work.
+DENIED here, before any cache or upstream work. An `ns` that is not a registry
+host (`host[:port]`, `[v6]:port`) is NAME_INVALID: it is echoed back as
+`OCI-Namespace`, so nothing else may pass.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mirror.errors import Denied, NameUnknown
+from mirror.errors import Denied, NameInvalid, NameUnknown
 from mirror.oci import validate_name
 from mirror.policy import UpstreamPolicy
 
@@ -36,6 +39,22 @@ class Route:
     repository: str  # the repository's name on the upstream
     client_name: str  # the name as it appeared in the request path
     namespace: str | None = None  # the `ns` the client sent, echoed as OCI-Namespace
+
+
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_REGISTRY_HOST_RE = re.compile(
+    rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?|\[[0-9A-Fa-f:.]{{2,45}}\])(?::[0-9]{{1,5}})?"
+)
+HOST_MAX_LENGTH = 255
+
+
+def is_registry_host(text: str) -> bool:
+    """A registry as clients name it in `ns=`: a DNS name or [IPv6], with an optional port."""
+    return (
+        len(text) <= HOST_MAX_LENGTH
+        and text.isascii()
+        and _REGISTRY_HOST_RE.fullmatch(text) is not None
+    )
 
 
 def _looks_like_host(component: str) -> bool:
@@ -59,6 +78,10 @@ class Router:
     def resolve(self, name: str, namespace: str | None = None) -> Route:
         validate_name(name)
         if namespace is not None:
+            if not is_registry_host(namespace):
+                raise NameInvalid(
+                    "ns must name a registry host", detail={"ns": namespace[:HOST_MAX_LENGTH]}
+                )
             upstream = self._lookup(namespace)
             if upstream is None:
                 raise NameUnknown(

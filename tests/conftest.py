@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 from support.images import Image, push, push_with_token, standard_images
 from support.net import eventually
 from support.redis_server import RedisServer
@@ -26,9 +27,20 @@ from support.tokenserver import TokenServer
 from mirror.api.v2 import SERVICES
 from mirror.app import create_app
 from mirror.config import MirrorConfig, load_config
+from mirror.server import MirrorRunner
 
 PUSHER, PUSHER_PASSWORD = "pusher", "pusher-secret"
 TAG = "v1"
+# Everything a mirror may create under its storage root (blobstore.py draws the layout).
+STORAGE_ENTRIES = {
+    "blobs",
+    "corrupt",
+    "layout-version",
+    "ledger.json",
+    "ledger.lock",
+    "meta",
+    "tmp",
+}
 
 
 @dataclass
@@ -117,6 +129,13 @@ class Mirror:
 MirrorFactory = Callable[..., Awaitable[Mirror]]
 
 
+class MirrorTestServer(TestServer):
+    """An in-process server with the connection layer `mirror serve` uses."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return MirrorRunner(self.app, **kwargs)
+
+
 def mirror_config(
     root: Path, upstreams: dict[str, dict[str, Any]], **settings: Any
 ) -> MirrorConfig:
@@ -143,7 +162,7 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
         settings.setdefault("default_upstream", next(iter(upstreams)))
         ssl_context = settings.pop("ssl_context", None)
         config = mirror_config(tmp_path / f"mirror-{count}", upstreams, **settings)
-        server = TestServer(create_app(config), host="127.0.0.1")
+        server = MirrorTestServer(create_app(config), host="127.0.0.1")
         await server.start_server(ssl=ssl_context)
         servers.append(server)
         return Mirror(server, config)

@@ -33,10 +33,11 @@ from mirror.errors import (
     SizeInvalid,
     Unsupported,
 )
+from mirror.headers import bounded_int, header_safe
 from mirror.logging import ACCESS_INFO, AccessInfo
 from mirror.metrics import METRICS
 from mirror.oci import AcceptSet, Digest, Reference
-from mirror.routing import Route, Router
+from mirror.routing import Route, Router, is_registry_host
 from mirror.upstream.client import UpstreamClient
 
 log = structlog.get_logger(__name__)
@@ -44,6 +45,8 @@ log = structlog.get_logger(__name__)
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_PAGE = 10_000
+# Longer than any repository name with its upstream prefix, or any media type.
+QUERY_VALUE_MAX = 512
 FILE_CHUNK = 1024 * 1024
 
 
@@ -90,9 +93,19 @@ def _page_size(request: web.Request) -> int | None:
     text = request.query.get("n")
     if text is None or text == "":
         return None
-    if not text.isdigit():
+    size = bounded_int(text, MAX_PAGE)
+    if size is None:
         raise SizeInvalid("n must be a non-negative integer", detail={"n": text[:20]})
-    return min(int(text), MAX_PAGE)
+    return size
+
+
+def _query_text(request: web.Request, key: str) -> str | None:
+    """A free-text query value (`last`, `artifactType`): bounded, so the Link built from
+    it and the upstream request carrying it stay within every client's header limit."""
+    text = request.query.get(key)
+    if text is not None and len(text) > QUERY_VALUE_MAX:
+        raise SizeInvalid(f"{key} is too long", detail={key: text[:20]})
+    return text
 
 
 def _route(request: web.Request, services: Services, name: str, reference: str = "") -> Route:
@@ -112,11 +125,27 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     """Headers every response carries, streamed or not, error or not."""
     response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
     namespace = request.query.get("ns")
-    if namespace and response.status < 400:
+    if namespace and response.status < 400 and is_registry_host(namespace):
         response.headers["OCI-Namespace"] = namespace
     info = request.get(ACCESS_INFO)
     if info is not None:
         response.headers["X-Request-Id"] = info.request_id
+    _drop_unsafe_headers(response)
+
+
+def _drop_unsafe_headers(response: web.StreamResponse) -> None:
+    """The last guard before the wire: every value that reaches a header is validated
+    where it is set, so a value that cannot be sent is a bug, and it is dropped (and
+    logged) rather than sent or left to break the connection."""
+    unsafe = [name for name, value in response.headers.items() if not header_safe(value)]
+    for name in unsafe:
+        log.warning(
+            "unsafe_header_dropped",
+            header=name,
+            value=ascii(response.headers.get(name, ""))[:100],
+            status=response.status,
+        )
+        response.headers.popall(name, None)
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -163,7 +192,7 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
         principal = request[PRINCIPAL]
         listing = await services.listings.catalog(
             _page_size(request),
-            request.query.get("last"),
+            _query_text(request, "last"),
             "/v2/_catalog",
             visible=lambda upstream, repo: services.access.may_pull(principal, upstream, repo),
         )
@@ -175,12 +204,13 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
     if endpoint.kind == "tags":
         route = _route(request, services, endpoint.name)
         listing = await services.listings.tags(
-            route, _page_size(request), request.query.get("last")
+            route, _page_size(request), _query_text(request, "last")
         )
         return _listing_response(request, listing)
     route = _route(request, services, endpoint.name, endpoint.argument)
     digest = Digest.parse(endpoint.argument)
-    listing = await services.listings.referrers(route, digest, request.query.get("artifactType"))
+    artifact_type = _query_text(request, "artifactType")
+    listing = await services.listings.referrers(route, digest, artifact_type)
     return _listing_response(request, listing)
 
 

@@ -44,6 +44,7 @@ from mirror.errors import (
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
+from mirror.headers import retry_after_seconds
 from mirror.oci import Digest
 from mirror.storage.blobstore import BlobStore, BlobWriter, DigestCheck, Reservation
 from mirror.upstream.client import UpstreamClient, UpstreamResponse
@@ -77,10 +78,9 @@ def raise_for_upstream_status(response: UpstreamResponse, not_found: type[Mirror
     if status in (401, 403):
         raise Denied("the upstream refused access", detail={"upstream_status": status})
     if status == 429:
-        retry_after = response.headers.get("Retry-After", "60")
         raise TooManyRequests(
             "the upstream is rate limiting this mirror",
-            headers={"Retry-After": retry_after if retry_after.isdigit() else "60"},
+            headers={"Retry-After": retry_after_seconds(response.headers.get("Retry-After"), 60)},
         )
     if status >= 500:
         raise UpstreamUnavailable("the upstream failed", detail={"upstream_status": status})

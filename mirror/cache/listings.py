@@ -18,12 +18,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from mirror.cache.fetch import raise_for_upstream_status
 from mirror.errors import ManifestUnknown, NameUnknown, TooManyRequests, UpstreamUnavailable
+from mirror.headers import bounded_int, header_safe
 from mirror.metadata.base import CachedResponse, MetadataStore, MetadataUnavailable
 from mirror.oci import OCI_INDEX, Digest
 from mirror.routing import Route
 from mirror.upstream.client import UpstreamClient
 
 LISTING_MAX_BYTES = 4 * 1024 * 1024
+MAX_LINK_PAGE = 10_000  # as the API caps a client's n
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +122,7 @@ class Listings:
             response.body.encode(),
             OCI_INDEX,
             result,
-            filters_applied=response.headers.get("OCI-Filters-Applied"),
+            filters_applied=_filters_applied(response.headers.get("OCI-Filters-Applied")),
         )
 
     async def catalog(
@@ -190,10 +192,15 @@ class Listings:
         target = upstream_link.split(";", 1)[0].strip().strip("<>")
         params = dict(parse_qsl(urlsplit(target).query))
         last = params.get("last")
-        n_text = params.get("n", "")
-        if not last or not n_text.isdigit():
+        n = bounded_int(params.get("n", ""), MAX_LINK_PAGE)
+        if not last or n is None:
             return None
-        return self._link(route, int(n_text), last)
+        return self._link(route, n, last)
+
+
+def _filters_applied(value: str | None) -> str | None:
+    """The upstream's OCI-Filters-Applied, passed on only if it can be sent as it is."""
+    return value if value is not None and header_safe(value) else None
 
 
 def _tags_body(name: str, tags: list[str]) -> bytes:
