@@ -8,6 +8,7 @@ and writes one JSON access line per request, with no credential in any line.
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,3 +224,62 @@ def test_client_config_outputs(tmp_path: Path) -> None:
 
     result = mirror_cli("client-config", "podman", "--config", str(config), "--fallback", "ftp://x")
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("mirror", "fallback", "registry_location", "registry_insecure", "mirror_insecure"),
+    [
+        ("http://m:5000", "upstream", "plain.test:5000", True, True),
+        ("https://m", "upstream", "plain.test:5000", True, False),
+        ("http://m:5000", "none", "m:5000/plain.test", True, None),
+        ("https://m", "none", "m/plain.test", False, None),
+        ("https://m", "http://fallback.test:81", "fallback.test:81", True, False),
+        ("http://m:5000", "https://fallback.test", "fallback.test", False, True),
+    ],
+)
+def test_podman_marks_every_http_location_insecure(
+    tmp_path: Path,
+    mirror: str,
+    fallback: str,
+    registry_location: str,
+    registry_insecure: bool,
+    mirror_insecure: bool | None,
+) -> None:
+    config = write_config(
+        tmp_path / "m.yaml",
+        {
+            "upstreams": {
+                "plain.test": {"url": "http://plain.test:5000"},
+                "tls.test": {"url": "https://tls.test"},
+            }
+        },
+    )
+    result = mirror_cli(
+        "client-config",
+        "podman",
+        "--config",
+        str(config),
+        "--mirror-url",
+        mirror,
+        "--fallback",
+        fallback,
+        "--output",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "out" / "registry-mirror.conf", "rb") as file:
+        registries = {entry["prefix"]: entry for entry in tomllib.load(file)["registry"]}
+    plain = registries["plain.test"]
+    assert plain["location"] == registry_location
+    assert plain["insecure"] is registry_insecure
+    if mirror_insecure is None:
+        assert "mirror" not in plain
+    else:
+        mirror_host = mirror.split("://", 1)[1]
+        assert plain["mirror"] == [
+            {"location": f"{mirror_host}/plain.test", "insecure": mirror_insecure}
+        ]
+    # An https upstream stays secure when it is the fallback.
+    if fallback == "upstream":
+        assert registries["tls.test"]["location"] == "tls.test"
+        assert registries["tls.test"]["insecure"] is False
