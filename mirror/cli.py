@@ -2,7 +2,8 @@
 verify, stats.
 
 Each sub-command loads and validates the configuration first, so a bad key
-stops it with a message naming the key and exit status 2.
+stops it with a message naming the key and exit status 2. Flags beat `MIRROR_*`
+variables, which beat the file (`load_config` applies the order).
 """
 
 from __future__ import annotations
@@ -119,12 +120,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> MirrorConfig:
-    overrides: dict[str, object] = {}
+    # Only flags actually given: an absent flag must not hide the environment or file.
+    flags: dict[str, object] = {}
     if getattr(args, "listen", None):
-        overrides["listen"] = args.listen
+        flags["listen"] = args.listen
     if getattr(args, "offline", False):
-        overrides["offline"] = True
-    return load_config(args.config, **overrides)
+        flags["offline"] = True
+    return load_config(args.config, **flags)
 
 
 def serve(config: MirrorConfig, args: argparse.Namespace) -> int:

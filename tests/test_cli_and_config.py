@@ -17,7 +17,7 @@ import yaml
 from conftest import PUSHER, PUSHER_PASSWORD, TAG, Upstream
 from support.cli import mirror_cli
 from support.mirror_process import MirrorProcess
-from support.net import wait_until
+from support.net import free_port, http_request, port_open, wait_until
 from support.skopeo import skopeo_copy
 
 from mirror.config import ConfigError, load_config
@@ -94,9 +94,69 @@ def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.storage.root == tmp_path / "elsewhere"
     assert config.upstreams["docker.io"].tag_ttl == 90
     assert config.upstreams["docker.io"].url == "https://registry-1.docker.io"
+    # Flags (load_config's keyword values) win over the environment, key by key.
+    flagged = load_config(path, listen="127.0.0.1:6124", storage={"max_size": "1GiB"})
+    assert flagged.listen_address == ("127.0.0.1", 6124)
+    assert flagged.storage.root == tmp_path / "elsewhere"
+    assert flagged.storage.max_size == 1024**3
     monkeypatch.setenv("MIRROR_UPSTREAMS__DOCKER.IO__MAX_STALE", "soon")
     with pytest.raises(ConfigError, match=r"upstreams\.docker\.io\.max_stale"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("file_offline", "env", "flags", "serves_on", "offline"),
+    [
+        (True, {}, (), "file", True),
+        (True, {"MIRROR_LISTEN": "env", "MIRROR_OFFLINE": "false"}, (), "env", False),
+        (False, {"MIRROR_OFFLINE": "true"}, (), "file", True),
+        (
+            False,
+            {"MIRROR_LISTEN": "env", "MIRROR_OFFLINE": "false"},
+            ("--listen", "flag", "--offline"),
+            "flag",
+            True,
+        ),
+        (False, {}, ("--listen", "flag", "--offline"), "flag", True),
+    ],
+    ids=["file", "env-over-file", "env-over-file-offline", "flags-over-env", "flags-over-file"],
+)
+def test_flags_beat_environment_beats_file(
+    tmp_path: Path,
+    file_offline: bool,
+    env: dict[str, str],
+    flags: tuple[str, ...],
+    serves_on: str,
+    offline: bool,
+) -> None:
+    """`mirror serve` with listen and offline set in up to three layers; the port it
+    answers on and whether it asks its upstream show which layer won."""
+    ports = {layer: free_port() for layer in ("file", "env", "flag")}
+
+    def address(value: str) -> str:
+        return f"127.0.0.1:{ports[value]}" if value in ports else value
+
+    closed_upstream = f"http://127.0.0.1:{free_port()}"  # online, a miss fails upstream
+    with MirrorProcess(
+        tmp_path / "mirror",
+        {"reg.test": {"url": closed_upstream}},
+        port=ports[serves_on],  # where start() waits for /healthz
+        listen=address("file"),
+        offline=file_offline,
+        default_upstream="reg.test",
+        env={key: address(value) for key, value in env.items()},
+        extra_args=tuple(address(arg) for arg in flags),
+    ) as process:
+        for layer, port in ports.items():
+            assert port_open("127.0.0.1", port) == (layer == serves_on), layer
+        response = http_request("GET", f"{process.url}/v2/app/manifests/1")
+    body = json.loads(response.body)
+    if offline:
+        assert response.status == 404
+        assert "offline" in body["errors"][0]["message"]
+    else:
+        assert response.status in (502, 503)
+        assert body["errors"][0]["code"] == "UNAVAILABLE"
 
 
 def test_durations_and_listen_forms(tmp_path: Path) -> None:
