@@ -20,7 +20,7 @@ from aiohttp import web
 
 from mirror import __version__, clientconfig
 from mirror.config import ConfigError, MirrorConfig, load_config, parse_duration
-from mirror.errors import MirrorError
+from mirror.errors import BundleError, MirrorError
 from mirror.eviction import collect_garbage, verify_blobs
 from mirror.logging import AccessLogger, configure_logging
 from mirror.metadata.base import MetadataStore, MetadataUnavailable
@@ -391,8 +391,14 @@ def import_command(config: MirrorConfig, args: argparse.Namespace) -> int:
         async with open_core(config, sweep=TempSweep(None)) as core:
             try:
                 report = await import_bundle(core, args.bundle)
+            except BundleError as exc:
+                # Refused before anything was committed or recorded.
+                print(
+                    f"mirror: import refused: {exc.message}; nothing was imported", file=sys.stderr
+                )
+                return 1
             except MirrorError as exc:
-                print(f"mirror: import refused: {exc.message}", file=sys.stderr)
+                print(f"mirror: import failed: {exc.message}", file=sys.stderr)
                 return 1
         for name in report.images:
             print(f"imported {name}")

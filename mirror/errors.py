@@ -11,6 +11,7 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
     ├── Unsupported
     ├── Unauthorized, Denied
     ├── TooManyRequests
+    ├── BundleError                an OCI layout export/import cannot use; names file and key
     ├── UpstreamError              upstream unreachable, 5xx, or broken reply
     │   ├── UpstreamUnavailable    connection refused, timeout, 5xx  (503)
     │   ├── UpstreamBadResponse    wrong digest, size or protocol      (502)
@@ -87,6 +88,15 @@ class Denied(MirrorError):
 
 class TooManyRequests(MirrorError):
     code, status = "TOOMANYREQUESTS", 429
+
+
+class BundleError(MirrorError):
+    """A bundle (OCI image layout) that `mirror import` refuses, or `export` cannot write.
+
+    Never reaches HTTP; the code is the nearest OCI one should it ever do so.
+    """
+
+    code, status = "MANIFEST_INVALID", 400
 
 
 class UpstreamError(MirrorError):
