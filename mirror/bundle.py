@@ -10,7 +10,9 @@ image belongs to.
 
 `import` verifies every blob's digest while staging it in tmp/; only when all of them
 verify, and every reference names a configured upstream, is anything committed and
-recorded. A corrupted bundle is refused whole, and the cache is left as it was.
+recorded. A corrupted or malformed bundle is refused whole (a `BundleError` naming the
+file and key), and the cache is left as it was. Links, special files and names that
+climb out of the layout are refused, not followed.
 Importing the same bundle twice changes nothing.
 """
 
@@ -18,9 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import lzma
+import os
+import stat
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Generator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -28,9 +35,9 @@ from typing import IO, Any
 import structlog
 
 from mirror.core import MirrorCore
-from mirror.errors import MirrorError
+from mirror.errors import BundleError, MirrorError
 from mirror.metadata.base import BlobRecord, TagRecord
-from mirror.oci import INDEX_MEDIA_TYPES, OCI_INDEX, Digest
+from mirror.oci import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, OCI_INDEX, Digest
 from mirror.seed import ImageRef, image_contents, parse_image_reference
 from mirror.storage.blobstore import BlobStore, BlobWriter
 
@@ -40,10 +47,6 @@ REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 LAYOUT = b'{"imageLayoutVersion": "1.0.0"}'
 CHUNK = 1024 * 1024
-
-
-class BundleError(MirrorError):
-    code, status = "MANIFEST_INVALID", 400
 
 
 # Export
@@ -177,6 +180,13 @@ async def all_cached_references(core: MirrorCore) -> list[str]:
 
 
 # Import
+#
+# Everything in a bundle is untrusted: each value read from it is checked for type and
+# form before use, and a problem is a BundleError naming the file and the key
+# (`index.json: manifests[1].digest: ...`), never a KeyError or a traceback.
+
+INDEX_LIMIT = 16 * 1024 * 1024  # an index.json this large is not a layout of images
+LAYOUT_LIMIT = 64 * 1024
 
 
 @dataclass
@@ -197,8 +207,8 @@ class _Staged:
 @dataclass
 class _Layout:
     staged: dict[str, _Staged] = field(default_factory=dict)
-    index: dict[str, Any] | None = None
-    has_layout_file: bool = False
+    index: bytes | None = None
+    layout_file: bytes | None = None
 
     def discard(self) -> None:
         for item in self.staged.values():
@@ -206,23 +216,161 @@ class _Layout:
                 item.writer.discard()
 
 
-def _members(bundle: Path) -> Iterator[tuple[str, IO[bytes]]]:
-    """(name, open stream) for every file of a layout directory or tar, in stored order."""
-    if bundle.is_dir():
-        for path in sorted(bundle.rglob("*")):
-            if path.is_file():
-                with open(path, "rb") as file:
-                    yield path.relative_to(bundle).as_posix(), file
-        return
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """A place in the bundle, for messages: a file and a key path inside it."""
+
+    file: str
+    path: str = ""
+
+    def key(self, name: str) -> _Where:
+        return _Where(self.file, f"{self.path}.{name}" if self.path else name)
+
+    def item(self, index: int) -> _Where:
+        return _Where(self.file, f"{self.path}[{index}]")
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.path}" if self.path else self.file
+
+
+@dataclass(frozen=True, slots=True)
+class _Descriptor:
+    media_type: str
+    digest: Digest
+    size: int
+    annotations: dict[str, Any]
+
+
+def _show(value: object) -> str:
+    """A bundle's value, quoted and cut short: it may be long or hold control characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _json_object(data: bytes, where: _Where) -> dict[str, Any]:
     try:
-        with tarfile.open(bundle, "r:*") as tar:
-            for member in tar:
-                stream = tar.extractfile(member) if member.isfile() else None
-                if stream is not None:
-                    with stream:
-                        yield member.name.removeprefix("./"), stream
-    except tarfile.TarError as exc:
-        raise BundleError(f"{bundle} is not a readable tar: {exc}") from None
+        document = json.loads(data)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise BundleError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise BundleError(f"{where}: expected a JSON object, found {type(document).__name__}")
+    return document
+
+
+def _required(mapping: dict[str, Any], name: str, kind: type, where: _Where) -> Any:
+    at = where.key(name)
+    if name not in mapping:
+        raise BundleError(f"{at} is missing")
+    value = mapping[name]
+    # bool is an int to Python, never to JSON's readers.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BundleError(f"{at}: expected {_KINDS[kind]}, found {_show(value)}")
+    return value
+
+
+_KINDS: dict[type, str] = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+
+
+def _descriptor(value: object, where: _Where) -> _Descriptor:
+    """An OCI descriptor: mediaType, digest and size are required, annotations optional."""
+    if not isinstance(value, dict):
+        raise BundleError(f"{where}: expected a descriptor object, found {_show(value)}")
+    media_type = _required(value, "mediaType", str, where)
+    digest_text = _required(value, "digest", str, where)
+    size = _required(value, "size", int, where)
+    try:
+        digest = Digest.parse(digest_text)
+    except MirrorError:
+        raise BundleError(
+            f"{where.key('digest')}: {_show(digest_text)} is not a valid digest"
+        ) from None
+    if size < 0:
+        raise BundleError(f"{where.key('size')}: {size} is negative")
+    annotations = value.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise BundleError(f"{where.key('annotations')}: expected an object")
+    return _Descriptor(media_type, digest, size, annotations)
+
+
+def _check_layout_file(data: bytes | None) -> None:
+    if data is None:
+        raise BundleError("not an OCI image layout: oci-layout is missing")
+    where = _Where("oci-layout")
+    version = _required(_json_object(data, where), "imageLayoutVersion", str, where)
+    if version.split(".")[0] != "1":
+        raise BundleError(
+            f"{where.key('imageLayoutVersion')}: {_show(version)}; only 1.x layouts are known"
+        )
+
+
+def _index_entries(data: bytes | None) -> list[_Descriptor]:
+    if data is None:
+        raise BundleError("not an OCI image layout: index.json is missing")
+    where = _Where("index.json")
+    if len(data) > INDEX_LIMIT:
+        raise BundleError(f"{where} is larger than {INDEX_LIMIT} bytes")
+    index = _json_object(data, where)
+    if "schemaVersion" in index and index["schemaVersion"] != 2:
+        raise BundleError(f"{where.key('schemaVersion')}: {_show(index['schemaVersion'])}, not 2")
+    entries = _required(index, "manifests", list, where)
+    return [_descriptor(entry, where.key("manifests").item(i)) for i, entry in enumerate(entries)]
+
+
+def _image_name(entry: _Descriptor, where: _Where) -> str | None:
+    for key in (CONTAINERD_NAME, REF_NAME):
+        name = entry.annotations.get(key)
+        if name is None:
+            continue
+        if not isinstance(name, str) or not name:
+            raise BundleError(f"{where.key('annotations')}[{key}]: {_show(name)} is not a name")
+        return name
+    return None
+
+
+def _refuse_member(bundle: Path, name: str, problem: str) -> BundleError:
+    return BundleError(f"{bundle}: {_show(name)} {problem}; a layout holds only plain files")
+
+
+def _tar_name(bundle: Path, member: tarfile.TarInfo) -> str:
+    name = member.name.removeprefix("./")
+    if name.startswith("/") or ".." in name.split("/"):
+        raise _refuse_member(bundle, member.name, "points outside the layout")
+    if member.issym() or member.islnk():
+        raise _refuse_member(bundle, member.name, f"is a link (to {_show(member.linkname)})")
+    if not (member.isfile() or member.isdir()):
+        raise _refuse_member(bundle, member.name, "is not a regular file")
+    return name
+
+
+def _members(bundle: Path) -> Generator[tuple[str, IO[bytes]], None, None]:
+    """(name, open stream) for every file of a layout directory or tar, in stored order.
+
+    Links and special files are refused rather than followed: a link could make the
+    import read any file on this host, and a fifo would hang it.
+    """
+    if bundle.is_dir():
+        for directory, dirs, files in os.walk(bundle):
+            dirs.sort()
+            for entry in [*dirs, *sorted(files)]:
+                path = Path(directory, entry)
+                name = path.relative_to(bundle).as_posix()
+                mode = path.lstat().st_mode
+                if stat.S_ISLNK(mode):
+                    raise _refuse_member(bundle, name, "is a link")
+                if stat.S_ISDIR(mode):
+                    continue
+                if not stat.S_ISREG(mode):
+                    raise _refuse_member(bundle, name, "is not a regular file")
+                with open(path, "rb") as file:
+                    yield name, file
+        return
+    with tarfile.open(bundle, "r:*") as tar:
+        for member in tar:
+            name = _tar_name(bundle, member)
+            stream = tar.extractfile(member) if member.isfile() else None
+            if stream is not None:
+                with stream:
+                    yield name, stream
 
 
 def _stage_blob(store: BlobStore, name: str, stream: IO[bytes]) -> _Staged:
@@ -230,7 +378,7 @@ def _stage_blob(store: BlobStore, name: str, stream: IO[bytes]) -> _Staged:
     try:
         digest = Digest.parse(f"{algorithm}:{hex_digest}")
     except MirrorError:
-        raise BundleError(f"the bundle has a blob with an invalid name: {name}") from None
+        raise BundleError(f"the bundle has a blob with an invalid name: {_show(name)}") from None
     writer = None if store.size(digest) is not None else store.new_writer(digest)
     hasher = digest.hasher()
     size = 0
@@ -241,10 +389,7 @@ def _stage_blob(store: BlobStore, name: str, stream: IO[bytes]) -> _Staged:
             if writer is not None:
                 writer.write(chunk)
         if hasher.hexdigest() != digest.hex:
-            raise BundleError(
-                f"the bundle is corrupt: blob {digest} does not match its digest; "
-                "nothing was imported"
-            )
+            raise BundleError(f"the bundle is corrupt: blob {digest} does not match its digest")
         if writer is not None:
             writer.flush()  # manifests are read back from the temp file
     except BaseException:
@@ -257,15 +402,29 @@ def _stage_blob(store: BlobStore, name: str, stream: IO[bytes]) -> _Staged:
 def _stage_all(store: BlobStore, bundle: Path) -> _Layout:
     """Read the whole bundle, verifying and staging every blob in tmp/."""
     layout = _Layout()
+    name = ""  # the member being read, for messages
     try:
-        for name, stream in _members(bundle):
-            if name == "oci-layout":
-                layout.has_layout_file = True
-            elif name == "index.json":
-                layout.index = json.loads(stream.read(16 * 1024 * 1024))
-            elif name.startswith("blobs/"):
-                item = _stage_blob(store, name, stream)
-                layout.staged[str(item.digest)] = item
+        with closing(_members(bundle)) as members:
+            for name, stream in members:
+                if name == "oci-layout":
+                    layout.layout_file = stream.read(LAYOUT_LIMIT + 1)
+                elif name == "index.json":
+                    layout.index = stream.read(INDEX_LIMIT + 1)
+                elif name.startswith("blobs/"):
+                    item = _stage_blob(store, name, stream)
+                    if str(item.digest) in layout.staged:
+                        if item.writer is not None:
+                            item.writer.discard()
+                        raise BundleError(f"{bundle}: {_show(name)} appears twice")
+                    layout.staged[str(item.digest)] = item
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        layout.discard()  # a truncated or damaged archive
+        where = f"at {_show(name)}" if name else "at its start"
+        raise BundleError(f"{bundle} is not a readable tar ({exc}), {where}") from None
+    except OSError as exc:
+        layout.discard()  # unreadable, or no room in tmp/ to stage it
+        what = f"{bundle}: {name}" if name else str(bundle)
+        raise BundleError(f"{what}: {exc.strerror or exc}") from None
     except BaseException:
         layout.discard()
         raise
@@ -278,70 +437,87 @@ def _body(store: BlobStore, item: _Staged) -> bytes:
     return data
 
 
+def _reach(layout: _Layout, descriptor: _Descriptor, where: _Where) -> _Staged:
+    """The staged blob a descriptor names, which must be there and of its size."""
+    item = layout.staged.get(str(descriptor.digest))
+    if item is None:
+        raise BundleError(f"{where.key('digest')}: the bundle lacks blob {descriptor.digest}")
+    if item.size != descriptor.size:
+        raise BundleError(
+            f"{where.key('size')}: {descriptor.size}, but blob {descriptor.digest} "
+            f"holds {item.size} bytes"
+        )
+    return item
+
+
 def _walk(
-    store: BlobStore, layout: _Layout, top: dict[str, Any]
+    store: BlobStore, layout: _Layout, top: _Descriptor, where: _Where
 ) -> tuple[dict[str, str | None], dict[str, bytes]]:
     """Every digest an index.json entry reaches: digest -> media type (None for a
     plain blob), and the manifests' bodies."""
     reached: dict[str, str | None] = {}
     bodies: dict[str, bytes] = {}
-    pending = [(str(top["digest"]), str(top.get("mediaType", "")))]
+    pending = [(top, where)]
     while pending:
-        digest, media_type = pending.pop()
+        descriptor, at = pending.pop()
+        digest = str(descriptor.digest)
         if digest in reached:
             continue
-        item = layout.staged.get(digest)
-        if item is None:
+        if descriptor.media_type not in MANIFEST_MEDIA_TYPES:
             raise BundleError(
-                f"the bundle lacks {digest}, which it references; nothing was imported"
+                f"{at.key('mediaType')}: {_show(descriptor.media_type)} is not a manifest type"
             )
-        reached[digest] = media_type
+        item = _reach(layout, descriptor, at)
+        reached[digest] = descriptor.media_type
         body = _body(store, item)
         bodies[digest] = body
-        try:
-            document = json.loads(body)
-        except ValueError:
-            raise BundleError(f"manifest {digest} in the bundle is not JSON") from None
-        if media_type in INDEX_MEDIA_TYPES:
-            # An index may list platforms that were never seeded: those stay out.
-            pending += [
-                (str(m["digest"]), str(m.get("mediaType", "")))
-                for m in document.get("manifests", [])
-                if str(m["digest"]) in layout.staged
-            ]
+        inside = _Where(_blob_name(digest))
+        document = _json_object(body, inside)
+        if descriptor.media_type in INDEX_MEDIA_TYPES:
+            children = _required(document, "manifests", list, inside)
+            for i, child in enumerate(children):
+                child_at = inside.key("manifests").item(i)
+                entry = _descriptor(child, child_at)
+                # An index may list platforms that were never seeded: those stay out.
+                if str(entry.digest) in layout.staged:
+                    pending.append((entry, child_at))
             continue
-        for descriptor in [document.get("config"), *document.get("layers", [])]:
-            if descriptor:
-                blob = str(descriptor["digest"])
-                if blob not in layout.staged:
-                    raise BundleError(f"the bundle lacks blob {blob}; nothing was imported")
-                reached.setdefault(blob, None)
+        layers = document.get("layers", [])
+        if not isinstance(layers, list):
+            raise BundleError(f"{inside.key('layers')}: expected a list, found {_show(layers)}")
+        described = [(document.get("config"), inside.key("config"))]
+        described += [(layer, inside.key("layers").item(i)) for i, layer in enumerate(layers)]
+        for value, value_at in described:
+            blob = _descriptor(value, value_at)
+            _reach(layout, blob, value_at)
+            reached.setdefault(str(blob.digest), None)
     return reached, bodies
 
 
 async def import_bundle(core: MirrorCore, bundle: Path) -> ImportReport:
-    """Verify everything, then commit and record it; see the module docstring."""
+    """Verify everything, then commit and record it; see the module docstring.
+
+    A BundleError means nothing was committed or recorded."""
     if not await asyncio.to_thread(bundle.exists):
         raise BundleError(f"{bundle} does not exist")
     layout = await asyncio.to_thread(_stage_all, core.store, bundle)
     report = ImportReport()
     try:
-        if not layout.has_layout_file or layout.index is None:
-            raise BundleError("not an OCI image layout: oci-layout or index.json is missing")
-        images: list[tuple[ImageRef | None, dict[str, Any], dict[str, str | None]]] = []
-        for entry in layout.index.get("manifests", []):
-            annotations = entry.get("annotations") or {}
-            name = annotations.get(CONTAINERD_NAME) or annotations.get(REF_NAME)
+        _check_layout_file(layout.layout_file)
+        images: list[tuple[ImageRef | None, _Descriptor, dict[str, str | None]]] = []
+        for i, entry in enumerate(_index_entries(layout.index)):
+            where = _Where("index.json", f"manifests[{i}]")
+            name = _image_name(entry, where)
             ref = None
-            if name:
+            if name is not None:
                 try:
                     ref = parse_image_reference(name, core.router)
                 except MirrorError as exc:
                     raise BundleError(
-                        f"{name}: {exc.message} (configure its registry as an upstream); "
-                        "nothing was imported"
+                        f"{where.key('annotations')}: {_show(name)}: {exc.message} "
+                        "(configure its registry as an upstream)"
                     ) from None
-            reached, _ = await asyncio.to_thread(_walk, core.store, layout, entry)
+            reached, _ = await asyncio.to_thread(_walk, core.store, layout, entry, where)
             images.append((ref, entry, reached))
         # Everything verified and understood: commit, then record.
         wanted = {digest for _, _, reached in images for digest in reached}
@@ -377,7 +553,7 @@ async def import_bundle(core: MirrorCore, bundle: Path) -> ImportReport:
         await core.metadata.add_repository(ref.route.upstream, ref.route.repository)
         if ref.reference.tag is not None:
             record = TagRecord(
-                digest=str(entry["digest"]), media_type=str(entry["mediaType"]), checked_at=now
+                digest=str(entry.digest), media_type=entry.media_type, checked_at=now
             )
             await core.metadata.put_tag(
                 ref.route.upstream, ref.route.repository, ref.reference.tag, record

@@ -2,7 +2,8 @@
 verify, stats.
 
 Each sub-command loads and validates the configuration first, so a bad key
-stops it with a message naming the key and exit status 2.
+stops it with a message naming the key and exit status 2. Flags beat `MIRROR_*`
+variables, which beat the file (`load_config` applies the order).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 
 from mirror import __version__, clientconfig
 from mirror.config import ConfigError, MirrorConfig, load_config, parse_duration
-from mirror.errors import MirrorError
+from mirror.errors import BundleError, MirrorError
 from mirror.eviction import collect_garbage, verify_blobs
 from mirror.logging import AccessLogger, configure_logging
 from mirror.metadata.base import MetadataStore, MetadataUnavailable
@@ -117,12 +118,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> MirrorConfig:
-    overrides: dict[str, object] = {}
+    # Only flags actually given: an absent flag must not hide the environment or file.
+    flags: dict[str, object] = {}
     if getattr(args, "listen", None):
-        overrides["listen"] = args.listen
+        flags["listen"] = args.listen
     if getattr(args, "offline", False):
-        overrides["offline"] = True
-    return load_config(args.config, **overrides)
+        flags["offline"] = True
+    return load_config(args.config, **flags)
 
 
 def serve(config: MirrorConfig, args: argparse.Namespace) -> int:
@@ -386,8 +388,14 @@ def import_command(config: MirrorConfig, args: argparse.Namespace) -> int:
         async with open_core(config, sweep=TempSweep(None)) as core:
             try:
                 report = await import_bundle(core, args.bundle)
+            except BundleError as exc:
+                # Refused before anything was committed or recorded.
+                print(
+                    f"mirror: import refused: {exc.message}; nothing was imported", file=sys.stderr
+                )
+                return 1
             except MirrorError as exc:
-                print(f"mirror: import refused: {exc.message}", file=sys.stderr)
+                print(f"mirror: import failed: {exc.message}", file=sys.stderr)
                 return 1
         for name in report.images:
             print(f"imported {name}")

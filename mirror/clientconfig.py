@@ -10,7 +10,8 @@ From the mirror's own config, for every upstream (and its aliases):
 
 `fallback` says where clients go when the mirror does not answer: `upstream` (the
 registry itself, the clients' default), `none` (nowhere: the mirror is the only
-source), or a URL.
+source), or a URL. podman speaks only HTTPS to a location unless told otherwise, so
+every `http://` location it is given (mirror or fallback) carries `insecure = true`.
 """
 
 from __future__ import annotations
@@ -82,35 +83,44 @@ def docker(config: MirrorConfig, mirror_url: str) -> list[GeneratedFile]:
     return [GeneratedFile("daemon.json", json.dumps(daemon, indent=2) + "\n")]
 
 
+def _podman_location(url: str, registry: str | None = None) -> tuple[str, str]:
+    """A registries.conf `location` (no scheme: podman takes none) and its `insecure`.
+
+    Without `insecure = true` podman speaks only HTTPS to a location, so every
+    http:// location, the mirror's or a fallback's, needs it.
+    """
+    parts = urlsplit(url)
+    location = parts.netloc + parts.path
+    if registry is not None:
+        location = f"{location}/{registry}"
+    return location, "true" if parts.scheme == "http" else "false"
+
+
 def podman(config: MirrorConfig, mirror_url: str, fallback: str) -> list[GeneratedFile]:
-    parts = urlsplit(mirror_url.rstrip("/"))
-    mirror_location = parts.netloc + parts.path
-    insecure = "true" if parts.scheme == "http" else "false"
+    mirror = mirror_url.rstrip("/")
     blocks = [f"# {HEADER}", "# Drop into /etc/containers/registries.conf.d/."]
     for name, upstream in config.upstreams.items():
         for registry in _registry_names(name, upstream):
+            mirror_location, mirror_insecure = _podman_location(mirror, registry)
             if fallback == "upstream":
-                upstream_parts = urlsplit(upstream.url)
-                location = upstream_parts.netloc + upstream_parts.path
+                location, insecure = _podman_location(upstream.url)
             elif fallback == "none":
-                location = f"{mirror_location}/{registry}"
+                location, insecure = mirror_location, mirror_insecure
             else:
-                fallback_parts = urlsplit(fallback)
-                location = fallback_parts.netloc + fallback_parts.path
+                location, insecure = _podman_location(fallback.rstrip("/"))
             blocks += [
                 "",
                 "[[registry]]",
                 f"prefix = {_toml_string(registry)}",
                 f"location = {_toml_string(location)}",
+                f"insecure = {insecure}",
             ]
-            if fallback == "none":
-                blocks.append(f"insecure = {insecure}")
-            else:
+            if fallback != "none":
                 blocks += [
                     "",
                     "[[registry.mirror]]",
-                    f"location = {_toml_string(f'{mirror_location}/{registry}')}",
-                    f"insecure = {insecure}",
+                    f"location = {_toml_string(mirror_location)}",
+                    f"insecure = {mirror_insecure}",
                 ]
     return [GeneratedFile("registry-mirror.conf", "\n".join(blocks) + "\n")]
 

@@ -1,9 +1,18 @@
-"""Typed configuration: the YAML file, `MIRROR_*` environment overrides, validation.
+"""Typed configuration: the YAML file, `MIRROR_*` environment overrides,
+command-line flags, validation.
 
 The key names are a contract (DESIGN.md): tools and docs rely on them. Every
 field here is documented in `config.example.yaml`. Values are validated when
 the file is loaded, and a bad one stops start-up with a message naming its key.
 
+Three layers, each overriding the one below it key by key (nested sections merge,
+so `MIRROR_STORAGE__MAX_SIZE` leaves the file's `storage.root` alone):
+
+    command-line flags (`serve --listen`, `--offline`)   highest
+    `MIRROR_*` environment variables
+    the YAML file                                        lowest
+
+`load_config` is the one place that applies this order; the CLI hands it its flags.
 Environment overrides use `MIRROR_` plus the key path joined by `__`, e.g.
 `MIRROR_LISTEN=127.0.0.1:6000`, `MIRROR_STORAGE__ROOT=/srv/cache`,
 `MIRROR_UPSTREAMS__DOCKER.IO__TAG_TTL=5m`.
@@ -32,7 +41,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 _DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)(ms|s|m|h|d|w))", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -336,8 +350,9 @@ class MirrorConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file's values come in as init arguments; the environment wins over them.
-        return (env_settings, init_settings)
+        # load_config has merged file, environment and flags in their order already;
+        # reading the environment again here would put it above the flags.
+        return (init_settings,)
 
     @field_validator("listen")
     @classmethod
@@ -372,8 +387,31 @@ def _format_errors(error: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
-def load_config(path: Path | str | None, **overrides: Any) -> MirrorConfig:
-    """Read the YAML file (if any), apply `MIRROR_*` and `overrides`, validate."""
+def _merge(lower: dict[str, Any], higher: dict[str, Any]) -> dict[str, Any]:
+    """`higher` over `lower`, key by key; two mappings under one key merge."""
+    merged = dict(lower)
+    for key, value in higher.items():
+        below = merged.get(key)
+        if isinstance(below, dict) and isinstance(value, dict):
+            merged[key] = _merge(below, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: Path | str | None, **flags: Any) -> MirrorConfig:
+    """The file (if any), under the `MIRROR_*` environment, under `flags` (the
+    command line's values); then validate. See the module docstring."""
+    file_layer = _read_file(path)
+    environment = EnvSettingsSource(MirrorConfig)()
+    data = _merge(_merge(file_layer, environment), flags)
+    try:
+        return MirrorConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def _read_file(path: Path | str | None) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -385,8 +423,4 @@ def load_config(path: Path | str | None, **overrides: Any) -> MirrorConfig:
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping")
         data = loaded or {}
-    data.update(overrides)
-    try:
-        return MirrorConfig(**data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+    return data

@@ -12,6 +12,7 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
     ├── Unauthorized, Denied
     ├── TooManyRequests
     ├── StorageFull                a blob does not fit the storage bounds (seeding)
+    ├── BundleError                an OCI layout export/import cannot use; names file and key
     ├── UpstreamError              upstream unreachable, 5xx, or broken reply
     │   ├── UpstreamUnavailable    connection refused, timeout, 5xx  (503)
     │   ├── UpstreamBadResponse    wrong digest, size or protocol      (502)
@@ -98,6 +99,15 @@ class StorageFull(MirrorError):
     """
 
     code, status = "UNAVAILABLE", 507
+
+
+class BundleError(MirrorError):
+    """A bundle (OCI image layout) that `mirror import` refuses, or `export` cannot write.
+
+    Never reaches HTTP; the code is the nearest OCI one should it ever do so.
+    """
+
+    code, status = "MANIFEST_INVALID", 400
 
 
 class UpstreamError(MirrorError):

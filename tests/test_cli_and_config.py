@@ -8,6 +8,7 @@ and writes one JSON access line per request, with no credential in any line.
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import yaml
 from conftest import PUSHER, PUSHER_PASSWORD, TAG, Upstream
 from support.cli import mirror_cli
 from support.mirror_process import MirrorProcess
-from support.net import wait_until
+from support.net import free_port, http_request, port_open, wait_until
 from support.skopeo import skopeo_copy
 
 from mirror.config import ConfigError, load_config
@@ -93,9 +94,69 @@ def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.storage.root == tmp_path / "elsewhere"
     assert config.upstreams["docker.io"].tag_ttl == 90
     assert config.upstreams["docker.io"].url == "https://registry-1.docker.io"
+    # Flags (load_config's keyword values) win over the environment, key by key.
+    flagged = load_config(path, listen="127.0.0.1:6124", storage={"max_size": "1GiB"})
+    assert flagged.listen_address == ("127.0.0.1", 6124)
+    assert flagged.storage.root == tmp_path / "elsewhere"
+    assert flagged.storage.max_size == 1024**3
     monkeypatch.setenv("MIRROR_UPSTREAMS__DOCKER.IO__MAX_STALE", "soon")
     with pytest.raises(ConfigError, match=r"upstreams\.docker\.io\.max_stale"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("file_offline", "env", "flags", "serves_on", "offline"),
+    [
+        (True, {}, (), "file", True),
+        (True, {"MIRROR_LISTEN": "env", "MIRROR_OFFLINE": "false"}, (), "env", False),
+        (False, {"MIRROR_OFFLINE": "true"}, (), "file", True),
+        (
+            False,
+            {"MIRROR_LISTEN": "env", "MIRROR_OFFLINE": "false"},
+            ("--listen", "flag", "--offline"),
+            "flag",
+            True,
+        ),
+        (False, {}, ("--listen", "flag", "--offline"), "flag", True),
+    ],
+    ids=["file", "env-over-file", "env-over-file-offline", "flags-over-env", "flags-over-file"],
+)
+def test_flags_beat_environment_beats_file(
+    tmp_path: Path,
+    file_offline: bool,
+    env: dict[str, str],
+    flags: tuple[str, ...],
+    serves_on: str,
+    offline: bool,
+) -> None:
+    """`mirror serve` with listen and offline set in up to three layers; the port it
+    answers on and whether it asks its upstream show which layer won."""
+    ports = {layer: free_port() for layer in ("file", "env", "flag")}
+
+    def address(value: str) -> str:
+        return f"127.0.0.1:{ports[value]}" if value in ports else value
+
+    closed_upstream = f"http://127.0.0.1:{free_port()}"  # online, a miss fails upstream
+    with MirrorProcess(
+        tmp_path / "mirror",
+        {"reg.test": {"url": closed_upstream}},
+        port=ports[serves_on],  # where start() waits for /healthz
+        listen=address("file"),
+        offline=file_offline,
+        default_upstream="reg.test",
+        env={key: address(value) for key, value in env.items()},
+        extra_args=tuple(address(arg) for arg in flags),
+    ) as process:
+        for layer, port in ports.items():
+            assert port_open("127.0.0.1", port) == (layer == serves_on), layer
+        response = http_request("GET", f"{process.url}/v2/app/manifests/1")
+    body = json.loads(response.body)
+    if offline:
+        assert response.status == 404
+        assert "offline" in body["errors"][0]["message"]
+    else:
+        assert response.status in (502, 503)
+        assert body["errors"][0]["code"] == "UNAVAILABLE"
 
 
 def test_durations_and_listen_forms(tmp_path: Path) -> None:
@@ -223,3 +284,62 @@ def test_client_config_outputs(tmp_path: Path) -> None:
 
     result = mirror_cli("client-config", "podman", "--config", str(config), "--fallback", "ftp://x")
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("mirror", "fallback", "registry_location", "registry_insecure", "mirror_insecure"),
+    [
+        ("http://m:5000", "upstream", "plain.test:5000", True, True),
+        ("https://m", "upstream", "plain.test:5000", True, False),
+        ("http://m:5000", "none", "m:5000/plain.test", True, None),
+        ("https://m", "none", "m/plain.test", False, None),
+        ("https://m", "http://fallback.test:81", "fallback.test:81", True, False),
+        ("http://m:5000", "https://fallback.test", "fallback.test", False, True),
+    ],
+)
+def test_podman_marks_every_http_location_insecure(
+    tmp_path: Path,
+    mirror: str,
+    fallback: str,
+    registry_location: str,
+    registry_insecure: bool,
+    mirror_insecure: bool | None,
+) -> None:
+    config = write_config(
+        tmp_path / "m.yaml",
+        {
+            "upstreams": {
+                "plain.test": {"url": "http://plain.test:5000"},
+                "tls.test": {"url": "https://tls.test"},
+            }
+        },
+    )
+    result = mirror_cli(
+        "client-config",
+        "podman",
+        "--config",
+        str(config),
+        "--mirror-url",
+        mirror,
+        "--fallback",
+        fallback,
+        "--output",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "out" / "registry-mirror.conf", "rb") as file:
+        registries = {entry["prefix"]: entry for entry in tomllib.load(file)["registry"]}
+    plain = registries["plain.test"]
+    assert plain["location"] == registry_location
+    assert plain["insecure"] is registry_insecure
+    if mirror_insecure is None:
+        assert "mirror" not in plain
+    else:
+        mirror_host = mirror.split("://", 1)[1]
+        assert plain["mirror"] == [
+            {"location": f"{mirror_host}/plain.test", "insecure": mirror_insecure}
+        ]
+    # An https upstream stays secure when it is the fallback.
+    if fallback == "upstream":
+        assert registries["tls.test"]["location"] == "tls.test"
+        assert registries["tls.test"]["insecure"] is False

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 import yaml
 from conftest import Mirror, MirrorFactory
+from support.cli import mirror_cli
 from support.containerd import Containerd
 from support.images import Image, docker_image, oci_image, push
 from support.net import free_port
@@ -189,3 +190,39 @@ async def test_ns_and_prefix_routes_keep_upstreams_apart(
         async with http.get(f"{mirror.url}/v2/_catalog") as response:
             repositories = (await response.json())["repositories"]
         assert repositories == sorted(["library/app", REPO, f"ghcr.io/{REPO}"])
+
+
+def test_podman_falls_back_to_a_plain_http_upstream(
+    two_upstreams: TwoUpstreams, tmp_path: Path
+) -> None:
+    """The mirror does not answer, so podman pulls from the upstream named as fallback.
+    Those upstreams speak plain HTTP, which podman uses only where `insecure = true`."""
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        yaml.safe_dump({"default_upstream": "docker.io", "upstreams": two_upstreams.upstreams()}),
+        encoding="utf-8",
+    )
+    down = f"http://127.0.0.1:{free_port()}"  # the mirror is down
+    result = mirror_cli(
+        "client-config",
+        "podman",
+        "--config",
+        config,
+        "--mirror-url",
+        down,
+        "--fallback",
+        "upstream",
+        "--output",
+        tmp_path / "podman-config",
+    )
+    assert result.returncode == 0, result.stderr
+    podman = Podman(tmp_path / "podman", tmp_path / "podman-config" / "registry-mirror.conf")
+    ghcr_mark = two_upstreams.ghcr.mark()
+    try:
+        assert podman.pull(f"ghcr.io/{REPO}:{TAG}") == two_upstreams.ghcr_team.digest
+    finally:
+        podman.close()
+    # podman itself fetched the manifest from the upstream, not through any mirror.
+    entries = [e for e in two_upstreams.ghcr.access_log(since=ghcr_mark) if e.route != "/v2/"]
+    assert entries
+    assert USER_AGENT not in {entry.user_agent for entry in entries}

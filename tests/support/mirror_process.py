@@ -30,6 +30,7 @@ class MirrorProcess(Service):
         port: int | None = None,
         log_level: str = "info",
         extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
         **settings: Any,
     ) -> None:
         self.workdir = workdir
@@ -38,6 +39,7 @@ class MirrorProcess(Service):
         self.config_path = workdir / "config.yaml"
         self.log_path = workdir / "mirror.log"
         self.extra_args = extra_args
+        self.env = env or {}
         self.config: dict[str, Any] = {
             "listen": self.host,
             "storage": {"root": str(self.storage)},
@@ -64,8 +66,10 @@ class MirrorProcess(Service):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self._log = self.log_path.open("ab")
-        # MIRROR_* variables override the config file; keep the caller's out.
+        # MIRROR_* variables override the config file; keep the caller's out, and
+        # pass only those the test gives.
         env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+        env.update(self.env)
         self._process = subprocess.Popen(
             [
                 sys.executable,
