@@ -24,6 +24,10 @@ import pytest
 import yaml
 from support.cli import mirror_cli
 
+from mirror.bundle import import_bundle
+from mirror.config import load_config
+from mirror.core import TempSweep, open_core
+from mirror.errors import BundleError
 from mirror.metadata.embedded import EmbeddedMetadataStore
 from mirror.storage.blobstore import BlobStore
 
@@ -360,13 +364,36 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
     return site
 
 
+def refusal_of(site: Site, bundle: Path) -> BundleError:
+    """Import in this process, as the command does (same core, same sweep): the error."""
+
+    async def attempt() -> None:
+        async with open_core(load_config(site.config), sweep=TempSweep(None)) as core:
+            await import_bundle(core, bundle)
+
+    with pytest.raises(BundleError) as refused:
+        asyncio.run(attempt())
+    return refused.value
+
+
 def assert_refused(site: Site, bundle: Path, named: str) -> None:
+    # In process: a command per case would cost seconds each. The command's own way of
+    # saying it is checked once, below.
+    before = cache_state(site.root)
+    assert named in refusal_of(site, bundle).message
+    assert cache_state(site.root) == before
+
+
+def test_the_command_says_what_it_refused_without_a_traceback(site: Site, tmp_path: Path) -> None:
+    files = valid_layout("team/app:1", seed=2)
+    CASES["size-wrong"][0](files)
+    bundle = write_tar(files, tmp_path / "bundle.tar")
     before = cache_state(site.root)
     result = mirror_cli("import", "--config", site.config, bundle)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith("mirror: import refused: "), result.stderr
-    assert named in result.stderr, result.stderr
+    assert result.stderr.startswith("mirror: import refused: index.json: "), result.stderr
+    assert CASES["size-wrong"][1] in result.stderr, result.stderr
     assert "nothing was imported" in result.stderr
     assert cache_state(site.root) == before
 
