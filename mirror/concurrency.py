@@ -9,6 +9,7 @@ fire-and-forget. `cancel_and_wait` is how either stops a task.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
@@ -47,6 +48,7 @@ class SingleFlight(Generic[K, T]):
 
     def __init__(self) -> None:
         self._running: dict[K, asyncio.Task[T]] = {}
+        self._waiting: Counter[K] = Counter()
 
     async def run(self, key: K, func: Callable[[], Coroutine[Any, Any, T]]) -> T:
         task = self._running.get(key)
@@ -54,7 +56,17 @@ class SingleFlight(Generic[K, T]):
             task = asyncio.create_task(func(), name=f"singleflight:{key}")
             self._running[key] = task
             task.add_done_callback(lambda done: self._finished(key, done))
-        return await asyncio.shield(task)
+        self._waiting[key] += 1
+        try:
+            return await asyncio.shield(task)
+        finally:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
+
+    def waiting(self, key: K) -> int:
+        """How many callers await the run for `key` now."""
+        return self._waiting[key]
 
     def _finished(self, key: K, task: asyncio.Task[T]) -> None:
         if self._running.get(key) is task:

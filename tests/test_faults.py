@@ -32,6 +32,7 @@ from support.fake_upstream import (
 from support.net import eventually, free_port
 from support.redis_server import RedisServer
 
+from mirror.api.v2 import SERVICES
 from mirror.oci import OCI_MANIFEST
 
 REPO = "team/app"
@@ -348,3 +349,34 @@ async def test_an_unexpected_error_before_the_download_starts_answers_every_clie
         assert fake.count("GET", BLOB_PATH) == 0
     finally:
         await client.aclose()
+
+
+async def test_a_get_joining_a_heads_revalidation_gets_the_body(
+    fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    """A client HEAD of a cold tag is answered from the upstream's headers alone; a GET
+    of the same tag that joins that revalidation must still get the manifest's bytes."""
+    release = asyncio.Event()
+    answer = serve(MANIFEST, content_type=OCI_MANIFEST)
+
+    async def held_head(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return await answer(request)
+
+    tag_path = f"/v2/{REPO}/manifests/latest"
+    fake.on("HEAD", tag_path, held_head)
+    fake.on("GET", f"/v2/{REPO}/manifests/{MANIFEST_DIGEST}", answer)
+    head = asyncio.create_task(http.head(f"{fake_mirror.url}{tag_path}"))
+    await eventually(lambda: fake.count("HEAD", tag_path) == 1)
+    get = asyncio.create_task(http.get(f"{fake_mirror.url}{tag_path}"))
+    # The GET joins the revalidation before the upstream answers it.
+    flights = fake_mirror.server.app[SERVICES].manifests._by_tag
+    await eventually(lambda: flights.waiting(("fake", REPO, "latest")) == 2)
+    release.set()
+    async with await asyncio.wait_for(get, 10) as response:
+        assert response.status == 200
+        assert await asyncio.wait_for(response.read(), 10) == MANIFEST
+    async with await head as response:
+        assert response.status == 200
+        assert response.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
+    assert fake.count("HEAD", tag_path) == 1  # one revalidation for both

@@ -223,9 +223,13 @@ class ManifestCache:
                 await self._remember_fresh(route, tag, record, ttl)
                 return manifest
         key = (route.upstream, route.repository, tag)
-        return await self._by_tag.run(
+        manifest = await self._by_tag.run(
             key, lambda: self._revalidate(route, tag, record, ttl + policy.max_stale, head)
         )
+        if manifest.body is None and not head:
+            # This GET joined a client HEAD's revalidation, answered from headers alone.
+            return await self._by_digest_cached(route, Digest.parse(manifest.digest))
+        return manifest
 
     async def _revalidate(
         self, route: Route, tag: str, record: TagRecord | None, usable_for: float, head: bool
