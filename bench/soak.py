@@ -92,9 +92,10 @@ FAULTS = (
     "429",
     "stall",
     "redis-down",
+    "worker-kill",
+    # Last: the current mirror overshoots its limit, and a full disk fails what follows.
     "disk-burst",
     "disk-full",
-    "worker-kill",
 )
 CALM_WEIGHT = 0.6  # a calm phase lasts this fraction of a fault phase
 # Not a first path component of any repository: the mirror takes those as upstream prefixes.
@@ -502,6 +503,7 @@ class Run:
     mirror_5xx: list[Mirror5xx] = field(default_factory=list)
     wrong: list[WrongBytes] = field(default_factory=list)
     started_pulls: int = 0
+    timeouts: list[tuple[str, float, str]] = field(default_factory=list)  # (phase, s, request)
     events: list[str] = field(default_factory=list)
 
     def phase_at(self, t: float) -> str:
@@ -576,6 +578,8 @@ async def request(
     except aiohttp.ServerDisconnectedError:
         raise PullFailed(f"{method} {kind} server disconnected", now()) from None
     except aiohttp.ClientConnectionError as exc:
+        if isinstance(exc, TimeoutError):
+            run.timeouts.append((run.phase_at(start), now() - start, f"{method} {path}"))
         raise PullFailed(f"{method} {kind} {type(exc).__name__}", now()) from None
     except TimeoutError:
         raise PullFailed(f"{method} {kind} timeout", now()) from None
@@ -887,16 +891,23 @@ def summarize_log(text: str) -> LogSummary:
     return summary
 
 
+def correlation_key(path: str) -> str:
+    """Blobs by path; manifests by repository (a by-tag request may reach the upstream as a
+    HEAD by tag and a GET by digest)."""
+    repo, sep, _ = path.partition("/manifests/")
+    return repo + sep if sep else path
+
+
 def classify_5xx(answers: list[Answer], failures: list[Mirror5xx]) -> Counter[str]:
-    """Explain each mirror 5xx by what the upstream answered for the same path just before."""
-    by_path: dict[str, list[Answer]] = defaultdict(list)
+    """Explain each mirror 5xx by what the upstream answered for the same content before."""
+    by_key: dict[str, list[Answer]] = defaultdict(list)
     for answer in answers:
-        by_path[answer.path].append(answer)
+        by_key[correlation_key(answer.path)].append(answer)
     result: Counter[str] = Counter()
     for failure in failures:
         near = [
             a
-            for a in by_path.get(failure.path, [])
+            for a in by_key.get(correlation_key(failure.path), [])
             if failure.start - CORRELATION_WINDOW <= a.start <= failure.end
         ]
         if any(a.status >= 500 for a in near):
@@ -1072,6 +1083,8 @@ def report(run: Run, rig: Rig, samples: Samples, outcome: Outcome, limit: int) -
     ]
     print("== summary ==")
     print_table(["figure", "value"], [[k, v] for k, v in verdict])
+    for phase, seconds, what in run.timeouts[:5]:
+        print(f"timed out: {what} (started in {phase}, gave up after {seconds:.0f} s)")
     for wrong in run.wrong[:5]:
         print(f"wrong bytes: {wrong}")
     for bad in outcome.bad_blobs[:5]:
