@@ -284,9 +284,13 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
             return await self._answer(request)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except ConnectionError:
             # The mirror hung up (its client went away, or its read timed out): ordinary.
             return web.Response(status=499)
+        except aiohttp.ClientError as exc:
+            # The registry itself failed: that is the upstream's own 5xx.
+            self._record(now(), request, 502, "")
+            return _oci_error(502, "UNKNOWN", f"registry: {type(exc).__name__}")
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         start = now()
@@ -391,6 +395,34 @@ def open_fds(pid: int) -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return 0
+
+
+def fd_kinds(pids: list[int], storage_root: Path) -> Counter[str]:
+    """What the open descriptors of `pids` point at: sockets, tmp/, blobs/, other."""
+    kinds: Counter[str] = Counter()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:"):
+                        kinds["sockets"] += 1
+                    elif target.startswith(str(storage_root / "tmp")):
+                        kinds["tmp/ files"] += 1
+                    elif target.startswith(str(storage_root / "blobs")):
+                        kinds["blobs/ files"] += 1
+                    else:
+                        kinds["other"] += 1
+    return kinds
+
+
+def temp_bytes(storage_root: Path) -> int:
+    total = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(storage_root / "tmp"):
+            with contextlib.suppress(OSError):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 @dataclass(frozen=True)
@@ -824,6 +856,7 @@ class Samples:
     procs: list[ProcSample] = field(default_factory=list)
     peak_rss: float = 0.0
     peak_fds: int = 0
+    settled_fds: Counter[str] = field(default_factory=Counter)
 
 
 async def sampler(rig: Rig, run: Run, samples: Samples, storage_root: Path) -> None:
@@ -945,6 +978,7 @@ class Outcome:
 
     unfinished: int
     temp_running: int
+    temp_running_bytes: int
     temp_after_stop: int
     blob_files: int
     blob_bytes: int
@@ -1047,6 +1081,8 @@ def report(run: Run, rig: Rig, samples: Samples, outcome: Outcome, limit: int) -
     print(
         f"peak over the run (1 s samples): RSS {samples.peak_rss:.1f} MiB, fds {samples.peak_fds}"
     )
+    kinds = ", ".join(f"{k} {v}" for k, v in samples.settled_fds.most_common())
+    print(f"open fds when settled: {kinds}")
     print()
     print("== mirror log ==")
     levels = ", ".join(f"{k} {v}" for k, v in outcome.log.by_level.most_common())
@@ -1072,7 +1108,8 @@ def report(run: Run, rig: Rig, samples: Samples, outcome: Outcome, limit: int) -
         ("traceback lines in the log", str(outcome.log.tracebacks)),
         (
             "temp files left (running / stopped)",
-            f"{outcome.temp_running} / {outcome.temp_after_stop}",
+            f"{outcome.temp_running} ({mib(outcome.temp_running_bytes)} MiB)"
+            f" / {outcome.temp_after_stop}",
         ),
         (
             "peak storage blobs / +tmp vs limit (MiB)",
@@ -1140,6 +1177,7 @@ async def drive(
             break
         await asyncio.sleep(0.5)
     samples.procs.append(sample_processes(pid, "settled"))
+    samples.settled_fds = fd_kinds([pid, *children(pid)], storage_root)
     return len(pending)
 
 
@@ -1217,12 +1255,14 @@ def run_soak(args: argparse.Namespace, work: Path, stack: contextlib.ExitStack) 
     samples = Samples()
     unfinished = asyncio.run(drive(args, rig, registry, run, maker, samples, storage_root))
     temp_running = len(mirror.temp_files())
+    temp_running_bytes = temp_bytes(storage_root)
     exit_status = mirror.stop()
     temp_after_stop = len(mirror.temp_files())
     files, total, bad = rehash_blobs(storage_root)
     outcome = Outcome(
         unfinished,
         temp_running,
+        temp_running_bytes,
         temp_after_stop,
         files,
         total,
