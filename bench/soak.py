@@ -1081,8 +1081,8 @@ def report(run: Run, rig: Rig, samples: Samples, outcome: Outcome, limit: int) -
     print(
         f"peak over the run (1 s samples): RSS {samples.peak_rss:.1f} MiB, fds {samples.peak_fds}"
     )
-    kinds = ", ".join(f"{k} {v}" for k, v in samples.settled_fds.most_common())
-    print(f"open fds when settled: {kinds}")
+    fd_summary = ", ".join(f"{k} {v}" for k, v in samples.settled_fds.most_common())
+    print(f"open fds when settled: {fd_summary}")
     print()
     print("== mirror log ==")
     levels = ", ".join(f"{k} {v}" for k, v in outcome.log.by_level.most_common())
