@@ -1104,7 +1104,10 @@ def report(run: Run, rig: Rig, samples: Samples, outcome: Outcome, limit: int) -
         ),
         ("5xx answers not the upstream's", str(not_upstream)),
         ("500 answers (always a bug)", str(sum(1 for m in run.mirror_5xx if m.status == 500))),
-        ("error-level log lines", str(sum(outcome.log.errors.values()))),
+        (
+            "error-level log lines (besides the killed worker's worker_died)",
+            str(sum(c for k, c in outcome.log.errors.items() if k != "error worker_died")),
+        ),
         ("traceback lines in the log", str(outcome.log.tracebacks)),
         (
             "temp files left (running / stopped)",
