@@ -16,6 +16,7 @@ from aiohttp import web
 
 from mirror.access import AccessControl
 from mirror.api.errors import expect_handler, oci_errors
+from mirror.api.transport import remember_prepared
 from mirror.api.v2 import (
     SERVICES,
     Services,
@@ -128,6 +129,7 @@ def create_app(
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(on_prepare)
+    app.on_response_prepare.append(remember_prepared)
     routes = app.router
     routes.add_route("*", "/v2", handle_v2, expect_handler=expect_handler)
     routes.add_route("*", "/v2/{tail:.*}", handle_v2, expect_handler=expect_handler)

@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import MutableMapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -80,6 +81,14 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     )
 
 
+class Outcome(StrEnum):
+    """How a response ended, on its access line."""
+
+    COMPLETE = "complete"  # everything was handed to the kernel
+    CLIENT_CLOSED = "client_closed"  # the client hung up first: ordinary, not an error
+    ABORTED = "aborted"  # the mirror broke the connection (a failed download)
+
+
 @dataclass
 class AccessInfo:
     """What the handlers learned about a request, for its access line."""
@@ -92,6 +101,7 @@ class AccessInfo:
     kind: str = "other"  # base, catalog, manifest, blob, tags, referrers
     user: str | None = None  # the authenticated client, None when anonymous
     body_bytes: int = 0  # blob or manifest bytes sent
+    outcome: Outcome = Outcome.COMPLETE
 
 
 ACCESS_INFO = web.RequestKey("access_info", AccessInfo)
@@ -117,6 +127,7 @@ class AccessLogger(AbstractAccessLogger):
             status=response.status,
             kind=info.kind if info else None,
             bytes=info.body_bytes if info else 0,
+            outcome=info.outcome.value if info else None,
             seconds=round(time, 4),
             remote=request.remote,
             user=info.user if info else None,

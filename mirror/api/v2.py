@@ -9,25 +9,20 @@ caches'.
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
-import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.access import AccessControl, Principal
+from mirror.api import transport
 from mirror.cache.blobs import BlobCache, BlobSource
 from mirror.cache.listings import Listing, Listings
 from mirror.cache.manifests import Manifest, ManifestCache
 from mirror.errors import (
-    BlobUnknown,
-    MirrorError,
     NameUnknown,
     RangeInvalid,
     SizeInvalid,
@@ -47,7 +42,6 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_PAGE = 10_000
 # Longer than any repository name with its upstream prefix, or any media type.
 QUERY_VALUE_MAX = 512
-FILE_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +166,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         return await handler(request)
+    except ConnectionError:
+        response = transport.hung_up_response(request)
+        if response is None:
+            raise
+        return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
         if info.kind != "other":
@@ -358,64 +357,16 @@ async def _send_blob(
     if end is not None:
         response.content_length = end - start
     await response.prepare(request)
-    try:
-        info = request[ACCESS_INFO]
-        if source.file is not None:
-            assert end is not None
-            await _send_file(request, response, source.file, start, end - start)
-            info.body_bytes = end - start
-        else:
-            assert source.download is not None
-            async for chunk in source.download.iter_bytes(start, end):
-                await response.write(chunk)
-                info.body_bytes += len(chunk)
-    except MirrorError as error:
-        # Headers are gone: the only honest signal left is a broken connection, which
-        # no client mistakes for a complete body.
-        log.warning("blob_transfer_aborted", digest=str(source.digest), error=error.message)
-        if request.transport is not None:
-            request.transport.abort()
-        # aiohttp's write_eof on the dead transport raises ConnectionError, which it
-        # treats as a client that went away: logged as an access line, not a crash.
-        return response
-    except ConnectionError:
-        return response  # the client hung up; the download (if any) goes on without it
-    await response.write_eof()
+    chunks = None
+    if source.file is None:
+        assert source.download is not None
+        chunks = source.download.iter_bytes(start, end, chunk=transport.CHUNK)
+    await transport.send_blob_body(
+        request,
+        response,
+        file=source.file,
+        chunks=chunks,
+        offset=start,
+        count=None if end is None else end - start,
+    )
     return response
-
-
-def _peer_is_local(request: web.Request) -> bool:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if not peer:
-        return False
-    try:
-        return ipaddress.ip_address(peer[0]).is_loopback
-    except ValueError:
-        return False
-
-
-async def _send_file(
-    request: web.Request, response: web.StreamResponse, file: BinaryIO, offset: int, count: int
-) -> None:
-    """Send a committed blob file.
-
-    sendfile saves this process a copy, but the kernel then hands the receiver the page
-    cache page by page; when the receiver shares this machine (loopback) its extra cost
-    outweighs what we save (measured with skopeo: 15% more client CPU, a slower pull),
-    so local peers get plain writes, as distribution itself does.
-    """
-    transport = request.transport
-    if transport is None:
-        raise ConnectionResetError("client went away")
-    # TLS has no zero-copy path (the bytes must be encrypted): chunked writes below.
-    if not _peer_is_local(request) and transport.get_extra_info("sslcontext") is None:
-        await asyncio.get_running_loop().sendfile(transport, file, offset, count)
-        return
-    remaining = count
-    while remaining > 0:
-        chunk = await asyncio.to_thread(os.pread, file.fileno(), min(remaining, FILE_CHUNK), offset)
-        if not chunk:
-            raise BlobUnknown("blob file is shorter than its size")  # aborts the transfer
-        offset += len(chunk)
-        remaining -= len(chunk)
-        await response.write(chunk)

@@ -352,8 +352,11 @@ class BlobDownload:
         limit = max(self.written - 1, 0)
         return limit if end is None else min(limit, end - 1)
 
-    async def iter_bytes(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of the blob as they arrive; raises if the download fails."""
+    async def iter_bytes(
+        self, start: int = 0, end: int | None = None, *, chunk: int = READ_CHUNK
+    ) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of the blob as they arrive, up to `chunk` at a time; raises if
+        the download fails."""
         await self.wait_started()
         passing = self._pass
         reader = next(self._reader_ids)
@@ -377,7 +380,7 @@ class BlobDownload:
             while end is None or position < end:
                 limit = self._readable_limit(end)
                 if position < limit:
-                    wanted = min(READ_CHUNK, limit - position)
+                    wanted = min(chunk, limit - position)
                     if passing is None:
                         assert fd is not None
                         data = os.pread(fd, wanted, position)
