@@ -30,6 +30,7 @@ from mirror.config import MirrorConfig, TlsConfig
 from mirror.core import TempSweep, default_sweep, open_core
 from mirror.errors import NameUnknown
 from mirror.eviction import Evictor
+from mirror.memory import MemoryRelease
 from mirror.metadata.base import MetadataStore, MetadataUnavailable
 from mirror.metadata.deferred import DeferredWrites
 from mirror.metrics import METRICS, Metrics, StateSources, handle_metrics
@@ -89,6 +90,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         # Once the store is back: what waited, then files the records do not know yet.
         background.spawn(core.deferred.run(evictor.reconcile), name="deferred-writes")
         background.spawn(_flush_counters(app[METRICS], metadata), name="counters")
+        background.spawn(MemoryRelease().run(), name="memory_release")
         log.info(
             "mirror_started",
             storage=str(store.root),

@@ -30,7 +30,7 @@ import collections
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -354,7 +354,7 @@ class BlobDownload:
 
     async def iter_bytes(
         self, start: int = 0, end: int | None = None, *, chunk: int = READ_CHUNK
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Bytes [start, end) of the blob as they arrive, up to `chunk` at a time; raises if
         the download fails."""
         await self.wait_started()
