@@ -14,7 +14,7 @@ import pytest
 from conftest import TAG, Mirror, MirrorFactory, Upstream
 from support.images import ALL_MANIFEST_TYPES, oci_image, push
 
-from mirror.api import v2
+from mirror.api import transport
 from mirror.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 
 API_HEADER = "Docker-Distribution-API-Version"
@@ -397,9 +397,9 @@ async def test_a_docker_pull_of_a_cold_tag_records_the_tag(
 async def test_zero_copy_path_for_remote_peers(
     mirror: Mirror, upstream: Upstream, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Loopback peers get plain writes (see api/v2.py); every test client is on loopback, so
-    # make the mirror treat this one as remote to exercise sendfile.
-    monkeypatch.setattr(v2, "_peer_is_local", lambda request: False)
+    # Loopback peers get plain writes (see api/transport.py); every test client is on loopback,
+    # so make the mirror treat this one as remote to exercise sendfile.
+    monkeypatch.setattr(transport, "peer_is_local", lambda request: False)
     digest, data = max(upstream.images["oci"].blobs.items(), key=lambda item: len(item[1]))
     url = f"{mirror.url}/v2/{repo('oci')}/blobs/{digest}"
     for _ in ("cold", "warm"):
