@@ -37,6 +37,7 @@ STORAGE_ENTRIES = {
     "corrupt",
     "layout-version",
     "ledger.json",
+    "ledger.json.tmp",
     "ledger.lock",
     "meta",
     "tmp",

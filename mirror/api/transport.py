@@ -186,9 +186,16 @@ class _one_chunk_at_a_time:
         self._limits: tuple[int, int] | None = None
 
     async def __aenter__(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._limits = self._transport.get_write_buffer_limits()
-            self._transport.set_write_buffer_limits(high=0, low=0)
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_extra_info("sslcontext") is not None:
+            # asyncio's TLS transport did not resume a writer paused at a zero limit: pulls
+            # over TLS stalled (tests/test_security.py). Its default limits (64 KiB) still
+            # bound what a connection holds.
+            return
+        self._limits = transport.get_write_buffer_limits()
+        transport.set_write_buffer_limits(high=0, low=0)
 
     async def __aexit__(self, *exc: object) -> None:
         if self._limits is not None and not self._transport.is_closing():  # type: ignore[union-attr]

@@ -6,7 +6,8 @@ The layout, version 1:
     ├── layout-version              "1"
     ├── blobs/<algorithm>/<2 hex>/<hex>   complete, verified, immutable
     ├── tmp/                        in-flight downloads; emptied at start
-    ├── ledger.json, ledger.lock    the shared account of space (storage/ledger.py)
+    ├── ledger.json, ledger.lock    the shared account of space (storage/ledger.py);
+    │                               ledger.json.tmp while the lock holder rewrites it
     └── meta/                       the embedded metadata store (not ours)
 
 A file appears under `blobs/` only through `BlobWriter.commit`: the bytes were

@@ -113,7 +113,8 @@ class Ledger:
             os.close(fd)  # releases the lock
 
     def _write(self, text: str) -> None:
-        temp = self.path.with_name(f"ledger.{self.owner.rsplit(':', 1)[-1]}.tmp")
+        # One name for every writer: only the holder of the lock writes.
+        temp = self.path.with_name("ledger.json.tmp")
         try:
             temp.write_text(text, encoding="utf-8")
             os.replace(temp, self.path)
