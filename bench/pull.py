@@ -30,24 +30,21 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import io
 import os
 import resource
 import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from harness import prepare_process, print_table, run_in_workdir  # noqa: E402
 from support.images import Image, oci_image, push  # noqa: E402
 from support.mirror_process import MirrorProcess, MirrorProcessError  # noqa: E402
 from support.registry import AccessEntry, Registry  # noqa: E402
@@ -242,20 +239,6 @@ def concurrent_phase(
 
 def fmt_mib(n: float) -> str:
     return f"{n / MIB:,.1f} MiB"
-
-
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest])
-
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
 
 
 def report(phases: list[Phase], image_bytes: int, baseline: float) -> None:
@@ -458,37 +441,16 @@ def run(args: argparse.Namespace, work: Path, cleanup: list[Callable[[], object]
     return 0
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    # Turn SIGTERM into an exception so the finally blocks stop every process we started.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if isinstance(sys.stdout, io.TextIOWrapper):
-        sys.stdout.reconfigure(line_buffering=True)  # progress shows up when piped, too
-    signal.signal(signal.SIGTERM, _terminate)
-    work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.tmpdir))
-    cleanup: list[Callable[[], object]] = []
-    print(f"workdir: {work}")
-    try:
-        return run(args, work, cleanup)
-    except (BenchError, MirrorProcessError) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        for step in reversed(cleanup):
-            try:
-                step()
-            except Exception as exc:  # keep cleaning up the rest
-                print(f"cleanup step failed: {exc!r}", file=sys.stderr)
-        if args.keep:
-            print(f"kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    prepare_process()
+    return run_in_workdir(
+        "bench-pull-",
+        parent=args.tmpdir,
+        keep=args.keep,
+        failures=(BenchError, MirrorProcessError),
+        body=lambda work, cleanup: run(args, work, cleanup),
+    )
 
 
 if __name__ == "__main__":

@@ -25,26 +25,22 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import io
 import json
 import random
 import resource
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from harness import prepare_process, run_in_workdir  # noqa: E402
 from support.images import push_blob  # noqa: E402
 from support.mirror_process import MirrorProcess, MirrorProcessError  # noqa: E402
 from support.net import LOOPBACK, wait_until  # noqa: E402
@@ -292,35 +288,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if isinstance(sys.stdout, io.TextIOWrapper):
-        sys.stdout.reconfigure(line_buffering=True)
-    signal.signal(signal.SIGTERM, _terminate)
+    prepare_process()
     # Each client is a socket here and a socket plus a file in the mirror (inherits this).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = min(hard, max(soft, 4 * args.clients + 256))
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    work = Path(tempfile.mkdtemp(prefix="bench-slow-", dir=args.tmpdir))
-    cleanup: list[Callable[[], object]] = []
-    try:
-        return run(args, work, cleanup)
-    except (MirrorProcessError, RuntimeError, TimeoutError) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        for step in reversed(cleanup):
-            try:
-                step()
-            except Exception as exc:  # keep cleaning up the rest
-                print(f"cleanup step failed: {exc!r}", file=sys.stderr)
-        shutil.rmtree(work, ignore_errors=True)
+    return run_in_workdir(
+        "bench-slow-",
+        parent=args.tmpdir,
+        keep=False,
+        failures=(MirrorProcessError, RuntimeError, TimeoutError),
+        body=lambda work, cleanup: run(args, work, cleanup),
+    )
 
 
 if __name__ == "__main__":

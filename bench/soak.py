@@ -39,22 +39,18 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import io
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import aiohttp
@@ -65,6 +61,7 @@ from multidict import CIMultiDictProxy
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from harness import Cleanup, prepare_process, print_table, run_in_workdir  # noqa: E402
 from support.images import (  # noqa: E402
     ALL_MANIFEST_TYPES,
     DOCKER_CONFIG,
@@ -954,20 +951,6 @@ def classify_5xx(answers: list[Answer], failures: list[Mirror5xx]) -> Counter[st
     return result
 
 
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest])
-
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-
-
 def mib(n: float) -> str:
     return f"{n / MIB:.1f}"
 
@@ -1297,32 +1280,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM becomes an exception so the ExitStack stops everything this script started.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if isinstance(sys.stdout, io.TextIOWrapper):
-        sys.stdout.reconfigure(line_buffering=True)
-    signal.signal(signal.SIGTERM, _terminate)
-    work = Path(tempfile.mkdtemp(prefix="bench-soak-", dir=args.tmpdir))
-    print(f"workdir: {work}")
-    try:
+    prepare_process()
+
+    def soak(work: Path, cleanup: Cleanup) -> int:
         with contextlib.ExitStack() as stack:
             return run_soak(args, work, stack)
-    except (SoakError, MirrorProcessError) as exc:
-        print(f"soak failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+
+    return run_in_workdir(
+        "bench-soak-",
+        parent=args.tmpdir,
+        keep=args.keep,
+        failures=(SoakError, MirrorProcessError),
+        body=soak,
+    )
 
 
 if __name__ == "__main__":

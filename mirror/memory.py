@@ -61,6 +61,7 @@ class MemoryRelease:
             except (OSError, AttributeError):  # not glibc, or older than 2.33
                 self._libc = None
         self.released_times = 0
+        self._left_after_trim = 0
 
     @property
     def available(self) -> bool:
@@ -74,9 +75,12 @@ class MemoryRelease:
 
     def trim(self) -> bool:
         """Give free heap pages back if enough are idle; True if a trim ran."""
-        if self._libc is None or self.free_bytes() < TRIM_ABOVE:
+        # Free memory the last trim could not give back (fragments smaller than a page)
+        # does not call for another trim: only what was freed since.
+        if self._libc is None or self.free_bytes() - self._left_after_trim < TRIM_ABOVE:
             return False
         self._libc.malloc_trim(0)
+        self._left_after_trim = self.free_bytes()
         self.released_times += 1
         return True
 
