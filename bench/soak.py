@@ -498,6 +498,7 @@ class Mirror5xx:
     status: int
     code: str
     phase: str
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -555,6 +556,13 @@ def _error_code(body: bytes) -> str:
         return "non-OCI body"
 
 
+def _error_message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["errors"][0]["message"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ""
+
+
 async def request(
     run: Run,
     session: aiohttp.ClientSession,
@@ -580,7 +588,14 @@ async def request(
                 if resp.status >= 500:
                     run.mirror_5xx.append(
                         Mirror5xx(
-                            start, now(), method, path, resp.status, code, run.phase_at(now())
+                            start,
+                            now(),
+                            method,
+                            path,
+                            resp.status,
+                            code,
+                            run.phase_at(now()),
+                            _error_message(body),
                         )
                     )
                 raise PullFailed(f"{method} {kind} -> {resp.status} {code}", now())
@@ -946,7 +961,8 @@ def classify_5xx(answers: list[Answer], failures: list[Mirror5xx]) -> Counter[st
             faults = sorted({a.fault or str(a.status) for a in near if a.fault or a.status == 429})
             why = "after upstream fault " + "/".join(faults)
         else:
-            why = "NOT the upstream's"
+            # Said whole: each of these is a defect to chase.
+            why = f"NOT the upstream's ({failure.method} {failure.path}: {failure.message!r})"
         result[f"{failure.status} {failure.code} [{failure.phase}]: {why}"] += 1
     return result
 
@@ -1045,7 +1061,7 @@ def report(run: Run, rig: Rig, samples: Samples, outcome: Outcome, limit: int) -
         print(f"{count:6d}  {key}")
     if not explained:
         print("     0")
-    not_upstream = sum(c for k, c in explained.items() if k.endswith("NOT the upstream's"))
+    not_upstream = sum(c for k, c in explained.items() if "NOT the upstream's" in k)
     print()
     print("== processes (supervisor + workers, from /proc) ==")
     print_table(

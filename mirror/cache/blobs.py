@@ -52,6 +52,8 @@ ACCESS_FLUSH_EVERY = 5.0
 SHUTDOWN_GRACE = 10.0
 # A download record outlives a dead holder harmlessly: followers check the lease too.
 DOWNLOAD_RECORD_TTL = 3600.0
+# How often a blob another process committed may vanish (evicted) before we adopt it.
+ADOPT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,22 +225,21 @@ class BlobCache:
         digest = download.digest
         lease = f"blob:{digest}"
         try:
-            try:
-                role, holder = await self._hold_or_observe(lease, digest)
-            except MetadataUnavailable as exc:
-                # Nobody can be asked who fetches: fetching anyway costs at worst a
-                # duplicate download, refusing would fail a pull the upstream can answer.
-                self.uncoordinated_fetches += 1
-                log.warning("blob_fetch_uncoordinated", digest=str(digest), error=exc.message)
-                role, holder = "fetch-unleased", None
-            if role == "committed":
-                # Another process committed it while we waited: serve our readers from disk.
-                await download.adopt_committed()
-            elif role == "follow":
+            role, holder = await self._coordinate(lease, digest)
+            for _again in range(ADOPT_ATTEMPTS):
+                if role != "committed" or await download.adopt_committed():
+                    break
+                # Another process committed it while we waited, and it was evicted before
+                # our readers got to it (a full cache): ask again who fetches.
+                log.info("blob_evicted_before_adopted", digest=str(digest))
+                role, holder = await self._coordinate(lease, digest)
+            if role == "follow":
                 assert holder is not None
                 await self._follow(download, lease, holder, route)
-            else:
+            elif role != "committed":
                 await self._fetch(download, lease if role == "fetch" else None, route)
+            elif not download.committed:
+                raise UpstreamUnavailable("blob evicted as soon as it was committed, every time")
         except MirrorError as exc:
             await download.fail(exc)
         except Exception as exc:
@@ -252,6 +253,17 @@ class BlobCache:
             if self._downloads.get(digest, (None,))[0] is download:
                 del self._downloads[digest]
             download.settled.set()
+
+    async def _coordinate(self, lease: str, digest: Digest) -> tuple[str, DownloadRecord | None]:
+        """Who fetches: `_hold_or_observe`, or "fetch-unleased" while the store is away."""
+        try:
+            return await self._hold_or_observe(lease, digest)
+        except MetadataUnavailable as exc:
+            # Nobody can be asked who fetches: fetching anyway costs at worst a duplicate
+            # download, refusing would fail a pull the upstream can answer.
+            self.uncoordinated_fetches += 1
+            log.warning("blob_fetch_uncoordinated", digest=str(digest), error=exc.message)
+            return "fetch-unleased", None
 
     async def _fetch(self, download: BlobDownload, lease: str | None, route: Route) -> None:
         """Download from the upstream, holding the lease (None: the store is away)."""

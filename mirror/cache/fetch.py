@@ -274,16 +274,17 @@ class BlobDownload:
                 next_check = time.monotonic() + FOLLOW_HOLDER_CHECK
             await asyncio.sleep(FOLLOW_POLL)
 
-    async def adopt_committed(self) -> None:
-        """Another process committed this blob: readers follow the committed file."""
+    async def adopt_committed(self) -> bool:
+        """Another process committed this blob: readers follow the committed file. False
+        (and nothing changed) if it is gone again, evicted in between."""
         size = self.store.size(self.digest)
         if size is None:
-            await self.fail(UpstreamUnavailable("blob vanished after another fetch committed it"))
-            return
+            return False
         self.size = self.written = size
         self.temp_path = self.store.path(self.digest)
         self.verified = self.committed = True
         await self._finish()
+        return True
 
     async def fail(self, error: MirrorError) -> None:
         if self.error is None and not self.committed:
