@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from mirror.cache.blobs import BlobCache
+from mirror.cache.context import CacheContext
 from mirror.cache.listings import Listings
 from mirror.cache.manifests import ManifestCache
 from mirror.cache.provenance import ContentAccess
@@ -138,24 +139,13 @@ async def open_core(
     )
     deferred = DeferredWrites(metadata)
     access = ContentAccess(metadata, deferred, clients, credentialed)
-    blobs = BlobCache(
-        store,
-        metadata,
-        deferred,
-        clients,
-        access,
-        config.metadata.lease_ttl,
-        offline=config.offline,
-    )
-    manifests = ManifestCache(
-        store, metadata, deferred, clients, access, policies, offline=config.offline
-    )
+    context = CacheContext(store, metadata, deferred, clients, access, offline=config.offline)
+    blobs = BlobCache(context, config.metadata.lease_ttl)
+    manifests = ManifestCache(context, policies)
     listings = Listings(
-        metadata,
-        clients,
+        context,
         {name: u.tags_list_ttl for name, u in config.upstreams.items()},
         config.default_upstream,
-        offline=config.offline,
     )
     await blobs.start()
     try:

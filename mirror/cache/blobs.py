@@ -21,24 +21,22 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import structlog
 
 from mirror.cache.access_times import AccessTimes
+from mirror.cache.context import CacheContext
 from mirror.cache.coordination import Coordinator, Role
 from mirror.cache.fetch import BlobDownload, Reserve
 from mirror.cache.manifests import OFFLINE_MISS
-from mirror.cache.provenance import ContentAccess
 from mirror.concurrency import TaskOwner, cancel_and_wait
 from mirror.errors import BlobUnknown, MirrorError, UpstreamUnavailable
-from mirror.metadata.base import BlobRecord, DownloadRecord, MetadataStore
-from mirror.metadata.deferred import DeferredWrites
+from mirror.metadata.base import BlobRecord, DownloadRecord
 from mirror.oci import Digest
 from mirror.routing import Route
-from mirror.storage.blobstore import BlobStore
 from mirror.upstream.client import UpstreamClient
 
 log = structlog.get_logger(__name__)
@@ -66,24 +64,10 @@ class BlobSource:
 
 
 class BlobCache:
-    def __init__(
-        self,
-        store: BlobStore,
-        metadata: MetadataStore,
-        deferred: DeferredWrites,
-        clients: Mapping[str, UpstreamClient],
-        access: ContentAccess,
-        lease_ttl: float = 30.0,
-        *,
-        offline: bool = False,
-    ):
-        self._offline = offline
-        self._store = store
-        self._deferred = deferred
-        self._clients = clients
-        self._access = access
-        self._coordinator = Coordinator(store, metadata, lease_ttl)
-        self._access_times = AccessTimes(metadata)
+    def __init__(self, context: CacheContext, lease_ttl: float = 30.0):
+        self._ctx = context
+        self._coordinator = Coordinator(context.store, context.metadata, lease_ttl)
+        self._access_times = AccessTimes(context.metadata)
         self._downloads: dict[Digest, tuple[BlobDownload, Route]] = {}
         self._tasks = TaskOwner("blob-downloads")
         self._readers: Counter[Digest] = Counter()
@@ -138,24 +122,24 @@ class BlobCache:
     async def open(self, route: Route, digest: Digest) -> BlobSource:
         """A source for the blob's bytes, fetching it if it is not here."""
         # Opened before it is served, so eviction cannot pull it away meanwhile.
-        committed = self._store.open_committed(digest)
+        committed = self._ctx.store.open_committed(digest)
         if committed is not None:
             file, size = committed
             try:
-                await self._access.check(route, "blobs", digest)
+                await self._ctx.access.check(route, "blobs", digest)
             except BaseException:
                 file.close()
                 raise
             self._access_times.note(str(digest), time.time())
             return BlobSource(digest, size, "hit", file=file)
-        if self._offline:
+        if self._ctx.offline:
             raise BlobUnknown(OFFLINE_MISS, detail={"digest": str(digest)})
         running = self._downloads.get(digest)
         if running is not None and running[0].error is None and running[0].joinable:
-            if not self._access.may_share(route, running[1]):
+            if not self._ctx.access.may_share(route, running[1]):
                 # Fetched for another repository of a credentialed upstream: join it
                 # only once this repository is known to hold the blob too.
-                await self._access.confirm(route, "blobs", digest)
+                await self._ctx.access.confirm(route, "blobs", digest)
             download = running[0]
         else:
             download = await self._start_download(route, digest)
@@ -176,36 +160,36 @@ class BlobCache:
             assert source.size is not None
             return source.size, False
         await source.download.settled.wait()
-        size = self._store.size(digest)
+        size = self._ctx.store.size(digest)
         if size is None:
             raise source.download.error or BlobUnknown("blob could not be fetched")
         return size, True
 
     async def head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
         """The blob's size and the cache result, without fetching its bytes."""
-        size = self._store.size(digest)
+        size = self._ctx.store.size(digest)
         if size is not None:
-            await self._access.check(route, "blobs", digest)
+            await self._ctx.access.check(route, "blobs", digest)
             return size, "hit"
         running = self._downloads.get(digest)
-        if running is not None and self._access.may_share(route, running[1]):
+        if running is not None and self._ctx.access.may_share(route, running[1]):
             download = running[0]
             if download.error is None and download.size is not None:
                 # Being fetched (or verified and about to be committed): no need to ask.
                 return download.size, "hit" if download.verified else "miss"
-        if self._offline:
+        if self._ctx.offline:
             raise BlobUnknown(OFFLINE_MISS, detail={"digest": str(digest)})
-        length = await self._access.confirm(route, "blobs", digest)
-        await self._access.record(route, digest)
+        length = await self._ctx.access.confirm(route, "blobs", digest)
+        await self._ctx.access.record(route, digest)
         return length, "pass-through"
 
     def _client(self, route: Route) -> UpstreamClient:
-        return self._clients[route.upstream]
+        return self._ctx.clients[route.upstream]
 
     # Fetching
 
     async def _start_download(self, route: Route, digest: Digest) -> BlobDownload:
-        download = BlobDownload(self._store, digest, self.reserve_space)
+        download = BlobDownload(self._ctx.store, digest, self.reserve_space)
         self._downloads[digest] = (download, route)
         self._tasks.spawn(self._download(download, route), name=f"download:{digest}")
         return download
@@ -248,11 +232,11 @@ class BlobCache:
             await download.run(self._client(route), route.repository, lease.announce)
             if download.committed:
                 now = time.time()
-                await self._deferred.put_blob(
+                await self._ctx.deferred.put_blob(
                     str(download.digest),
                     BlobRecord(size=download.written, created_at=now, last_access=now),
                 )
-                await self._access.record(route, download.digest)
+                await self._ctx.access.record(route, download.digest)
 
     async def _follow(self, download: BlobDownload, holder: DownloadRecord, route: Route) -> None:
         """Serve from another process's download; fetch again if that process dies."""

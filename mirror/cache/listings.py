@@ -16,13 +16,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from mirror.cache.context import CacheContext
 from mirror.cache.fetch import raise_for_upstream_status
 from mirror.errors import ManifestUnknown, NameUnknown, TooManyRequests, UpstreamUnavailable
 from mirror.headers import bounded_int, header_safe
-from mirror.metadata.base import CachedResponse, MetadataStore, MetadataUnavailable
+from mirror.metadata.base import CachedResponse, MetadataUnavailable
 from mirror.oci import OCI_INDEX, Digest
 from mirror.routing import Route
-from mirror.upstream.client import UpstreamClient
 
 LISTING_MAX_BYTES = 4 * 1024 * 1024
 MAX_LINK_PAGE = 10_000  # as the API caps a client's n
@@ -54,17 +54,12 @@ def next_link(path: str, n: int, last: str, extra: Mapping[str, str]) -> str:
 class Listings:
     def __init__(
         self,
-        metadata: MetadataStore,
-        clients: Mapping[str, UpstreamClient],
+        context: CacheContext,
         ttls: Mapping[str, float],
         default_upstream: str | None,
         clock: Callable[[], float] = time.time,
-        *,
-        offline: bool = False,
     ):
-        self._offline = offline
-        self._metadata = metadata
-        self._clients = clients
+        self._ctx = context
         self._ttls = ttls
         self._default = default_upstream
         self._clock = clock
@@ -76,17 +71,17 @@ class Listings:
         key = f"tags:{route.upstream}/{route.repository}?{urlencode(query)}"
         path = f"tags/list?{urlencode(query)}" if query else "tags/list"
         try:
-            if self._offline:
+            if self._ctx.offline:
                 raise UpstreamUnavailable("offline")  # answered from our own tag records
             cached = await self._fetch_or_cached(route, key, path, NameUnknown)
         except (UpstreamUnavailable, TooManyRequests):
             # Nothing stored for this query: what we know from our own tag records.
             try:
-                known = await self._metadata.list_tags(route.upstream, route.repository)
+                known = await self._ctx.metadata.list_tags(route.upstream, route.repository)
             except MetadataUnavailable:
                 known = []
             if not known:
-                if self._offline:
+                if self._ctx.offline:
                     raise NameUnknown("no tags known, and this mirror is offline") from None
                 raise
             page, more = paginate(known, n, last)
@@ -111,8 +106,8 @@ class Listings:
         query = {"artifactType": artifact_type} if artifact_type else {}
         path = f"referrers/{digest}" + (f"?{urlencode(query)}" if query else "")
         key = f"referrers:{route.upstream}/{route.repository}/{path}"
-        if self._offline:
-            cached = await self._metadata.get_response(key)
+        if self._ctx.offline:
+            cached = await self._ctx.metadata.get_response(key)
             if cached is None:
                 raise ManifestUnknown("no referrers known, and this mirror is offline")
             response, result = cached, "hit"
@@ -135,7 +130,7 @@ class Listings:
         """The repositories held locally that this client may pull."""
         names = [
             repository if upstream == self._default else f"{upstream}/{repository}"
-            for upstream, repository in await self._metadata.list_repositories()
+            for upstream, repository in await self._ctx.metadata.list_repositories()
             if visible(upstream, repository)
         ]
         page, more = paginate(names, n, last)
@@ -151,14 +146,14 @@ class Listings:
         not_found: type[NameUnknown] | type[ManifestUnknown],
     ) -> tuple[CachedResponse, str]:
         try:
-            cached = await self._metadata.get_response(key)
+            cached = await self._ctx.metadata.get_response(key)
         except MetadataUnavailable:
             cached = None  # degraded: pass through
         now = self._clock()
         if cached is not None and now - cached.stored_at < self._ttls[route.upstream]:
             return cached, "hit"
         try:
-            async with await self._clients[route.upstream].open(
+            async with await self._ctx.clients[route.upstream].open(
                 "GET", route.repository, path, headers={"Accept": "application/json"}
             ) as response:
                 raise_for_upstream_status(response, not_found)
@@ -180,7 +175,7 @@ class Listings:
             raise UpstreamUnavailable("upstream sent a listing that is not JSON") from None
         fresh = CachedResponse(200, text, content_type, now, kept_headers)
         with contextlib.suppress(MetadataUnavailable):  # degraded: just not kept
-            await self._metadata.put_response(key, fresh)
+            await self._ctx.metadata.put_response(key, fresh)
         return fresh, "miss"
 
     def _link(self, route: Route, n: int, last: str) -> str:

@@ -29,8 +29,8 @@ from typing import cast
 import structlog
 from aiocache import SimpleMemoryCache
 
+from mirror.cache.context import CacheContext
 from mirror.cache.fetch import raise_for_upstream_status
-from mirror.cache.provenance import ContentAccess
 from mirror.concurrency import SingleFlight
 from mirror.errors import (
     DigestInvalid,
@@ -42,8 +42,7 @@ from mirror.errors import (
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
-from mirror.metadata.base import BlobRecord, MetadataStore, TagRecord
-from mirror.metadata.deferred import DeferredWrites
+from mirror.metadata.base import BlobRecord, TagRecord
 from mirror.oci import (
     ACCEPT_ALL_MANIFESTS,
     DOCKER_MANIFEST_LIST,
@@ -58,8 +57,7 @@ from mirror.oci import (
 )
 from mirror.policy import FOREVER, UpstreamPolicy
 from mirror.routing import Route
-from mirror.storage.blobstore import BlobStore
-from mirror.upstream.client import UpstreamClient, UpstreamResponse
+from mirror.upstream.client import UpstreamResponse
 
 log = structlog.get_logger(__name__)
 
@@ -81,22 +79,11 @@ class Manifest:
 class ManifestCache:
     def __init__(
         self,
-        store: BlobStore,
-        metadata: MetadataStore,
-        deferred: DeferredWrites,
-        clients: Mapping[str, UpstreamClient],
-        access: ContentAccess,
+        context: CacheContext,
         policies: Mapping[str, UpstreamPolicy],
         clock: Callable[[], float] = time.time,
-        *,
-        offline: bool = False,
     ):
-        self._offline = offline
-        self._store = store
-        self._metadata = metadata
-        self._deferred = deferred
-        self._access = access
-        self._clients = clients
+        self._ctx = context
         self._policies = policies
         self._clock = clock
         self._by_digest: SingleFlight[tuple[str, str, str], Manifest] = SingleFlight()
@@ -124,7 +111,7 @@ class ManifestCache:
     async def _by_digest_cached(self, route: Route, digest: Digest) -> Manifest:
         manifest = await self._load(str(digest), "hit")
         if manifest is not None:
-            await self._access.check(route, "manifests", digest)
+            await self._ctx.access.check(route, "manifests", digest)
             return manifest
         key = (route.upstream, route.repository, str(digest))
         return await self._by_digest.run(key, lambda: self._fetch(route, str(digest), digest))
@@ -136,19 +123,19 @@ class ManifestCache:
     async def _load(self, digest: str, cache_result: str) -> Manifest | None:
         """A manifest we hold, or None."""
         try:
-            record = await self._metadata.get_blob(digest)
+            record = await self._ctx.metadata.get_blob(digest)
         except MetadataUnavailable:
             # Degraded: the bytes on disk are verified; their own mediaType says what they are.
             return await self._load_without_metadata(digest, cache_result)
         if record is None or record.media_type is None:
             return None
-        body = await asyncio.to_thread(self._store.read_bytes, Digest.parse(digest))
+        body = await asyncio.to_thread(self._ctx.store.read_bytes, Digest.parse(digest))
         if body is None:
             return None
         return Manifest(digest, record.media_type, len(body), body, cache_result)
 
     async def _load_without_metadata(self, digest: str, cache_result: str) -> Manifest | None:
-        body = await asyncio.to_thread(self._store.read_bytes, Digest.parse(digest))
+        body = await asyncio.to_thread(self._ctx.store.read_bytes, Digest.parse(digest))
         if body is None:
             return None
         try:
@@ -161,9 +148,9 @@ class ManifestCache:
 
     async def _fetch(self, route: Route, reference: str, expected: Digest | None) -> Manifest:
         """GET a manifest from the upstream, verify it, store it."""
-        if self._offline:
+        if self._ctx.offline:
             raise ManifestUnknown(OFFLINE_MISS, detail={"reference": reference})
-        client = self._clients[route.upstream]
+        client = self._ctx.clients[route.upstream]
         async with await client.open(
             "GET",
             route.repository,
@@ -174,15 +161,15 @@ class ManifestCache:
             body = await response.read(MANIFEST_MAX_BYTES)
             media_type = _media_type_of(response, body)
             digest = _verified_digest(response, body, expected)
-        await asyncio.to_thread(self._store.put_bytes, digest, body)
+        await asyncio.to_thread(self._ctx.store.put_bytes, digest, body)
         now = self._clock()
         # Records the answer does not depend on: an outage only delays them.
-        await self._deferred.put_blob(
+        await self._ctx.deferred.put_blob(
             str(digest),
             BlobRecord(size=len(body), created_at=now, last_access=now, media_type=media_type),
         )
-        await self._access.record(route, digest)
-        await self._deferred.add_repository(route.upstream, route.repository)
+        await self._ctx.access.record(route, digest)
+        await self._ctx.deferred.add_repository(route.upstream, route.repository)
         log.info(
             "manifest_fetched",
             upstream=route.upstream,
@@ -200,7 +187,7 @@ class ManifestCache:
         if remembered is not None:
             return cast(TagRecord, remembered)
         try:
-            return await self._metadata.get_tag(route.upstream, route.repository, tag)
+            return await self._ctx.metadata.get_tag(route.upstream, route.repository, tag)
         except MetadataUnavailable:
             return None  # degraded: ask the upstream, as if we had never seen the tag
 
@@ -216,7 +203,7 @@ class ManifestCache:
         record = await self._tag_record(route, tag)
         policy = self._policies[route.upstream]
         # Offline, what we hold is the truth whatever its age.
-        ttl = FOREVER if self._offline else policy.ttl_for(route.repository, tag)
+        ttl = FOREVER if self._ctx.offline else policy.ttl_for(route.repository, tag)
         if record is not None and self._clock() - record.checked_at < ttl:
             manifest = await self._load(record.digest, "hit")
             if manifest is not None:
@@ -234,7 +221,7 @@ class ManifestCache:
     async def _revalidate(
         self, route: Route, tag: str, record: TagRecord | None, usable_for: float, head: bool
     ) -> Manifest:
-        client = self._clients[route.upstream]
+        client = self._ctx.clients[route.upstream]
         try:
             async with await client.open(
                 "HEAD",
@@ -251,7 +238,7 @@ class ManifestCache:
                 manifest = await self._load(str(announced), "revalidated")
                 if manifest is not None:
                     # The upstream just said this repository's tag points at it.
-                    await self._access.record(route, announced)
+                    await self._ctx.access.record(route, announced)
                 elif head and head_type in MANIFEST_MEDIA_TYPES and head_size:
                     # A client HEAD needs no body: answer from the upstream's headers and
                     # spare a GET, which Docker Hub counts as a pull. The tag is recorded
@@ -265,7 +252,7 @@ class ManifestCache:
             return self._stale_or_raise(route, tag, record, usable_for, exc)
         except MirrorError:
             raise
-        await self._deferred.put_tag(
+        await self._ctx.deferred.put_tag(
             route.upstream,
             route.repository,
             tag,
@@ -286,7 +273,7 @@ class ManifestCache:
         # usable_for: the tag's TTL plus max_stale, counted from its last confirmation.
         if record is None or self._clock() - record.checked_at > usable_for:
             raise error
-        body = self._store.read_bytes(Digest.parse(record.digest))
+        body = self._ctx.store.read_bytes(Digest.parse(record.digest))
         if body is None:
             raise error
         self.stale_answers[route.upstream] += 1
