@@ -42,6 +42,18 @@ STORAGE_ENTRIES = {
     "meta",
     "tmp",
 }
+# Fixtures that start a registry, Redis, a token server or a mirror on a port: a test
+# that uses one (itself or through another fixture) is an integration test, `slow`.
+# Tests that start such things in their own body are marked where they are written.
+SERVER_FIXTURES = frozenset(
+    {"upstream", "token_upstream", "redis_server", "make_mirror", "mirror", "aiohttp_server"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @dataclass

@@ -23,6 +23,8 @@ from support.images import Image, push, standard_images
 from support.registry import Registry
 from support.skopeo import inspect_raw, skopeo_copy_async
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 REGISTRY = "reg.test"  # the upstream's name at both sites
 KINDS = ("oci", "oci-index", "docker")
 

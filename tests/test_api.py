@@ -17,6 +17,8 @@ from support.images import ALL_MANIFEST_TYPES, oci_image, push
 from mirror.api import transport
 from mirror.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 API_HEADER = "Docker-Distribution-API-Version"
 
 

@@ -384,6 +384,7 @@ def assert_refused(site: Site, bundle: Path, named: str) -> None:
     assert cache_state(site.root) == before
 
 
+@pytest.mark.slow  # the mirror command, as a process
 def test_the_command_says_what_it_refused_without_a_traceback(site: Site, tmp_path: Path) -> None:
     files = valid_layout("team/app:1", seed=2)
     CASES["size-wrong"][0](files)
@@ -398,6 +399,7 @@ def test_the_command_says_what_it_refused_without_a_traceback(site: Site, tmp_pa
     assert cache_state(site.root) == before
 
 
+@pytest.mark.slow  # the mirror command, as a process
 def test_the_valid_layout_imports_as_tar_and_directory(tmp_path: Path) -> None:
     """The base the malformed cases are cut from is itself a good bundle."""
     for form in ("tar", "dir"):

@@ -22,6 +22,8 @@ from support.skopeo import skopeo_copy
 
 from mirror.config import ConfigError, load_config
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -20,6 +20,8 @@ from support.images import standard_images
 from support.registry import Registry
 from support.skopeo import SkopeoError, skopeo_copy_async
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 
 @pytest.fixture
 def own_upstream(tmp_path: Path) -> Iterator[Upstream]:

@@ -24,6 +24,8 @@ from support.cli import containerd_hosts, mirror_cli
 
 from mirror.config import MirrorConfig
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent

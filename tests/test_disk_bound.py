@@ -42,6 +42,8 @@ from mirror.oci import Digest
 from mirror.storage.blobstore import BlobStore, Quota
 from mirror.storage.ledger import HOST, Ledger
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 MIB = 1024 * 1024
 REPO = "bound/blobs"
 BLOB_SIZE = 2 * MIB

@@ -35,6 +35,8 @@ from support.redis_server import RedisServer
 from mirror.api.v2 import SERVICES
 from mirror.oci import OCI_MANIFEST
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 REPO = "team/app"
 BLOB = os.urandom(3 * 1024 * 1024 + 17)
 BLOB_DIGEST = digest_of(BLOB)

@@ -242,6 +242,7 @@ async def test_bounded_fuzz_run_over_http(make_mirror: MirrorFactory, tmp_path: 
         assert grown_mib < 100, f"peak memory grew {grown_mib:.0f} MiB"
 
 
+@pytest.mark.slow  # a mirror process
 def test_idle_and_slow_clients_are_cut_off(tmp_path: Path) -> None:
     upstreams = {"local": {"url": f"http://127.0.0.1:{free_port()}"}}
     with MirrorProcess(tmp_path / "m", upstreams, server={"idle_timeout": "1s"}) as mirror:
@@ -565,6 +566,7 @@ FRAMING_ABUSE: dict[str, bytes | list[bytes]] = {
 }
 
 
+@pytest.mark.slow  # a mirror process
 def test_framing_abuse_gets_a_complete_4xx(tmp_path: Path) -> None:
     upstreams = {"local": {"url": f"http://127.0.0.1:{free_port()}"}}
     tally: collections.Counter[str] = collections.Counter()

@@ -24,6 +24,8 @@ from support.net import free_port
 from mirror.access import hash_password
 from mirror.oci import OCI_INDEX
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 GOOD_DIGEST = "sha256:" + "a" * 64
 BAD_PATHS = [
     "/v2/../../etc/passwd",

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 from conftest import Mirror, MirrorFactory
@@ -25,6 +26,8 @@ from mirror.api.v2 import SERVICES
 from mirror.app import EVICTOR, METADATA, METRICS, STORE
 from mirror.metadata.base import BlobRecord, TagRecord
 from mirror.oci import OCI_MANIFEST, Digest
+
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 REPO = "team/app"

@@ -29,7 +29,7 @@ DIGEST = "sha256:" + "1" * 64
 OTHER = "sha256:" + "2" * 64
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.slow)])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataStore]:
     backend: MetadataStore
     if request.param == "embedded":

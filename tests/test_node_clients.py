@@ -30,6 +30,8 @@ from support.registry import Registry
 
 from mirror.upstream.client import USER_AGENT
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 REPO = "team/app"
 TAG = "1.0"
 

@@ -13,6 +13,8 @@ import pytest
 from conftest import TAG, Mirror, MirrorFactory, Upstream
 from support.skopeo import skopeo_copy_async
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 KINDS = ["oci", "oci-index", "docker", "docker-list"]
 
 

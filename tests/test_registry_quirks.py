@@ -12,6 +12,7 @@ import json
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import MirrorFactory
@@ -19,6 +20,8 @@ from support.fake_upstream import FakeUpstream, digest_of, serve
 
 from mirror.api.v2 import SERVICES
 from mirror.oci import OCI_MANIFEST
+
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 

@@ -30,6 +30,8 @@ from support.skopeo import skopeo_copy_async
 
 from mirror.metadata.redis import RedisMetadataStore
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
 

@@ -31,6 +31,8 @@ from mirror.access import hash_password
 from mirror.app import server_ssl_context
 from mirror.config import TlsConfig
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
 
 

@@ -19,12 +19,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestServer
 from conftest import Upstream
 from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
 from support.images import push_blob
 from support.mirror_process import MirrorProcess
 from support.net import LOOPBACK, http_request, wait_until
+
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
 
 MIB = 1024 * 1024
 KIB = 1024

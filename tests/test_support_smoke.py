@@ -20,6 +20,8 @@ from support.registry import Registry, parse_access_line
 from support.skopeo import SkopeoError, inspect_raw, inspect_raw_async, skopeo_copy
 from support.tokenserver import TokenServer, fetch_token
 
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
+
 USER, PASSWORD = "alice", "s3cret"
 
 

@@ -7,10 +7,13 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from conftest import TAG, Upstream
 from prometheus_client.parser import text_string_to_metric_families
 from support.mirror_process import MirrorProcess
 from support.net import free_port, http_request, wait_until
+
+pytestmark = pytest.mark.slow  # starts registries, servers or processes
 
 
 def serving_pids(mirror: MirrorProcess, path: str | None = None) -> set[int]:
