@@ -181,10 +181,17 @@ async def test_tag_whose_body_contradicts_the_upstream_digest_header_is_refused(
 ) -> None:
     path = f"/v2/{REPO}/manifests/latest"
     other = digest_of(b"something else")
-    fake.on("HEAD", path, status(500))
+
+    async def head_without_digest(request: web.Request) -> web.StreamResponse:
+        # No Docker-Content-Digest: the mirror must GET by tag to learn the digest.
+        return web.Response(content_type=OCI_MANIFEST)
+
+    fake.on("HEAD", path, head_without_digest)
     fake.on("GET", path, serve(MANIFEST, content_type=OCI_MANIFEST, digest=other))
     async with http.get(f"{fake_mirror.url}{path}") as response:
         assert response.status in (502, 503)
+    # Refused for the contradiction, not for an upstream failure before it.
+    assert fake.count("GET", path) == 1
     assert fake_mirror.blob_files() == []
 
 
