@@ -29,7 +29,13 @@ class Podman:
             f'graphroot = "{workdir / "root"}"\n',
             encoding="utf-8",
         )
-        (workdir / "containers.conf").write_text("[engine]\n", encoding="utf-8")
+        # Locks in a file of our own: the default shared-memory locks (/dev/shm/libpod_lock)
+        # are whatever another podman on the host left there ("failed to open 2048 locks").
+        (workdir / "containers.conf").write_text(
+            f'[engine]\nlock_type = "file"\nvolume_path = "{workdir / "volumes"}"\n'
+            f'tmp_dir = "{self.runroot / "libpod-tmp"}"\n',
+            encoding="utf-8",
+        )
 
     def run(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         binary = shutil.which("podman")
