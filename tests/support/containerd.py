@@ -24,7 +24,7 @@ class Containerd(Service):
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="ctd-"))
         self.socket = self.workdir / "containerd.sock"
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process = None
 
     def start(self) -> None:
         binary = shutil.which("containerd")

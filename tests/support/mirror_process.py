@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import yaml
 
-from .net import LOOPBACK, Service, free_port, http_request, wait_until
+from .net import Service, free_port, http_request, wait_until
 
 
 class MirrorProcessError(RuntimeError):
@@ -47,20 +47,8 @@ class MirrorProcess(Service):
             "upstreams": upstreams,
             **settings,
         }
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process = None
         self._log: IO[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
 
     def start(self, timeout: float = 30) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import socket
+import subprocess
 import time
 import urllib.parse
 from abc import ABC, abstractmethod
@@ -124,7 +125,26 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10, message
 
 
 class Service(ABC):
-    """A server the tests start and stop: `with Thing(...) as thing:` runs start/stop."""
+    """A server the tests start and stop: `with Thing(...) as thing:` runs start/stop.
+
+    It listens on `port` on the loopback address; a service that runs as a child
+    process keeps it in `_process`.
+    """
+
+    port: int = 0
+    _process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
 
     @abstractmethod
     def start(self) -> None:

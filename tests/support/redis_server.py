@@ -13,7 +13,7 @@ class RedisServer(Service):
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.port = free_port()
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process = None
 
     @property
     def url(self) -> str:

@@ -39,7 +39,7 @@ from typing import IO, Any
 
 import yaml
 
-from .net import LOOPBACK, Service, free_port, http_request, wait_until
+from .net import Service, free_port, http_request, wait_until
 
 DEFAULT_BINARY = "/usr/bin/docker-registry"
 
@@ -178,22 +178,10 @@ class Registry(Service):
         self.config_path = self.workdir / "config.yml"
         self.log_path = self.workdir / "registry.log"
         self._secret = secrets.token_hex(16)
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process = None
         self._log_file: IO[bytes] | None = None
 
     # -- addresses ---------------------------------------------------------------------------
-
-    @property
-    def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
 
     @property
     def running(self) -> bool:

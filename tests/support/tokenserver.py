@@ -168,10 +168,6 @@ class TokenServer(Service):
     # -- addresses and settings --------------------------------------------------------------
 
     @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    @property
     def realm(self) -> str:
         return f"{self.url}/token"
 
