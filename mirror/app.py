@@ -120,7 +120,17 @@ def create_app(
     sweep: TempSweep | None = None,
     network: NetworkOverrides | None = None,
 ) -> web.Application:
-    """The mirror as an aiohttp app; `network` is the test seam of `upstream/guard.py`."""
+    """The whole mirror as an aiohttp app, built from `config` and nothing else.
+
+    Middlewares (request context and access line, OCI error JSON, client
+    authentication), the routes (`/v2/`, `/healthz`, `/readyz`, `/metrics`, and every
+    other GET answered in OCI form), and the shared resources: the core (storage,
+    metadata, upstream clients, caches) and the background tasks (eviction, deferred
+    metadata writes, counter flushes, memory release) are opened when the app starts
+    and closed when it stops, in one `cleanup_ctx`. `sweep` says which temp files
+    start-up removes (default: by the metadata backend, `default_sweep`); `network` is
+    the test seam of `upstream/guard.py`.
+    """
     app = web.Application(
         middlewares=[request_context, oci_errors, authenticate], client_max_size=1024
     )

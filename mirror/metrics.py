@@ -5,7 +5,10 @@ sent from the cache or straight from the upstream; upstream requests by status a
 their latency). State is read when scraped, from the objects that own it (in-flight
 downloads, cache bytes and limit, evictions, stale answers, Docker Hub rate-limit
 allowance), so no module below the HTTP layer knows Prometheus exists. Each app has
-its own registry: with `--workers`, each worker reports its own share.
+its own registry. With `--workers`, the event counters are summed across the workers
+(prometheus_client's multiprocess files, under the directory the supervisor sets), so
+any worker's `/metrics` reports the whole server's counts; the state gauges are the
+answering worker's view of the shared storage and metadata.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The read API as PROTOCOL.md's checklist states it, against a real upstream registry.
+"""The read API as the OCI distribution spec and real clients expect it, against a real
+upstream registry.
 
 Headers and bodies of manifests and blobs, HEAD versus GET, ranges, Accept negotiation,
 tags lists, referrers, the catalog, read-only methods, and when the upstream is asked.

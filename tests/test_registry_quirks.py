@@ -1,4 +1,4 @@
-"""Quirks of real registries, reproduced by fake upstreams (PROTOCOL.md sections 5 and 7).
+"""Quirks of real registries (Docker Hub and others), reproduced by fake upstreams.
 
 registry.k8s.io redirects every request to another host and path that challenges
 afresh; token servers that omit `expires_in`; Docker Hub's rate-limit headers. Upstream
