@@ -181,7 +181,7 @@ class Registry(Service):
         self._process = None
         self._log_file: IO[bytes] | None = None
 
-    # -- addresses ---------------------------------------------------------------------------
+    # -- state ------------------------------------------------------------------------------------
 
     @property
     def running(self) -> bool:
