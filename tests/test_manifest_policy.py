@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from support.stub_upstream import StubUpstream
 
+from mirror.cache.context import CacheContext
 from mirror.cache.manifests import Manifest, ManifestCache
 from mirror.cache.provenance import ContentAccess
 from mirror.config import TagRule
@@ -83,15 +84,9 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         ),
     )
     clock = Clock()
-    cache = ManifestCache(
-        store,
-        metadata,
-        deferred,
-        clients,  # type: ignore[arg-type]  # the stub has the shape the cache uses
-        ContentAccess(metadata, deferred, clients, frozenset()),  # type: ignore[arg-type]
-        {UPSTREAM: policy},
-        clock,
-    )
+    access = ContentAccess(metadata, deferred, clients, frozenset())  # type: ignore[arg-type]
+    context = CacheContext(store, metadata, deferred, clients, access)  # type: ignore[arg-type]
+    cache = ManifestCache(context, {UPSTREAM: policy}, clock)
     try:
         yield World(cache, upstream, clock)
     finally:
