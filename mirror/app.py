@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import structlog
 from aiohttp import web
 
 from mirror.access import AccessControl
 from mirror.api.errors import expect_handler, oci_errors
+from mirror.api.middleware import authenticate, on_prepare, request_context
+from mirror.api.services import SERVICES, Services
 from mirror.api.transport import remember_prepared
-from mirror.api.v2 import (
-    SERVICES,
-    Services,
-    authenticate,
-    handle_v2,
-    on_prepare,
-    request_context,
-)
+from mirror.api.v2 import handle_v2
 from mirror.concurrency import TaskOwner
 from mirror.config import MirrorConfig, TlsConfig
 from mirror.core import TempSweep, default_sweep, open_core
@@ -35,6 +30,7 @@ from mirror.metadata.base import MetadataStore, MetadataUnavailable
 from mirror.metadata.deferred import DeferredWrites
 from mirror.metrics import METRICS, Metrics, StateSources, handle_metrics
 from mirror.storage.blobstore import BlobStore
+from mirror.upstream.client import UpstreamClient
 from mirror.upstream.guard import NetworkOverrides
 
 log = structlog.get_logger(__name__)
@@ -47,6 +43,8 @@ METADATA = web.AppKey("metadata", MetadataStore)
 STORE = web.AppKey("store", BlobStore)
 EVICTOR = web.AppKey("evictor", Evictor)
 DEFERRED = web.AppKey("deferred", DeferredWrites)
+# The upstream clients, each with the rate limit its upstream last announced.
+UPSTREAMS = web.AppKey[Mapping[str, UpstreamClient]]("upstreams")
 
 
 SWEEP_TEMP = web.AppKey("sweep_temp", TempSweep)
@@ -63,8 +61,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     ) as core:
         blobs, manifests, store, metadata = core.blobs, core.manifests, core.store, core.metadata
         app[SERVICES] = Services(
-            core.router, blobs, manifests, core.listings, core.clients, AccessControl(config.auth)
+            core.router, blobs, manifests, core.listings, AccessControl(config.auth)
         )
+        app[UPSTREAMS] = core.clients
         app[METADATA] = metadata
         app[STORE] = store
         storage = config.storage

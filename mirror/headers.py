@@ -3,7 +3,7 @@ come from requests and upstreams.
 
 A request value (`ns`, `n`, `last`) or an upstream's value (`Retry-After`, `Link`,
 `OCI-Filters-Applied`, a media type) reaches one of our headers only through these
-checks; `api/v2.py`'s prepare hook applies `header_safe` to every header as a last
+checks; `api/middleware.py`'s prepare hook applies `header_safe` to every header as a last
 resort.
 """
 

@@ -27,7 +27,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from mirror.api.v2 import API_VERSION_HEADER
+from mirror.api.middleware import API_VERSION_HEADER
 
 log = structlog.get_logger(__name__)
 

@@ -24,7 +24,7 @@ from support.redis_server import RedisServer
 from support.registry import Registry
 from support.tokenserver import TokenServer
 
-from mirror.api.v2 import SERVICES
+from mirror.api.services import SERVICES
 from mirror.app import create_app
 from mirror.config import MirrorConfig, load_config
 from mirror.server import MirrorRunner

@@ -32,7 +32,7 @@ from support.mirror_process import MirrorProcess
 from support.net import eventually, http_request, wait_until
 from support.registry import Registry
 
-from mirror.api.v2 import SERVICES
+from mirror.api.services import SERVICES
 from mirror.cache.fetch import PASS_THROUGH_WINDOW, WRITE_BATCH
 from mirror.errors import StorageFull
 from mirror.eviction import Evictor

@@ -32,7 +32,7 @@ from support.fake_upstream import (
 from support.net import eventually, free_port
 from support.redis_server import RedisServer
 
-from mirror.api.v2 import SERVICES
+from mirror.api.services import SERVICES
 from mirror.oci import OCI_MANIFEST
 
 pytestmark = pytest.mark.slow  # starts registries, servers or processes

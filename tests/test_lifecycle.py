@@ -22,7 +22,7 @@ from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
 from support.mirror_process import MirrorProcess
 from support.net import eventually
 
-from mirror.api.v2 import SERVICES
+from mirror.api.services import SERVICES
 from mirror.app import EVICTOR, METADATA, METRICS, STORE
 from mirror.metadata.base import BlobRecord, TagRecord
 from mirror.oci import OCI_MANIFEST, Digest

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from conftest import MirrorFactory
 from support.fake_upstream import FakeUpstream, digest_of, serve
 
-from mirror.api.v2 import SERVICES
+from mirror.app import UPSTREAMS
 from mirror.oci import OCI_MANIFEST
 
 pytestmark = pytest.mark.slow  # starts registries, servers or processes
@@ -146,7 +146,7 @@ async def test_docker_hub_rate_limit_headers_are_recorded(
     )
     async with http.get(f"{mirror.url}/v2/alpine/manifests/3.20") as response:
         assert response.status == 200
-    rate_limit = mirror.server.app[SERVICES].upstreams["docker.io"].rate_limit
+    rate_limit = mirror.server.app[UPSTREAMS]["docker.io"].rate_limit
     assert rate_limit is not None
     assert (rate_limit.limit, rate_limit.remaining, rate_limit.window_seconds) == (100, 7, 21600)
 

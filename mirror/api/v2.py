@@ -9,52 +9,31 @@ caches'.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 
-import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from mirror.access import AccessControl, Principal
 from mirror.api import transport
-from mirror.cache.blobs import BlobCache, BlobSource
-from mirror.cache.listings import Listing, Listings
-from mirror.cache.manifests import Manifest, ManifestCache
+from mirror.api.middleware import PRINCIPAL
+from mirror.api.services import SERVICES, Services
+from mirror.cache.blobs import BlobSource
+from mirror.cache.listings import Listing
+from mirror.cache.manifests import Manifest
 from mirror.errors import (
     NameUnknown,
     RangeInvalid,
     SizeInvalid,
     Unsupported,
 )
-from mirror.headers import bounded_int, header_safe
-from mirror.logging import ACCESS_INFO, AccessInfo
-from mirror.metrics import METRICS
+from mirror.headers import bounded_int
+from mirror.logging import ACCESS_INFO
 from mirror.oci import AcceptSet, Digest, Reference
-from mirror.routing import Route, Router, is_registry_host
-from mirror.upstream.client import UpstreamClient
+from mirror.routing import Route
 
-log = structlog.get_logger(__name__)
-
-API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_PAGE = 10_000
 # Longer than any repository name with its upstream prefix, or any media type.
 QUERY_VALUE_MAX = 512
-
-
-@dataclass(frozen=True, slots=True)
-class Services:
-    router: Router
-    blobs: BlobCache
-    manifests: ManifestCache
-    listings: Listings
-    upstreams: Mapping[str, UpstreamClient]
-    access: AccessControl
-
-
-SERVICES = web.AppKey("services", Services)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,70 +92,6 @@ def _route(request: web.Request, services: Services, name: str, reference: str =
     # Before any cache or upstream work.
     services.access.authorize(request[PRINCIPAL], route.upstream, route.repository)
     return route
-
-
-async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """Headers every response carries, streamed or not, error or not."""
-    response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
-    namespace = request.query.get("ns")
-    if namespace and response.status < 400 and is_registry_host(namespace):
-        response.headers["OCI-Namespace"] = namespace
-    info = request.get(ACCESS_INFO)
-    if info is not None:
-        response.headers["X-Request-Id"] = info.request_id
-    _drop_unsafe_headers(response)
-
-
-def _drop_unsafe_headers(response: web.StreamResponse) -> None:
-    """The last guard before the wire: every value that reaches a header is validated
-    where it is set, so a value that cannot be sent is a bug, and it is dropped (and
-    logged) rather than sent or left to break the connection."""
-    unsafe = [name for name, value in response.headers.items() if not header_safe(value)]
-    for name in unsafe:
-        log.warning(
-            "unsafe_header_dropped",
-            header=name,
-            value=ascii(response.headers.get(name, ""))[:100],
-            status=response.status,
-        )
-        response.headers.popall(name, None)
-
-
-PRINCIPAL = web.RequestKey("principal", Principal)
-
-
-@web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Who is asking, for every /v2/ request (the API version check included, so
-    `docker login` meets the challenge there)."""
-    if request.path == "/v2" or request.path.startswith("/v2/"):
-        principal = await request.app[SERVICES].access.authenticate(
-            request.headers.get("Authorization")
-        )
-        request[PRINCIPAL] = principal
-        request[ACCESS_INFO].user = principal.user
-    return await handler(request)
-
-
-@web.middleware
-async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = uuid.uuid4().hex
-    info = AccessInfo(request_id=request_id)
-    request[ACCESS_INFO] = info
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-    try:
-        return await handler(request)
-    except ConnectionError:
-        response = transport.hung_up_response(request)
-        if response is None:
-            raise
-        return response
-    finally:
-        structlog.contextvars.unbind_contextvars("request_id")
-        if info.kind != "other":
-            request.app[METRICS].observe_request(
-                info.upstream, info.repository, info.kind, info.cache, info.body_bytes
-            )
 
 
 async def handle_v2(request: web.Request) -> web.StreamResponse:
