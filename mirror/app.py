@@ -15,11 +15,11 @@ import structlog
 from aiohttp import web
 
 from mirror.access import AccessControl
+from mirror.api import v2
 from mirror.api.errors import expect_handler, oci_errors
 from mirror.api.middleware import authenticate, on_prepare, request_context
 from mirror.api.services import SERVICES, Services
 from mirror.api.transport import remember_prepared
-from mirror.api.v2 import handle_v2
 from mirror.concurrency import TaskOwner
 from mirror.config import MirrorConfig, TlsConfig
 from mirror.core import TempSweep, default_sweep, open_core
@@ -142,8 +142,7 @@ def create_app(
     app.on_response_prepare.append(on_prepare)
     app.on_response_prepare.append(remember_prepared)
     routes = app.router
-    routes.add_route("*", "/v2", handle_v2, expect_handler=expect_handler)
-    routes.add_route("*", "/v2/{tail:.*}", handle_v2, expect_handler=expect_handler)
+    v2.add_routes(routes)
     routes.add_get("/healthz", _healthz, expect_handler=expect_handler)
     routes.add_get("/readyz", _readyz, expect_handler=expect_handler)
     routes.add_get("/metrics", handle_metrics, expect_handler=expect_handler)

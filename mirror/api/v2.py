@@ -1,10 +1,12 @@
 """The `/v2/` endpoints: parse and validate, call one cache API, write the response.
 
-Repository names contain `/`, so one catch-all route takes every `/v2/` path
-and the path is split at its last `/manifests/`, `/blobs/`, `/referrers/` or
-`/tags/list`. Only GET and HEAD are served; every other method is 405
-UNSUPPORTED. No policy lives here: hit, miss, TTL and stale decisions are the
-caches'.
+`add_routes` draws the `/v2/` grammar in aiohttp's router, one small handler per
+endpoint. Repository names contain `/`, so the name pattern is greedy across segments
+and the last segments decide the endpoint (`/manifests/<reference>`, `/blobs/<digest>`,
+`/referrers/<digest>`, `/tags/list`). The patterns only split the path: names,
+references and digests are validated by `mirror.oci`. Only GET and HEAD are served;
+any other method on a `/v2/` path is 405 UNSUPPORTED. No policy lives here: hit,
+miss, TTL and stale decisions are the caches'.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from mirror.api import transport
+from mirror.api.errors import expect_handler
 from mirror.api.middleware import PRINCIPAL
 from mirror.api.services import SERVICES, Services
 from mirror.cache.blobs import BlobSource
@@ -35,30 +39,40 @@ MAX_PAGE = 10_000
 # Longer than any repository name with its upstream prefix, or any media type.
 QUERY_VALUE_MAX = 512
 
+# aiohttp matches these against the path with `%2F` still encoded, so an encoded slash
+# never separates the endpoint from the name or the argument. `.` stops at a newline;
+# so does the argument, as the catch-all `/v2/{tail:.*}` it replaced did.
+_NAME = "{name:.+}"
+_ARGUMENT = r"[^/\n]+"
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    kind: str  # base, catalog, manifest, blob, tags, referrers
-    name: str = ""
-    argument: str = ""
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    """The `/v2/` endpoints, and the answer for every other `/v2/` path and method.
+
+    The four name endpoints cannot overlap: each is told by its next-to-last segment.
+    `tags/list` takes an empty name too, so that `/v2//tags/list` reaches the name's
+    validation as it always has.
+    """
+    endpoints: list[tuple[str, Handler]] = [
+        ("/v2", base),
+        ("/v2/", base),
+        ("/v2/_catalog", catalog),
+        ("/v2/{name:.*}/tags/list", tags),
+        (f"/v2/{_NAME}/manifests/{{reference:{_ARGUMENT}}}", manifest),
+        (f"/v2/{_NAME}/blobs/{{digest:{_ARGUMENT}}}", blob),
+        (f"/v2/{_NAME}/referrers/{{digest:{_ARGUMENT}}}", referrers),
+    ]
+    for path, handler in endpoints:
+        router.add_get(path, handler, expect_handler=expect_handler)
+    # Registered last, any method: what no endpoint above took, here rather than in
+    # aiohttp's own 404 and 405, so that its `Expect` is answered by `expect_handler`.
+    for path in ("/v2", "/v2/{tail:.*}"):
+        router.add_route("*", path, not_served, expect_handler=expect_handler)
 
 
-def parse_endpoint(tail: str) -> Endpoint:
-    """Split the part of the path after `/v2/` into the endpoint and its name."""
-    if tail == "":
-        return Endpoint("base")
-    if tail == "_catalog":
-        return Endpoint("catalog")
-    if tail.endswith("/tags/list"):
-        return Endpoint("tags", tail[: -len("/tags/list")])
-    for marker, kind in (
-        ("/manifests/", "manifest"),
-        ("/blobs/", "blob"),
-        ("/referrers/", "referrers"),
-    ):
-        name, sep, argument = tail.rpartition(marker)
-        if sep and name and argument and "/" not in argument:
-            return Endpoint(kind, name, argument)
+async def not_served(request: web.Request) -> web.StreamResponse:
+    if request.method not in READ_METHODS:
+        raise Unsupported("this mirror is read-only", headers={"Allow": "GET, HEAD"})
     raise NameUnknown("no such endpoint")
 
 
@@ -81,8 +95,8 @@ def _query_text(request: web.Request, key: str) -> str | None:
     return text
 
 
-def _route(request: web.Request, services: Services, name: str, reference: str = "") -> Route:
-    route = services.router.resolve(name, request.query.get("ns"))
+def _route(request: web.Request, services: Services, reference: str = "") -> Route:
+    route = services.router.resolve(request.match_info["name"], request.query.get("ns"))
     info = request[ACCESS_INFO]
     info.upstream, info.repository, info.reference = (
         route.upstream,
@@ -94,35 +108,38 @@ def _route(request: web.Request, services: Services, name: str, reference: str =
     return route
 
 
-async def handle_v2(request: web.Request) -> web.StreamResponse:
-    if request.method not in READ_METHODS:
-        raise Unsupported("this mirror is read-only", headers={"Allow": "GET, HEAD"})
+async def base(request: web.Request) -> web.StreamResponse:
+    request[ACCESS_INFO].kind = "base"
+    return web.json_response({})
+
+
+async def catalog(request: web.Request) -> web.StreamResponse:
+    request[ACCESS_INFO].kind = "catalog"
     services = request.app[SERVICES]
-    endpoint = parse_endpoint(request.match_info.get("tail", ""))
-    request[ACCESS_INFO].kind = endpoint.kind
-    if endpoint.kind == "base":
-        return web.json_response({})
-    if endpoint.kind == "catalog":
-        principal = request[PRINCIPAL]
-        listing = await services.listings.catalog(
-            _page_size(request),
-            _query_text(request, "last"),
-            "/v2/_catalog",
-            visible=lambda upstream, repo: services.access.may_pull(principal, upstream, repo),
-        )
-        return _listing_response(request, listing)
-    if endpoint.kind == "manifest":
-        return await _manifest(request, services, endpoint)
-    if endpoint.kind == "blob":
-        return await _blob(request, services, endpoint)
-    if endpoint.kind == "tags":
-        route = _route(request, services, endpoint.name)
-        listing = await services.listings.tags(
-            route, _page_size(request), _query_text(request, "last")
-        )
-        return _listing_response(request, listing)
-    route = _route(request, services, endpoint.name, endpoint.argument)
-    digest = Digest.parse(endpoint.argument)
+    principal = request[PRINCIPAL]
+    listing = await services.listings.catalog(
+        _page_size(request),
+        _query_text(request, "last"),
+        "/v2/_catalog",
+        visible=lambda upstream, repo: services.access.may_pull(principal, upstream, repo),
+    )
+    return _listing_response(request, listing)
+
+
+async def tags(request: web.Request) -> web.StreamResponse:
+    request[ACCESS_INFO].kind = "tags"
+    services = request.app[SERVICES]
+    route = _route(request, services)
+    listing = await services.listings.tags(route, _page_size(request), _query_text(request, "last"))
+    return _listing_response(request, listing)
+
+
+async def referrers(request: web.Request) -> web.StreamResponse:
+    request[ACCESS_INFO].kind = "referrers"
+    services = request.app[SERVICES]
+    argument = request.match_info["digest"]
+    route = _route(request, services, argument)
+    digest = Digest.parse(argument)
     artifact_type = _query_text(request, "artifactType")
     listing = await services.listings.referrers(route, digest, artifact_type)
     return _listing_response(request, listing)
@@ -141,16 +158,17 @@ def _listing_response(request: web.Request, listing: Listing) -> web.Response:
 # Manifests
 
 
-async def _manifest(
-    request: web.Request, services: Services, endpoint: Endpoint
-) -> web.StreamResponse:
-    route = _route(request, services, endpoint.name, endpoint.argument)
-    reference = Reference.parse(endpoint.argument)
+async def manifest(request: web.Request) -> web.StreamResponse:
+    request[ACCESS_INFO].kind = "manifest"
+    services = request.app[SERVICES]
+    argument = request.match_info["reference"]
+    route = _route(request, services, argument)
+    reference = Reference.parse(argument)
     accept = AcceptSet.from_headers(request.headers.getall("Accept", []))
     head = request.method == "HEAD"
-    manifest = await services.manifests.get(route, reference, accept, head=head)
-    request[ACCESS_INFO].cache = manifest.cache_result
-    return await _send_manifest(request, manifest, head=head)
+    found = await services.manifests.get(route, reference, accept, head=head)
+    request[ACCESS_INFO].cache = found.cache_result
+    return await _send_manifest(request, found, head=head)
 
 
 async def _send_manifest(
@@ -221,9 +239,12 @@ def parse_range(request: web.Request, size: int | None) -> ByteRange | None:
     return ByteRange(start, end)
 
 
-async def _blob(request: web.Request, services: Services, endpoint: Endpoint) -> web.StreamResponse:
-    route = _route(request, services, endpoint.name, endpoint.argument)
-    digest = Digest.parse(endpoint.argument)
+async def blob(request: web.Request) -> web.StreamResponse:
+    request[ACCESS_INFO].kind = "blob"
+    services = request.app[SERVICES]
+    argument = request.match_info["digest"]
+    route = _route(request, services, argument)
+    digest = Digest.parse(argument)
     if request.method == "HEAD":
         size, cache_result = await services.blobs.head(route, digest)
         request[ACCESS_INFO].cache = cache_result
