@@ -1,4 +1,4 @@
-"""The `/v2/` grammar in aiohttp's router, without a socket.
+"""The `/v2/` grammar in aiohttp's router, and `If-None-Match`, without a socket.
 
 The routes only split the path (the end of it decides the endpoint, the name takes
 the rest, slashes included); what they hand on is validated by `mirror.oci`, which
@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
 from mirror.api import v2
 from mirror.errors import NameUnknown, Unsupported
@@ -97,3 +98,25 @@ async def test_an_encoded_slash_stays_inside_its_segment() -> None:
     # One segment: the digest oci.py refuses, not a path of three.
     assert match.handler is v2.blob
     assert match["digest"] == "../../etc/passwd"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (f'"{DIGEST}"', True),
+        (f'W/"{DIGEST}"', True),
+        (f'"sha256:{"b" * 64}", "{DIGEST}"', True),
+        ("*", True),
+        (DIGEST, False),  # not an entity tag
+        (f'"sha256:{"b" * 64}"', False),
+        (f'"{DIGEST[:-1]}"', False),
+        ("", False),
+    ],
+)
+def test_if_none_match(header: str, expected: bool) -> None:
+    request = make_mocked_request("GET", "/", headers=CIMultiDict({"If-None-Match": header}))
+    assert v2.not_modified(request, DIGEST) is expected
+
+
+def test_no_if_none_match_is_no_match() -> None:
+    assert not v2.not_modified(make_mocked_request("GET", "/"), DIGEST)

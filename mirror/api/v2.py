@@ -108,6 +108,14 @@ def _route(request: web.Request, services: Services, reference: str = "") -> Rou
     return route
 
 
+def not_modified(request: web.Request, digest: str) -> bool:
+    """True if `If-None-Match` names `digest` as a quoted entity tag, or is `*`: the
+    client holds this content already. Weak tags count too (RFC 9110 compares
+    `If-None-Match` weakly); an unquoted digest is not an entity tag and does not."""
+    tags = request.if_none_match
+    return tags is not None and any(tag.value in (digest, "*") for tag in tags)
+
+
 async def base(request: web.Request) -> web.StreamResponse:
     request[ACCESS_INFO].kind = "base"
     return web.json_response({})
@@ -183,7 +191,7 @@ async def _send_manifest(
         }
     )
     response.content_length = manifest.size
-    if manifest.digest in request.headers.get("If-None-Match", ""):
+    if not_modified(request, manifest.digest):
         response.set_status(304)
         response.content_length = None
         await response.prepare(request)
@@ -257,7 +265,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
     try:
         request[ACCESS_INFO].cache = source.cache_result
         byte_range = parse_range(request, source.size)
-        if f'"{digest}"' in request.headers.get("If-None-Match", "") and source.file is not None:
+        if source.file is not None and not_modified(request, str(digest)):
             response = _blob_response(digest, source.cache_result)
             response.set_status(304)
             await response.prepare(request)
