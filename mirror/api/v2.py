@@ -40,8 +40,9 @@ MAX_PAGE = 10_000
 QUERY_VALUE_MAX = 512
 
 # aiohttp matches these against the path with `%2F` still encoded, so an encoded slash
-# never separates the endpoint from the name or the argument. `.` stops at a newline;
-# so does the argument, as the catch-all `/v2/{tail:.*}` it replaced did.
+# never separates the endpoint from the name or the argument. `.` stops at a newline,
+# and so does the argument, as the catch-all `/v2/{tail:.*}` these replaced did: such a
+# path stays 404 NAME_UNKNOWN.
 _NAME = "{name:.+}"
 _ARGUMENT = r"[^/\n]+"
 
