@@ -23,10 +23,10 @@ from mirror.api.transport import remember_prepared
 from mirror.concurrency import TaskOwner
 from mirror.config import MirrorConfig, TlsConfig
 from mirror.core import TempSweep, default_sweep, open_core
-from mirror.errors import NameUnknown
+from mirror.errors import MetadataUnavailable, NameUnknown
 from mirror.eviction import Evictor
 from mirror.memory import MemoryRelease
-from mirror.metadata.base import MetadataStore, MetadataUnavailable
+from mirror.metadata.base import MetadataStore
 from mirror.metadata.deferred import DeferredWrites
 from mirror.metrics import METRICS, Metrics, StateSources, handle_metrics
 from mirror.storage.blobstore import BlobStore

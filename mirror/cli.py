@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 
 from mirror import __version__, clientconfig
 from mirror.config import ConfigError, MirrorConfig, load_config, parse_duration
-from mirror.errors import BundleError, MirrorError
+from mirror.errors import BundleError, MetadataUnavailable, MirrorError
 from mirror.eviction import collect_garbage, verify_blobs
 from mirror.logging import AccessLogger, configure_logging
-from mirror.metadata.base import MetadataStore, MetadataUnavailable
+from mirror.metadata.base import MetadataStore
 from mirror.metrics import cache_stats
 from mirror.policy import UpstreamPolicy
 from mirror.storage.blobstore import BlobStore

@@ -18,7 +18,8 @@ from mirror.cache.listings import Listings
 from mirror.cache.manifests import ManifestCache
 from mirror.cache.provenance import ContentAccess
 from mirror.config import MirrorConfig
-from mirror.metadata.base import MetadataStore, MetadataUnavailable
+from mirror.errors import MetadataUnavailable
+from mirror.metadata.base import MetadataStore
 from mirror.metadata.deferred import DeferredWrites
 from mirror.metadata.embedded import EmbeddedMetadataStore
 from mirror.policy import UpstreamPolicy

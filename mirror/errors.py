@@ -8,6 +8,7 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
     MirrorError
     ├── NameInvalid, DigestInvalid, ManifestInvalid, RangeInvalid, SizeInvalid
     ├── NameUnknown, ManifestUnknown, BlobUnknown
+    ├── OfflineMiss                offline, and not in the cache (404 NAME_UNKNOWN)
     ├── Unsupported
     ├── Unauthorized, Denied
     ├── TooManyRequests
@@ -16,6 +17,7 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
     ├── UpstreamError              upstream unreachable, 5xx, or broken reply
     │   ├── UpstreamUnavailable    connection refused, timeout, 5xx  (503)
     │   ├── UpstreamBadResponse    wrong digest, size or protocol      (502)
+    │   │   └── DigestMismatch     bytes that do not hash to the digest (or size) asked for
     │   └── UpstreamTargetRefused  a realm or redirect the mirror must not follow (502)
     └── MetadataUnavailable        the metadata store cannot be reached (503)
 
@@ -23,6 +25,12 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
 right there while Redis is down, and the caches answer the two differently (an
 upstream failure may be answered stale; a metadata outage is worked around, and the
 pull goes on uncoordinated).
+
+Two exceptions stay outside the tree on purpose, since no client is ever told them:
+`ConfigError` (`config.py`), which stops a command before anything is served, and
+`TargetRefusedError` (`upstream/guard.py`), an `OSError` the resolver raises so that
+aiohttp carries it out of a connection attempt; `guard.py` turns it into
+`UpstreamTargetRefused`.
 """
 
 from __future__ import annotations
@@ -73,6 +81,12 @@ class ManifestUnknown(MirrorError):
 
 class BlobUnknown(MirrorError):
     code, status = "BLOB_UNKNOWN", 404
+
+
+class OfflineMiss(MirrorError):
+    """Offline, and what was asked for is not in the cache."""
+
+    code, status = "NAME_UNKNOWN", 404
 
 
 class Unsupported(MirrorError):
@@ -126,6 +140,10 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamBadResponse(UpstreamError):
     code, status = "UNAVAILABLE", 502
+
+
+class DigestMismatch(UpstreamBadResponse):
+    """Bytes received did not hash to the digest (or size) they were fetched for."""
 
 
 class UpstreamTargetRefused(UpstreamError):

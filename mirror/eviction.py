@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from mirror.metadata.base import BlobRecord, MetadataStore, MetadataUnavailable
+from mirror.errors import MetadataUnavailable
+from mirror.metadata.base import BlobRecord, MetadataStore
 from mirror.oci import Digest
 from mirror.storage.blobstore import BlobStore, Reservation
 from mirror.storage.ledger import HEARTBEAT

@@ -27,7 +27,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from mirror.metadata.base import MetadataStore, MetadataUnavailable
+from mirror.errors import MetadataUnavailable
+from mirror.metadata.base import MetadataStore
 from mirror.storage.blobstore import BlobStore
 from mirror.upstream.client import RateLimit
 

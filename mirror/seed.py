@@ -26,8 +26,7 @@ import structlog
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mirror.core import MirrorCore
-from mirror.errors import MirrorError, NameInvalid
-from mirror.metadata.base import MetadataUnavailable
+from mirror.errors import MetadataUnavailable, MirrorError, NameInvalid
 from mirror.oci import (
     INDEX_MEDIA_TYPES,
     MANIFEST_MEDIA_TYPES,

@@ -37,17 +37,15 @@ import structlog
 
 from mirror.errors import (
     BlobUnknown,
-    Denied,
     MirrorError,
     StorageFull,
-    TooManyRequests,
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
-from mirror.headers import retry_after_seconds
 from mirror.oci import Digest
 from mirror.storage.blobstore import BlobStore, BlobWriter, DigestCheck, Reservation
-from mirror.upstream.client import UpstreamClient, UpstreamResponse
+from mirror.upstream.client import UpstreamClient
+from mirror.upstream.status import raise_for_upstream_status
 
 log = structlog.get_logger(__name__)
 
@@ -66,25 +64,6 @@ PASS_THROUGH_IDLE = 60.0
 Reserve = Callable[[int], Awaitable[Reservation | None]]
 # Told the temp file and size once the upstream answered; None: not cached, no file.
 Announce = Callable[[Path | None, int | None], Awaitable[None]]
-
-
-def raise_for_upstream_status(response: UpstreamResponse, not_found: type[MirrorError]) -> None:
-    """Turn an upstream failure status into the error the client should see."""
-    status = response.status
-    if status == 200:
-        return
-    if status == 404:
-        raise not_found("not found upstream")
-    if status in (401, 403):
-        raise Denied("the upstream refused access", detail={"upstream_status": status})
-    if status == 429:
-        raise TooManyRequests(
-            "the upstream is rate limiting this mirror",
-            headers={"Retry-After": retry_after_seconds(response.headers.get("Retry-After"), 60)},
-        )
-    if status >= 500:
-        raise UpstreamUnavailable("the upstream failed", detail={"upstream_status": status})
-    raise UpstreamBadResponse("unexpected upstream status", detail={"upstream_status": status})
 
 
 class _PassThrough:

@@ -17,12 +17,18 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from mirror.cache.context import CacheContext
-from mirror.cache.fetch import raise_for_upstream_status
-from mirror.errors import ManifestUnknown, NameUnknown, TooManyRequests, UpstreamUnavailable
+from mirror.errors import (
+    ManifestUnknown,
+    MetadataUnavailable,
+    NameUnknown,
+    TooManyRequests,
+    UpstreamUnavailable,
+)
 from mirror.headers import bounded_int, header_safe
-from mirror.metadata.base import CachedResponse, MetadataUnavailable
+from mirror.metadata.base import CachedResponse
 from mirror.oci import OCI_INDEX, Digest
 from mirror.routing import Route
+from mirror.upstream.status import raise_for_upstream_status
 
 LISTING_MAX_BYTES = 4 * 1024 * 1024
 MAX_LINK_PAGE = 10_000  # as the API caps a client's n

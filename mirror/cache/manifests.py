@@ -30,7 +30,6 @@ import structlog
 from aiocache import SimpleMemoryCache
 
 from mirror.cache.context import CacheContext
-from mirror.cache.fetch import raise_for_upstream_status
 from mirror.concurrency import SingleFlight
 from mirror.errors import (
     DigestInvalid,
@@ -58,6 +57,7 @@ from mirror.oci import (
 from mirror.policy import FOREVER, UpstreamPolicy
 from mirror.routing import Route
 from mirror.upstream.client import UpstreamResponse
+from mirror.upstream.status import raise_for_upstream_status
 
 log = structlog.get_logger(__name__)
 

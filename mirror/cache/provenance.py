@@ -19,13 +19,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-from mirror.cache.fetch import raise_for_upstream_status
 from mirror.errors import BlobUnknown, ManifestUnknown, MetadataUnavailable
 from mirror.metadata.base import MetadataStore
 from mirror.metadata.deferred import DeferredWrites
 from mirror.oci import ACCEPT_ALL_MANIFESTS, Digest
 from mirror.routing import Route
 from mirror.upstream.client import UpstreamClient
+from mirror.upstream.status import raise_for_upstream_status
 
 Kind = Literal["blobs", "manifests"]
 

@@ -19,9 +19,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Self
 
-# Declared in the one error tree; re-exported for the backends that raise it.
-from mirror.errors import MetadataUnavailable as MetadataUnavailable
-
 
 class _JsonRecord:
     def to_json(self) -> str:

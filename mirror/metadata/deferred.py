@@ -26,7 +26,8 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from mirror.metadata.base import BlobRecord, MetadataStore, MetadataUnavailable, TagRecord
+from mirror.errors import MetadataUnavailable
+from mirror.metadata.base import BlobRecord, MetadataStore, TagRecord
 
 log = structlog.get_logger(__name__)
 

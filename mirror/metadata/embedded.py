@@ -20,13 +20,8 @@ from typing import Any, TypeVar
 
 import diskcache
 
-from mirror.metadata.base import (
-    BlobRecord,
-    CachedResponse,
-    DownloadRecord,
-    MetadataUnavailable,
-    TagRecord,
-)
+from mirror.errors import MetadataUnavailable
+from mirror.metadata.base import BlobRecord, CachedResponse, DownloadRecord, TagRecord
 
 T = TypeVar("T")
 

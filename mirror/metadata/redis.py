@@ -18,13 +18,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from mirror.metadata.base import (
-    BlobRecord,
-    CachedResponse,
-    DownloadRecord,
-    MetadataUnavailable,
-    TagRecord,
-)
+from mirror.errors import MetadataUnavailable
+from mirror.metadata.base import BlobRecord, CachedResponse, DownloadRecord, TagRecord
 
 T = TypeVar("T")
 

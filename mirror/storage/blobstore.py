@@ -41,7 +41,7 @@ from typing import BinaryIO, Literal
 
 import structlog
 
-from mirror.errors import DigestInvalid, UpstreamBadResponse
+from mirror.errors import DigestInvalid, DigestMismatch
 from mirror.oci import Digest
 from mirror.storage.ledger import HEARTBEAT, Ledger, LedgerState
 
@@ -101,10 +101,6 @@ class Reservation:
         self.size = size
         self.written = 0  # what has reached the disk: no longer pending against min_free
         self.released = False
-
-
-class DigestMismatch(UpstreamBadResponse):
-    """Bytes received did not hash to the digest (or size) they were fetched for."""
 
 
 class BlobStore:

@@ -28,7 +28,7 @@ import aiohttp
 import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from mirror.errors import MirrorError, UpstreamBadResponse, UpstreamUnavailable
+from mirror.errors import OfflineMiss, UpstreamBadResponse, UpstreamUnavailable
 from mirror.upstream.auth import Authenticator, origin_of
 from mirror.upstream.guard import UpstreamNetwork
 from mirror.upstream.tokens import TokenCache
@@ -85,12 +85,6 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", "")) + (
         "?…" if parts.query else ""
     )
-
-
-class OfflineMiss(MirrorError):
-    """Offline, and what was asked for is not in the cache."""
-
-    code, status = "NAME_UNKNOWN", 404
 
 
 class UpstreamResponse:

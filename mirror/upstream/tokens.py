@@ -10,7 +10,8 @@ from __future__ import annotations
 import structlog
 from aiocache import SimpleMemoryCache
 
-from mirror.metadata.base import MetadataStore, MetadataUnavailable
+from mirror.errors import MetadataUnavailable
+from mirror.metadata.base import MetadataStore
 
 log = structlog.get_logger(__name__)
 
