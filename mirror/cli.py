@@ -3,7 +3,11 @@ verify, stats.
 
 Each sub-command loads and validates the configuration first, so a bad key
 stops it with a message naming the key and exit status 2. Flags beat `MIRROR_*`
-variables, which beat the file (`load_config` applies the order).
+variables, which beat the file (`load_config` applies the order). Each sub-command's
+parser names its function (`set_defaults(func=...)`), all of one signature. The
+commands that work on the cache open it through one of two helpers: `_on_core` (the
+whole core, as a server would: seed, export, import) and `_on_store` (storage and
+metadata alone: gc, verify, stats).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 from mirror import __version__, clientconfig
@@ -26,7 +31,14 @@ from mirror.metrics import cache_stats
 from mirror.policy import UpstreamPolicy
 from mirror.storage.blobstore import BlobStore
 
+if TYPE_CHECKING:
+    from mirror.core import MirrorCore
+
 EXIT_CONFIG = 2
+
+T = TypeVar("T")
+# Every sub-command's entry point, set on its parser with `set_defaults(func=...)`.
+Command = Callable[[MirrorConfig, argparse.Namespace], int]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,9 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     # Set by the supervisor for its children: serve on a shared port, leave tmp/ alone.
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    serve.set_defaults(func=serve_command)
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("--config", type=Path, required=True)
+    check.set_defaults(func=check_config)
 
     gc = commands.add_parser(
         "gc", help="remove stale temp files, orphaned blobs and records, expired tags"
@@ -64,15 +78,18 @@ def _parser() -> argparse.ArgumentParser:
         default="15m",
         help="temp files idle this long are stale (default 15m; 0 when no server runs)",
     )
+    gc.set_defaults(func=gc_command)
 
     verify = commands.add_parser(
         "verify", help="re-hash every blob; move corrupt ones aside (exit 1 if any)"
     )
     verify.add_argument("--config", type=Path, required=True)
+    verify.set_defaults(func=verify_command)
 
     stats = commands.add_parser("stats", help="usage, counts, hit ratio, top repositories")
     stats.add_argument("--config", type=Path, required=True)
     stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.set_defaults(func=stats_command)
 
     seed_parser = commands.add_parser("seed", help="fetch images into the cache ahead of time")
     seed_parser.add_argument("--config", type=Path, required=True)
@@ -86,16 +103,19 @@ def _parser() -> argparse.ArgumentParser:
     seed_parser.add_argument("--all-platforms", action="store_true")
     seed_parser.add_argument("--pin", action="store_true", help="never evict what is seeded")
     seed_parser.add_argument("--concurrency", type=int, default=4)
+    seed_parser.set_defaults(func=seed_command)
 
     export = commands.add_parser("export", help="write cached images as an OCI image layout")
     export.add_argument("--config", type=Path, required=True)
     export.add_argument("--output", type=Path, required=True, help="FILE.tar or a directory")
     export.add_argument("references", nargs="*", metavar="REF")
     export.add_argument("--all", action="store_true", help="every tag the cache holds")
+    export.set_defaults(func=export_command)
 
     importer = commands.add_parser("import", help="load an OCI image layout into the cache")
     importer.add_argument("--config", type=Path, required=True)
     importer.add_argument("bundle", type=Path, help="FILE.tar or a directory")
+    importer.set_defaults(func=import_command)
 
     clients = commands.add_parser(
         "client-config", help="write containerd, Docker or podman configuration for this mirror"
@@ -114,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     clients.add_argument(
         "--output", type=Path, help="directory to write into (default: print to stdout)"
     )
+    clients.set_defaults(func=client_config)
     return parser
 
 
@@ -127,7 +148,7 @@ def _load(args: argparse.Namespace) -> MirrorConfig:
     return load_config(args.config, **flags)
 
 
-def serve(config: MirrorConfig, args: argparse.Namespace) -> int:
+def serve_command(config: MirrorConfig, args: argparse.Namespace) -> int:
     from mirror import server
     from mirror.app import create_app, server_ssl_context
     from mirror.core import TempSweep
@@ -160,10 +181,12 @@ def serve(config: MirrorConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def check_config(config: MirrorConfig, path: Path) -> int:
+def check_config(config: MirrorConfig, args: argparse.Namespace) -> int:
     names = ", ".join(sorted(config.upstreams))
     default = config.default_upstream or "(none)"
-    print(f"{path}: OK; upstreams: {names}; default: {default}; storage: {config.storage.root}")
+    print(
+        f"{args.config}: OK; upstreams: {names}; default: {default}; storage: {config.storage.root}"
+    )
     return 0
 
 
@@ -196,9 +219,13 @@ def client_config(config: MirrorConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_store(
+def _on_store(
     config: MirrorConfig, work: Callable[[BlobStore, MetadataStore], Awaitable[int]]
 ) -> int:
+    """Open the storage and the metadata alone, run `work` on them, close them.
+
+    For the commands that only read or tidy what is stored (gc, verify, stats): they
+    need no upstream session and must not start the caches' background work."""
     from mirror.core import open_metadata
 
     async def run() -> int:
@@ -257,10 +284,10 @@ def gc_command(config: MirrorConfig, args: argparse.Namespace) -> int:
         print(f"{verb} {total} items, {report.bytes_freed} bytes freed")
         return 0
 
-    return _with_store(config, work)
+    return _on_store(config, work)
 
 
-def verify_command(config: MirrorConfig) -> int:
+def verify_command(config: MirrorConfig, args: argparse.Namespace) -> int:
     async def work(store: BlobStore, metadata: MetadataStore) -> int:
         report = await verify_blobs(store, metadata)
         for digest, moved in report.corrupt:
@@ -271,13 +298,13 @@ def verify_command(config: MirrorConfig) -> int:
         )
         return 1 if report.corrupt else 0
 
-    return _with_store(config, work)
+    return _on_store(config, work)
 
 
-def stats_command(config: MirrorConfig, as_json: bool) -> int:
+def stats_command(config: MirrorConfig, args: argparse.Namespace) -> int:
     async def work(store: BlobStore, metadata: MetadataStore) -> int:
         stats = await cache_stats(store, metadata)
-        if as_json:
+        if args.json:
             print(json.dumps(stats, indent=2))
             return 0
         limit = config.storage.max_size
@@ -299,7 +326,23 @@ def stats_command(config: MirrorConfig, as_json: bool) -> int:
             print(f"  {entry['pulls']:>8}  {entry['repository']}")
         return 0
 
-    return _with_store(config, work)
+    return _on_store(config, work)
+
+
+def _on_core(config: MirrorConfig, work: Callable[[MirrorCore], Awaitable[T]]) -> T:
+    """Open the core, run `work` on it, close it; what `work` returns is returned.
+
+    tmp/ is not swept (a server may be running on the same storage), and only
+    warnings are logged: the command prints its own report."""
+    from mirror.core import TempSweep, open_core
+
+    configure_logging("warning", config.log.format)
+
+    async def run() -> T:
+        async with open_core(config, sweep=TempSweep(None)) as core:
+            return await work(core)
+
+    return asyncio.run(run())
 
 
 def read_references(args: argparse.Namespace) -> list[str]:
@@ -313,7 +356,6 @@ def read_references(args: argparse.Namespace) -> list[str]:
 
 
 def seed_command(config: MirrorConfig, args: argparse.Namespace) -> int:
-    from mirror.core import TempSweep, open_core
     from mirror.seed import host_platform, seed
 
     try:
@@ -325,87 +367,77 @@ def seed_command(config: MirrorConfig, args: argparse.Namespace) -> int:
         print("mirror: no references to seed (give REF... or -f FILE)", file=sys.stderr)
         return EXIT_CONFIG
     platforms = None if args.all_platforms else (args.platform or [host_platform()])
-    configure_logging("warning", config.log.format)
-
-    async def run() -> int:
-        async with open_core(config, sweep=TempSweep(None)) as core:
-            outcomes = await seed(
-                core, references, platforms, pin=args.pin, concurrency=args.concurrency
-            )
-        failed = [o for o in outcomes if o.error]
-        done = [o for o in outcomes if not o.error]
-        blobs = sum(o.blobs for o in done)
-        fetched = sum(o.fetched for o in done)
-        print(
-            f"seeded {len(done)} of {len(outcomes)} references: {blobs} blobs "
-            f"({fetched} fetched, {blobs - fetched} already cached), "
-            f"{sum(o.bytes for o in done)} bytes" + (", pinned" if args.pin else "")
-        )
-        if failed:
-            print(f"failed ({len(failed)}):")
-            for outcome in failed:
-                print(f"  {outcome.ref}: {outcome.error}")
-        return 1 if failed else 0
-
-    return asyncio.run(run())
+    outcomes = _on_core(
+        config,
+        lambda core: seed(core, references, platforms, pin=args.pin, concurrency=args.concurrency),
+    )
+    failed = [o for o in outcomes if o.error]
+    done = [o for o in outcomes if not o.error]
+    blobs = sum(o.blobs for o in done)
+    fetched = sum(o.fetched for o in done)
+    print(
+        f"seeded {len(done)} of {len(outcomes)} references: {blobs} blobs "
+        f"({fetched} fetched, {blobs - fetched} already cached), "
+        f"{sum(o.bytes for o in done)} bytes" + (", pinned" if args.pin else "")
+    )
+    if failed:
+        print(f"failed ({len(failed)}):")
+        for outcome in failed:
+            print(f"  {outcome.ref}: {outcome.error}")
+    return 1 if failed else 0
 
 
 def export_command(config: MirrorConfig, args: argparse.Namespace) -> int:
-    from mirror.bundle import all_cached_references, export_bundle
-    from mirror.core import TempSweep, open_core
+    from mirror.bundle import ExportReport, all_cached_references, export_bundle
 
     if not args.references and not args.all:
         print("mirror: name the images to export (REF...) or give --all", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging("warning", config.log.format)
 
-    async def run() -> int:
-        async with open_core(config, sweep=TempSweep(None)) as core:
-            references = list(args.references)
-            if args.all:
-                references += await all_cached_references(core)
-            try:
-                report = await export_bundle(core, references, args.output, progress=print)
-            except MirrorError as exc:
-                print(f"mirror: export failed: {exc.message}", file=sys.stderr)
-                return 1
-        print(
-            f"wrote {args.output}: {len(report.images)} images, {report.blobs} blobs, "
-            f"{report.bytes} bytes"
-        )
-        return 0
+    async def write(core: MirrorCore) -> ExportReport | None:
+        references = list(args.references)
+        if args.all:
+            references += await all_cached_references(core)
+        try:
+            return await export_bundle(core, references, args.output, progress=print)
+        except MirrorError as exc:
+            print(f"mirror: export failed: {exc.message}", file=sys.stderr)
+            return None
 
-    return asyncio.run(run())
+    report = _on_core(config, write)
+    if report is None:
+        return 1
+    print(
+        f"wrote {args.output}: {len(report.images)} images, {report.blobs} blobs, "
+        f"{report.bytes} bytes"
+    )
+    return 0
 
 
 def import_command(config: MirrorConfig, args: argparse.Namespace) -> int:
-    from mirror.bundle import import_bundle
-    from mirror.core import TempSweep, open_core
+    from mirror.bundle import ImportReport, import_bundle
 
-    configure_logging("warning", config.log.format)
+    async def load(core: MirrorCore) -> ImportReport | None:
+        try:
+            return await import_bundle(core, args.bundle)
+        except BundleError as exc:
+            # Refused before anything was committed or recorded.
+            print(f"mirror: import refused: {exc.message}; nothing was imported", file=sys.stderr)
+            return None
+        except MirrorError as exc:
+            print(f"mirror: import failed: {exc.message}", file=sys.stderr)
+            return None
 
-    async def run() -> int:
-        async with open_core(config, sweep=TempSweep(None)) as core:
-            try:
-                report = await import_bundle(core, args.bundle)
-            except BundleError as exc:
-                # Refused before anything was committed or recorded.
-                print(
-                    f"mirror: import refused: {exc.message}; nothing was imported", file=sys.stderr
-                )
-                return 1
-            except MirrorError as exc:
-                print(f"mirror: import failed: {exc.message}", file=sys.stderr)
-                return 1
-        for name in report.images:
-            print(f"imported {name}")
-        print(
-            f"{len(report.images)} images: {report.blobs_added} blobs added "
-            f"({report.bytes_added} bytes), {report.blobs_present} already present"
-        )
-        return 0
-
-    return asyncio.run(run())
+    report = _on_core(config, load)
+    if report is None:
+        return 1
+    for name in report.images:
+        print(f"imported {name}")
+    print(
+        f"{len(report.images)} images: {report.blobs_added} blobs added "
+        f"({report.bytes_added} bytes), {report.blobs_present} already present"
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -415,15 +447,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    commands: dict[str, Callable[[MirrorConfig, argparse.Namespace], int]] = {
-        "serve": serve,
-        "check-config": lambda config, args: check_config(config, args.config),
-        "client-config": client_config,
-        "seed": seed_command,
-        "export": export_command,
-        "import": import_command,
-        "gc": gc_command,
-        "verify": lambda config, args: verify_command(config),
-        "stats": lambda config, args: stats_command(config, args.json),
-    }
-    return commands[args.command](config, args)
+    command: Command = args.func
+    return command(config, args)
