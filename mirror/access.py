@@ -111,10 +111,6 @@ class AccessControl:
                 self._groups_of.setdefault(member, set()).add(group)
         self.challenge = f'Basic realm="{config.realm}"'
 
-    @property
-    def enabled(self) -> bool:
-        return self._htpasswd is not None or bool(self._config.rules)
-
     def _unauthorized(self, message: str) -> Unauthorized:
         return Unauthorized(message, headers={"WWW-Authenticate": self.challenge})
 
@@ -163,8 +159,3 @@ def _applies(
     if principal.user is None:
         return anonymous
     return principal.user in users or bool(principal.groups & set(groups))
-
-
-def hash_password(password: str) -> str:
-    """A bcrypt htpasswd hash (for tests and for operators without htpasswd)."""
-    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode()

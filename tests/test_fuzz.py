@@ -26,11 +26,11 @@ import pytest
 from conftest import STORAGE_ENTRIES, MirrorFactory, Upstream
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.htpasswd import hash_password
 from support.mirror_process import MirrorProcess
 from support.net import free_port, http_request
 
 import mirror as mirror_package
-from mirror.access import hash_password
 from mirror.errors import MirrorError
 from mirror.oci import AcceptSet, Digest, Reference, validate_name
 from mirror.routing import Router, UpstreamNames, is_registry_host

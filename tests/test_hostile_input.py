@@ -19,9 +19,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import STORAGE_ENTRIES, Mirror, MirrorFactory, Upstream
 from support.fake_upstream import Behaviour, FakeUpstream, digest_of, serve
+from support.htpasswd import hash_password
 from support.net import free_port
 
-from mirror.access import hash_password
 from mirror.oci import OCI_INDEX
 
 pytestmark = pytest.mark.slow  # starts registries, servers or processes

@@ -19,6 +19,7 @@ import yaml
 from conftest import PUSHER, PUSHER_PASSWORD, TAG, MirrorFactory, Upstream
 from support.cli import containerd_hosts
 from support.containerd import Containerd
+from support.htpasswd import hash_password
 from support.images import oci_image, push_with_token
 from support.mirror_process import MirrorProcess
 from support.net import http_request
@@ -27,7 +28,6 @@ from support.registry import Registry
 from support.skopeo import SkopeoError, run_skopeo_async, skopeo_copy_async
 from support.tokenserver import TokenServer
 
-from mirror.access import hash_password
 from mirror.app import server_ssl_context
 from mirror.config import TlsConfig
 
