@@ -60,12 +60,7 @@ class MemoryRelease:
                 self._libc = libc
             except (OSError, AttributeError):  # not glibc, or older than 2.33
                 self._libc = None
-        self.released_times = 0
         self._left_after_trim = 0
-
-    @property
-    def available(self) -> bool:
-        return self._libc is not None
 
     def free_bytes(self) -> int:
         """Memory the allocator holds free (0 where unknown)."""
@@ -81,7 +76,6 @@ class MemoryRelease:
             return False
         self._libc.malloc_trim(0)
         self._left_after_trim = self.free_bytes()
-        self.released_times += 1
         return True
 
     async def run(self, interval: float = TRIM_EVERY) -> None:

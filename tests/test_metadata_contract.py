@@ -88,10 +88,8 @@ async def test_repositories(store: MetadataStore) -> None:
     await store.add_blob_repository(DIGEST, "hub", "library/alpine")
     await store.add_blob_repository(DIGEST, "hub", "library/alpine")
     await store.add_blob_repository(DIGEST, "ghcr", "org/app")
-    assert await store.blob_in_repository(DIGEST, "hub", "library/alpine")
-    assert not await store.blob_in_repository(DIGEST, "hub", "library/nginx")
-    assert not await store.blob_in_repository(OTHER, "hub", "library/alpine")
     assert await store.blob_repositories(DIGEST) == [("ghcr", "org/app"), ("hub", "library/alpine")]
+    assert await store.blob_repositories(OTHER) == []
 
     assert await store.list_repositories() == []
     await store.add_repository("hub", "library/alpine")

@@ -157,10 +157,6 @@ class EmbeddedMetadataStore:
             self._add_to_set_sync, f"blobrepos:{digest}", _repo_key(upstream, repository)
         )
 
-    async def blob_in_repository(self, digest: str, upstream: str, repository: str) -> bool:
-        raw = await self._run(self._cache.get, f"blobrepos:{digest}")
-        return bool(raw) and _repo_key(upstream, repository) in json.loads(raw)
-
     async def blob_repositories(self, digest: str) -> list[tuple[str, str]]:
         raw = await self._run(self._cache.get, f"blobrepos:{digest}")
         return _split_repo_keys(json.loads(raw) if raw else [])

@@ -201,12 +201,6 @@ class RedisMetadataStore:
             lambda: self._redis.sadd(self._k("blobrepos", digest), f"{upstream}/{repository}")
         )
 
-    async def blob_in_repository(self, digest: str, upstream: str, repository: str) -> bool:
-        found = await self._run(
-            lambda: self._redis.sismember(self._k("blobrepos", digest), f"{upstream}/{repository}")
-        )
-        return bool(found)
-
     async def blob_repositories(self, digest: str) -> list[tuple[str, str]]:
         members = await self._run(lambda: self._redis.smembers(self._k("blobrepos", digest)))
         return _split(members)

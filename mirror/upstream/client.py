@@ -59,7 +59,6 @@ class RateLimit:
     limit: int | None
     remaining: int | None
     window_seconds: int | None
-    observed_at: float
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> RateLimit | None:
@@ -68,7 +67,7 @@ class RateLimit:
             return None
         limit, window = _quota(headers.get("RateLimit-Limit", ""))
         remaining, remaining_window = _quota(remaining_text)
-        return cls(limit, remaining, window or remaining_window, time.time())
+        return cls(limit, remaining, window or remaining_window)
 
 
 def _quota(value: str) -> tuple[int | None, int | None]:
