@@ -96,17 +96,24 @@ def _query_text(request: web.Request, key: str) -> str | None:
     return text
 
 
-def _route(request: web.Request, services: Services, reference: str = "") -> Route:
-    route = services.router.resolve(request.match_info["name"], request.query.get("ns"))
+def _repository_endpoint(
+    request: web.Request, kind: str, argument: str | None = None
+) -> tuple[Services, Route, str]:
+    """The start of every endpoint on a repository: its kind on the access line, the
+    route (the client's access rules checked before any cache or upstream work), and
+    the text of its `argument` from the path ("" without one)."""
     info = request[ACCESS_INFO]
+    info.kind = kind
+    services = request.app[SERVICES]
+    text = request.match_info[argument] if argument else ""
+    route = services.router.resolve(request.match_info["name"], request.query.get("ns"))
     info.upstream, info.repository, info.reference = (
         route.upstream,
         route.repository,
-        reference or None,
+        text or None,
     )
-    # Before any cache or upstream work.
     services.access.authorize(request[PRINCIPAL], route.upstream, route.repository)
-    return route
+    return services, route, text
 
 
 def not_modified(request: web.Request, digest: str) -> bool:
@@ -136,18 +143,13 @@ async def catalog(request: web.Request) -> web.StreamResponse:
 
 
 async def tags(request: web.Request) -> web.StreamResponse:
-    request[ACCESS_INFO].kind = "tags"
-    services = request.app[SERVICES]
-    route = _route(request, services)
+    services, route, _ = _repository_endpoint(request, "tags")
     listing = await services.listings.tags(route, _page_size(request), _query_text(request, "last"))
     return _listing_response(request, listing)
 
 
 async def referrers(request: web.Request) -> web.StreamResponse:
-    request[ACCESS_INFO].kind = "referrers"
-    services = request.app[SERVICES]
-    argument = request.match_info["digest"]
-    route = _route(request, services, argument)
+    services, route, argument = _repository_endpoint(request, "referrers", "digest")
     digest = Digest.parse(argument)
     artifact_type = _query_text(request, "artifactType")
     listing = await services.listings.referrers(route, digest, artifact_type)
@@ -168,10 +170,7 @@ def _listing_response(request: web.Request, listing: Listing) -> web.Response:
 
 
 async def manifest(request: web.Request) -> web.StreamResponse:
-    request[ACCESS_INFO].kind = "manifest"
-    services = request.app[SERVICES]
-    argument = request.match_info["reference"]
-    route = _route(request, services, argument)
+    services, route, argument = _repository_endpoint(request, "manifest", "reference")
     reference = Reference.parse(argument)
     accept = AcceptSet.from_headers(request.headers.getall("Accept", []))
     head = request.method == "HEAD"
@@ -249,10 +248,7 @@ def parse_range(request: web.Request, size: int | None) -> ByteRange | None:
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    request[ACCESS_INFO].kind = "blob"
-    services = request.app[SERVICES]
-    argument = request.match_info["digest"]
-    route = _route(request, services, argument)
+    services, route, argument = _repository_endpoint(request, "blob", "digest")
     digest = Digest.parse(argument)
     if request.method == "HEAD":
         size, cache_result = await services.blobs.head(route, digest)

@@ -109,8 +109,6 @@ class BlobDownload:
         self.store = store
         self.digest = digest
         self._reserve = reserve
-        # False once the blob was refused room: it passes through memory, uncached.
-        self.caching = True
         self._pass: _PassThrough | None = None
         self._joined = 0
         self._drained = asyncio.Event()
@@ -286,7 +284,6 @@ class BlobDownload:
         else:
             reservation = await asyncio.to_thread(self.store.reserve, self.size)
         if reservation is None:
-            self.caching = False
             self._pass = _PassThrough(DigestCheck(self.digest, self.size))
             log.info("blob_not_cached", digest=str(self.digest), bytes=self.size, reason="no room")
             return None

@@ -63,12 +63,10 @@ class Listings:
         context: CacheContext,
         ttls: Mapping[str, float],
         default_upstream: str | None,
-        clock: Callable[[], float] = time.time,
     ):
         self._ctx = context
         self._ttls = ttls
         self._default = default_upstream
-        self._clock = clock
 
     async def tags(self, route: Route, n: int | None, last: str | None) -> Listing:
         query = {key: str(value) for key, value in (("n", n), ("last", last)) if value is not None}
@@ -155,7 +153,7 @@ class Listings:
             cached = await self._ctx.metadata.get_response(key)
         except MetadataUnavailable:
             cached = None  # degraded: pass through
-        now = self._clock()
+        now = time.time()
         if cached is not None and now - cached.stored_at < self._ttls[route.upstream]:
             return cached, "hit"
         try:
