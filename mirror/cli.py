@@ -16,7 +16,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
@@ -345,6 +345,31 @@ def _on_core(config: MirrorConfig, work: Callable[[MirrorCore], Awaitable[T]]) -
     return asyncio.run(run())
 
 
+def _reported_on_core(
+    config: MirrorConfig,
+    command: str,
+    work: Callable[[MirrorCore], Awaitable[T | None]],
+    describe: Callable[[T], Iterable[str]],
+) -> int:
+    """`_on_core` for a command with a report: 1 if `work` failed (a MirrorError is said
+    here; None means `work` said why itself), else 0 once the report's lines are printed
+    (after the core is closed, so they come last)."""
+
+    async def attempt(core: MirrorCore) -> T | None:
+        try:
+            return await work(core)
+        except MirrorError as exc:
+            print(f"mirror: {command} failed: {exc.message}", file=sys.stderr)
+            return None
+
+    report = _on_core(config, attempt)
+    if report is None:
+        return 1
+    for line in describe(report):
+        print(line)
+    return 0
+
+
 def read_references(args: argparse.Namespace) -> list[str]:
     references = list(args.references)
     if args.file is not None:
@@ -394,24 +419,21 @@ def export_command(config: MirrorConfig, args: argparse.Namespace) -> int:
         print("mirror: name the images to export (REF...) or give --all", file=sys.stderr)
         return EXIT_CONFIG
 
-    async def write(core: MirrorCore) -> ExportReport | None:
+    async def write(core: MirrorCore) -> ExportReport:
         references = list(args.references)
         if args.all:
             references += await all_cached_references(core)
-        try:
-            return await export_bundle(core, references, args.output, progress=print)
-        except MirrorError as exc:
-            print(f"mirror: export failed: {exc.message}", file=sys.stderr)
-            return None
+        return await export_bundle(core, references, args.output, progress=print)
 
-    report = _on_core(config, write)
-    if report is None:
-        return 1
-    print(
-        f"wrote {args.output}: {len(report.images)} images, {report.blobs} blobs, "
-        f"{report.bytes} bytes"
+    return _reported_on_core(
+        config,
+        "export",
+        write,
+        lambda report: [
+            f"wrote {args.output}: {len(report.images)} images, {report.blobs} blobs, "
+            f"{report.bytes} bytes"
+        ],
     )
-    return 0
 
 
 def import_command(config: MirrorConfig, args: argparse.Namespace) -> int:
@@ -424,20 +446,17 @@ def import_command(config: MirrorConfig, args: argparse.Namespace) -> int:
             # Refused before anything was committed or recorded.
             print(f"mirror: import refused: {exc.message}; nothing was imported", file=sys.stderr)
             return None
-        except MirrorError as exc:
-            print(f"mirror: import failed: {exc.message}", file=sys.stderr)
-            return None
 
-    report = _on_core(config, load)
-    if report is None:
-        return 1
-    for name in report.images:
-        print(f"imported {name}")
-    print(
-        f"{len(report.images)} images: {report.blobs_added} blobs added "
-        f"({report.bytes_added} bytes), {report.blobs_present} already present"
+    return _reported_on_core(
+        config,
+        "import",
+        load,
+        lambda report: [
+            *(f"imported {name}" for name in report.images),
+            f"{len(report.images)} images: {report.blobs_added} blobs added "
+            f"({report.bytes_added} bytes), {report.blobs_present} already present",
+        ],
     )
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
