@@ -130,7 +130,7 @@ class _ScriptedResolver(AbstractResolver):
         ]
 
     async def close(self) -> None:
-        pass
+        """Nothing to release: the answers are scripted."""
 
 
 async def test_the_connection_uses_the_addresses_that_were_checked() -> None:

@@ -78,8 +78,9 @@ async def send_blob_body(
             # Closed here, not whenever it is collected: it holds the temp file open.
             async with contextlib.aclosing(chunks), _one_chunk_at_a_time(request):
                 # No name holds a chunk here (see _write_drained).
-                while await _write_drained(request, response, await anext(chunks, b"")):
-                    pass
+                sent = True
+                while sent:
+                    sent = bool(await _write_drained(request, response, await anext(chunks, b"")))
         await response.write_eof()
     except MirrorError as error:
         # Headers are gone: the only honest signal left is a broken connection, which

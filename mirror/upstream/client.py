@@ -1,4 +1,4 @@
-"""Talking to one upstream registry over the shared, pooled aiohttp session.
+"""Talking to one upstream registry over its own pooled aiohttp session (guard.py).
 
 `UpstreamClient.open` sends a request for `/v2/<repository>/<path>` and returns
 an `UpstreamResponse` once the status line and headers are in. Along the way it:
