@@ -48,6 +48,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from mirror.metadata.redis_url import parse_redis_url
+
 _DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)(ms|s|m|h|d|w))", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
@@ -234,6 +236,13 @@ class MetadataConfig(_Section):
     redis_url: str | None = None
     key_prefix: str = "mirror:"
     lease_ttl: Duration = 30.0
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_redis_url(value)  # its messages never repeat a password
+        return value
 
     @model_validator(mode="after")
     def _check_backend(self) -> MetadataConfig:

@@ -6,6 +6,11 @@ times live in a sorted set (`ZADD GT`), which moves them forward without a
 read-modify-write and gives eviction its LRU order for free. Leases are
 `SET NX PX`; renewing and releasing check the owner atomically in Lua.
 Redis errors become `MetadataUnavailable` here and nowhere else.
+
+The server is one Redis or a Sentinel-managed primary (`redis_url.py` opens either). A
+command that meets a broken connection is retried once on a fresh one, which with
+Sentinel means asking the sentinels again: a failover costs the commands sent while no
+primary is reachable, and those the caller already works around.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from redis.exceptions import RedisError
 
 from mirror.errors import MetadataUnavailable
 from mirror.metadata.base import BlobRecord, CachedResponse, DownloadRecord, TagRecord
+from mirror.metadata.redis_url import open_redis
 
 T = TypeVar("T")
 
@@ -41,12 +47,15 @@ class RedisMetadataStore:
     """`MetadataStore` on Redis."""
 
     def __init__(self, url: str, prefix: str = "mirror:"):
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+        # `url` is redis:// or redis+sentinel:// (redis_url.py); with Sentinel every new
+        # connection asks where the primary is, so the retry in `_run` follows a failover.
+        self._handle = open_redis(
             url,
             socket_timeout=5,
             socket_connect_timeout=2,
             health_check_interval=15,
         )
+        self._redis: aioredis.Redis = self._handle.client
         self._p = prefix
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
@@ -281,7 +290,7 @@ class RedisMetadataStore:
         await self._run(lambda: self._redis.ping())
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._handle.aclose()
 
 
 def _text(value: Any) -> str:
