@@ -1,8 +1,11 @@
-"""A real redis-server on a free loopback port, for the Redis metadata backend's tests."""
+"""A real redis-server on a free loopback port, for the Redis metadata backend's tests;
+optionally a replica of another one (the Sentinel tests' primary and replica)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -10,9 +13,10 @@ from .net import LOOPBACK, Service, free_port, wait_for_port
 
 
 class RedisServer(Service):
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, replica_of: int | None = None):
         self.workdir = workdir
         self.port = free_port()
+        self.replica_of = replica_of
         self._process = None
 
     @property
@@ -40,6 +44,11 @@ class RedisServer(Service):
                 str(self.workdir),
                 "--protected-mode",
                 "yes",
+                *(
+                    ["--replicaof", LOOPBACK, str(self.replica_of)]
+                    if self.replica_of is not None
+                    else []
+                ),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -52,3 +61,10 @@ class RedisServer(Service):
             self._process.terminate()
             self._process.wait(timeout=10)
             self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no goodbye to replicas or sentinels, as in a crash."""
+        proc, self._process = self._process, None
+        if proc is not None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
