@@ -1,4 +1,5 @@
-"""The metadata store contract, run once per backend: embedded (diskcache) and Redis.
+"""The metadata store contract, run once per backend: embedded (diskcache), Redis, and
+Redis reached through Sentinel (`redis+sentinel://`).
 
 Both backends must behave identically for everything the cache relies on: tag and blob
 records, repository sets, cached responses, access times that only move forward, and
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from support.redis_server import RedisServer
+from support.sentinel import SentinelRedis
 
 from mirror.metadata.base import (
     BlobRecord,
@@ -29,15 +31,31 @@ DIGEST = "sha256:" + "1" * 64
 OTHER = "sha256:" + "2" * 64
 
 
-@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module")
+def sentinel_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelRedis]:
+    with SentinelRedis(tmp_path_factory.mktemp("sentinel")) as group:
+        yield group
+
+
+@pytest.fixture(
+    params=[
+        "embedded",
+        pytest.param("redis", marks=pytest.mark.slow),
+        pytest.param("redis-sentinel", marks=pytest.mark.slow),
+    ]
+)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataStore]:
     backend: MetadataStore
+    # A prefix per test keeps tests apart on a shared server.
+    prefix = f"t{time.monotonic_ns()}:"
     if request.param == "embedded":
         backend = EmbeddedMetadataStore(tmp_path / "meta")
-    else:
+    elif request.param == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
-        # A prefix per test keeps tests apart on the shared server.
-        backend = RedisMetadataStore(server.url, prefix=f"t{time.monotonic_ns()}:")
+        backend = RedisMetadataStore(server.url, prefix=prefix)
+    else:
+        group: SentinelRedis = request.getfixturevalue("sentinel_redis")
+        backend = RedisMetadataStore(group.url, prefix=prefix)
     yield backend
     await backend.close()
 
