@@ -145,7 +145,14 @@ def test_kubernetes_manifests_match_the_schemas() -> None:
 
 
 @pytest.mark.parametrize(
-    "directory", ["base", "overlays/replicas-redis", "overlays/node-local", "node-config"]
+    "directory",
+    [
+        "base",
+        "overlays/replicas-redis",
+        "overlays/replicas-sentinel",
+        "overlays/node-local",
+        "node-config",
+    ],
 )
 def test_kustomize_builds_valid_manifests(directory: str, tmp_path: Path) -> None:
     kubectl = shutil.which("kubectl")
@@ -161,6 +168,12 @@ def test_kustomize_builds_valid_manifests(directory: str, tmp_path: Path) -> Non
     expected = {
         "base": {"Namespace", "ConfigMap", "StatefulSet", "Service", "PodDisruptionBudget"},
         "overlays/replicas-redis": {"StatefulSet", "Deployment", "Service", "PodDisruptionBudget"},
+        "overlays/replicas-sentinel": {
+            "StatefulSet",
+            "ConfigMap",
+            "Service",
+            "PodDisruptionBudget",
+        },
         "overlays/node-local": {"DaemonSet", "ConfigMap"},
         "node-config": {"DaemonSet", "ConfigMap"},
     }[directory]
