@@ -300,13 +300,16 @@ def test_served_process_keeps_the_ports_apart_and_the_secret_out_of_its_log(
         assert http_request("GET", peer_url + blob_path).status == 401
         wrong = http_request("GET", peer_url + blob_path, headers=bearer("wrong-secret-0123456789"))
         assert wrong.status == 401
+        # Bytes that are not UTF-8 (http.client sends latin-1) are a wrong secret too.
+        garbled = http_request("GET", peer_url + blob_path, headers=bearer("\xff\xfe" * 8))
+        assert garbled.status == 401
         held = http_request("GET", peer_url + blob_path, headers=bearer())
         assert held.status == 404  # authenticated; the replica holds nothing
         assert http_request("GET", process.url + blob_path, headers=bearer()).status == 404
         assert http_request("GET", peer_url + "/v2/", headers=bearer()).status == 404
         assert http_request("GET", process.url + "/v2/").status == 200
-        # An access line is written once its response is out: wait for the four.
-        wait_until(lambda: process.log_text().count('"kind": "peer"') == 4, timeout=10)
+        # An access line is written once its response is out: wait for the five.
+        wait_until(lambda: process.log_text().count('"kind": "peer"') == 5, timeout=10)
         log = process.log_text()
     assert blob_path in log
     assert SECRET not in log

@@ -73,8 +73,10 @@ async def require_secret(request: web.Request, handler: Handler) -> web.StreamRe
         log.warning("cluster_secret_unavailable")
         raise Unauthorized("the cluster secret is not available", headers=_CHALLENGE)
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # aiohttp keeps header bytes that are not UTF-8 as surrogates: they compare, unequal.
+    offered = given.strip().encode("utf-8", "surrogateescape")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), expected.encode()
+        offered, expected.encode("utf-8", "surrogateescape")
     ):
         raise Unauthorized("the cluster secret is required", headers=_CHALLENGE)
     return await handler(request)
