@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from mirror.access import AccessControl
-from mirror.api import v2
+from mirror.api import peer, v2
 from mirror.api.errors import expect_handler, oci_errors
 from mirror.api.middleware import authenticate, on_prepare, request_context
 from mirror.api.services import SERVICES, Services
@@ -150,6 +150,15 @@ def create_app(
     # HEAD only: another method on a known path stays 405, not 404.
     routes.add_get("/{tail:.*}", _no_such_endpoint, expect_handler=expect_handler)
     return app
+
+
+def create_peer_app(app: web.Application) -> web.Application:
+    """The peer endpoint (`api/peer.py`) of `app`, a started mirror app in fleet mode,
+    over the same blob cache. It is a separate app for its own runner on
+    `cluster.listen`, so that no path of the public port can reach it."""
+    config = app[CONFIG]
+    assert config.fleet, "the peer endpoint is served in fleet mode only"
+    return peer.create_peer_app(app[SERVICES].blobs, config.cluster.secret_value, app[METRICS])
 
 
 async def _no_such_endpoint(request: web.Request) -> web.StreamResponse:

@@ -150,7 +150,7 @@ def _load(args: argparse.Namespace) -> MirrorConfig:
 
 def serve_command(config: MirrorConfig, args: argparse.Namespace) -> int:
     from mirror import server
-    from mirror.app import create_app, server_ssl_context
+    from mirror.app import create_app, create_peer_app, server_ssl_context
     from mirror.core import TempSweep
     from mirror.supervisor import Supervisor
 
@@ -169,6 +169,9 @@ def serve_command(config: MirrorConfig, args: argparse.Namespace) -> int:
         if args.offline:
             worker_argv.append("--offline")
         return Supervisor(config, worker_argv, args.workers).run()
+    peer = None
+    if config.cluster.listen_address is not None:
+        peer = server.PeerSite(create_peer_app, *config.cluster.listen_address)
     server.run(
         create_app(config, sweep=TempSweep(None) if args.worker else None),
         host=host,
@@ -177,6 +180,7 @@ def serve_command(config: MirrorConfig, args: argparse.Namespace) -> int:
         idle_timeout=config.server.idle_timeout,
         reuse_port=args.worker,
         access_log_class=AccessLogger,
+        peer=peer,
     )
     return 0
 

@@ -251,6 +251,100 @@ class MetadataConfig(_Section):
         return self
 
 
+# A shared secret shorter than this is refused: it guards every cached blob, the
+# private upstreams' included, from anything that can reach the cluster port.
+CLUSTER_SECRET_MIN = 16
+
+
+class ClusterConfig(_Section):
+    """The peer endpoint of a fleet of replicas with their own disks (fleet mode: `listen`
+    set and the metadata backend redis). The secret is read like upstream passwords."""
+
+    listen: str | None = None
+    advertise_url: str | None = None
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+    secret_env: str | None = None
+    peer_timeout: Duration = 10.0
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None and parse_listen(value)[1] == 0:
+            raise ValueError("needs a fixed port: peers reach it at the advertised URL")
+        return value
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _check_advertise_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("must not carry credentials, a query or a fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_cluster(self) -> ClusterConfig:
+        sources = [
+            name
+            for name, value in (
+                ("secret", self.secret),
+                ("secret_file", self.secret_file),
+                ("secret_env", self.secret_env),
+            )
+            if value is not None
+        ]
+        if len(sources) > 1:
+            raise ValueError(f"set one of secret, secret_file, secret_env, not {sources}")
+        if self.listen is None:
+            return self
+        if not sources:
+            raise ValueError("listen needs secret, secret_file or secret_env")
+        if self.secret_file is not None and not os.access(self.secret_file, os.R_OK):
+            raise ValueError(f"secret_file {self.secret_file} is not readable")
+        if self.secret_env is not None and self.secret_env not in os.environ:
+            raise ValueError(f"secret_env: ${self.secret_env} is not set")
+        if len(self.secret_value()) < CLUSTER_SECRET_MIN:
+            raise ValueError(f"{sources[0]} must be at least {CLUSTER_SECRET_MIN} characters")
+        if self.advertise_url is None and _binds_every_address(self.listen):
+            # http://0.0.0.0:port would send every peer to itself.
+            raise ValueError("listen binds every address: set advertise_url")
+        return self
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        return None if self.listen is None else parse_listen(self.listen)
+
+    @property
+    def peer_url(self) -> str | None:
+        """The URL other replicas reach this one's peer endpoint at (None: no fleet)."""
+        if self.listen is None:
+            return None
+        return self.advertise_url or f"http://{self.listen}"
+
+    def secret_value(self) -> str:
+        """The shared secret, read now: a file or variable may be rotated ("" if none)."""
+        if self.secret_file is not None:
+            try:
+                return self.secret_file.read_text(encoding="utf-8").strip()
+            except OSError:
+                return ""  # refuses every peer request until the file is back
+        if self.secret_env is not None:
+            return os.environ.get(self.secret_env, "")
+        return self.secret.get_secret_value() if self.secret is not None else ""
+
+
+def _binds_every_address(listen: str) -> bool:
+    host = parse_listen(listen)[0]
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False  # a name
+
+
 class AccessRule(_Section):
     """Who may pull what: a client matching users, groups or anonymous, for upstream and
     repository globs. With rules configured, a pull needs a matching rule."""
@@ -348,6 +442,7 @@ class MirrorConfig(BaseSettings):
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig = TlsConfig()
     server: ServerConfig = ServerConfig()
+    cluster: ClusterConfig = ClusterConfig()
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
 
     @classmethod
@@ -380,9 +475,29 @@ class MirrorConfig(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_cluster(self) -> MirrorConfig:
+        listen = self.cluster.listen
+        if listen is None:
+            return self
+        if self.metadata.backend != "redis":
+            raise ValueError(
+                "cluster.listen: fleet mode needs metadata.backend redis "
+                "(replicas find each other's blobs through it)"
+            )
+        if parse_listen(listen)[1] == self.listen_address[1]:
+            raise ValueError(f"cluster.listen: port {self.listen_address[1]} is listen's port")
+        return self
+
     @property
     def listen_address(self) -> tuple[str, int]:
         return parse_listen(self.listen)
+
+    @property
+    def fleet(self) -> bool:
+        """Replicas with their own disks fill from each other (`cluster.listen` set; the
+        backend is redis, which validation makes sure of)."""
+        return self.cluster.listen is not None
 
 
 def _format_errors(error: ValidationError) -> str:

@@ -9,7 +9,10 @@ fields over the limit, 414 for an over-long request line, 400 otherwise) and
 logs one info line: a client that sends garbage is ordinary, not an error.
 
 `run()` serves an app the way `web.run_app` does (signals, graceful shut-down),
-with this protocol class; `MirrorRunner` is the same for tests and embedders.
+with this protocol class; `MirrorRunner` is the same for tests and embedders. In
+fleet mode it also serves the peer endpoint (`PeerSite`) on `cluster.listen`, with a
+runner of its own: an aiohttp runner serves one app with one router, and a separate
+one is what keeps the public port from ever reaching the peer paths.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import asyncio
 import contextlib
 import json
 import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -131,6 +136,16 @@ class MirrorRunner(web.AppRunner):
         return server
 
 
+@dataclass(frozen=True, slots=True)
+class PeerSite:
+    """The fleet's peer endpoint: a second app, built from the started mirror app, on its
+    own port and runner (`app.create_peer_app`)."""
+
+    build: Callable[[web.Application], web.Application]
+    host: str
+    port: int
+
+
 async def _serve(
     app: web.Application,
     host: str,
@@ -138,14 +153,24 @@ async def _serve(
     ssl_context: ssl.SSLContext | None,
     reuse_port: bool,
     runner_options: dict[str, Any],
+    peer: PeerSite | None,
 ) -> None:
     runner = MirrorRunner(app, handle_signals=True, **runner_options)
     await runner.setup()
+    peer_runner: MirrorRunner | None = None
     try:
+        if peer is not None:
+            # Built once the mirror app has started: it serves that app's blob cache.
+            peer_runner = MirrorRunner(peer.build(app), **runner_options)
+            await peer_runner.setup()
+            await web.TCPSite(peer_runner, peer.host, peer.port, reuse_port=reuse_port).start()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port)
         await site.start()
         await asyncio.Event().wait()  # until a signal ends the loop
     finally:
+        # The peer endpoint first: its responses read the caches the mirror app closes.
+        if peer_runner is not None:
+            await peer_runner.cleanup()
         await runner.cleanup()
 
 
@@ -159,8 +184,10 @@ def run(
     reuse_port: bool,
     access_log_class: type[AbstractAccessLogger],
     shutdown_timeout: float = 10.0,
+    peer: PeerSite | None = None,
 ) -> None:
-    """Serve `app` until SIGINT or SIGTERM, then shut down gracefully."""
+    """Serve `app` (and the peer endpoint, given `peer`) until SIGINT or SIGTERM, then
+    shut down gracefully."""
     options: dict[str, Any] = {
         "keepalive_timeout": idle_timeout,
         "access_log_class": access_log_class,
@@ -169,4 +196,4 @@ def run(
     # SIGTERM and SIGINT raise GracefulExit; asyncio.run then cancels _serve, whose
     # finally runs the app's clean-up.
     with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
-        asyncio.run(_serve(app, host, port, ssl_context, reuse_port, options))
+        asyncio.run(_serve(app, host, port, ssl_context, reuse_port, options, peer))

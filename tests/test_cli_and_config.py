@@ -27,6 +27,11 @@ pytestmark = pytest.mark.slow  # starts registries, servers or processes
 ROOT = Path(__file__).resolve().parents[1]
 
 
+FLEET_SECRET = "a-fleet-secret-0123456789"
+FLEET = {"secret": FLEET_SECRET}
+REDIS = {"metadata": {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0"}}
+
+
 def write_config(path: Path, data: dict[str, object]) -> Path:
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
@@ -55,6 +60,33 @@ def test_example_config_is_valid() -> None:
         ({"metadata": {"backend": "redis"}}, "metadata"),
         ({"metadata": {"backend": "etcd"}}, "metadata.backend"),
         ({"storage": {"root": "/x", "size": 1}}, "storage.size: unknown key"),
+        ({"cluster": {"listen": "127.0.0.1:5001", "secret": FLEET_SECRET}}, "cluster.listen"),
+        ({"cluster": {"listen": "127.0.0.1:0", **FLEET}}, "cluster.listen: needs a fixed port"),
+        ({"cluster": {"listen": "127.0.0.1:5000", **FLEET}, **REDIS}, "cluster.listen: port"),
+        ({"cluster": {"listen": "127.0.0.1:5001"}, **REDIS}, "cluster: listen needs secret"),
+        (
+            {"cluster": {"listen": "127.0.0.1:5001", **FLEET, "secret_env": "X"}, **REDIS},
+            "cluster: set one of secret, secret_file, secret_env",
+        ),
+        (
+            {"cluster": {"listen": "127.0.0.1:5001", "secret": "short"}, **REDIS},
+            "cluster: secret must be at least 16 characters",
+        ),
+        (
+            {"cluster": {"listen": "127.0.0.1:5001", "secret_env": "MIRROR_TEST_UNSET"}, **REDIS},
+            "cluster: secret_env: $MIRROR_TEST_UNSET is not set",
+        ),
+        (
+            {"cluster": {"listen": "127.0.0.1:5001", "secret_file": "/nonexistent"}, **REDIS},
+            "cluster: secret_file /nonexistent is not readable",
+        ),
+        ({"cluster": {"listen": "0.0.0.0:5001", **FLEET}, **REDIS}, "set advertise_url"),
+        (
+            {"cluster": {"listen": "127.0.0.1:5001", "advertise_url": "http://u:p@h:1", **FLEET}},
+            "cluster.advertise_url: must not carry credentials",
+        ),
+        ({"cluster": {"advertise_url": "tcp://h:1"}}, "cluster.advertise_url: must be an http"),
+        ({"cluster": {"peer_timeout": "soon"}}, "cluster.peer_timeout"),
     ],
 )
 def test_bad_config_names_the_key(change: dict[str, object], named: str, tmp_path: Path) -> None:
@@ -70,6 +102,39 @@ def test_bad_config_names_the_key(change: dict[str, object], named: str, tmp_pat
     result = mirror_cli("serve", "--config", str(path))
     assert result.returncode == 2
     assert named in result.stderr
+
+
+def test_cluster_section_defaults_and_secret_rotation(tmp_path: Path) -> None:
+    upstreams = {"x": {"url": "https://e"}}
+    assert not load_config(None, upstreams=upstreams).fleet
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(FLEET_SECRET + "\n")
+    config = load_config(
+        None,
+        upstreams=upstreams,
+        cluster={"listen": "127.0.0.1:5001", "secret_file": str(secret_file)},
+        **REDIS,
+    )
+    assert config.fleet
+    assert config.cluster.peer_url == "http://127.0.0.1:5001"
+    assert config.cluster.peer_timeout == 10.0
+    assert config.cluster.secret_value() == FLEET_SECRET
+    secret_file.write_text("rotated-secret-0123456789")
+    assert config.cluster.secret_value() == "rotated-secret-0123456789"
+    advertised = load_config(
+        None,
+        upstreams=upstreams,
+        cluster={
+            "listen": "0.0.0.0:5001",
+            "advertise_url": "http://10.0.0.5:5001/",
+            "secret": FLEET_SECRET,
+            "peer_timeout": "2s",
+        },
+        **REDIS,
+    )
+    assert advertised.cluster.peer_url == "http://10.0.0.5:5001"
+    assert advertised.cluster.peer_timeout == 2.0
+    assert FLEET_SECRET not in repr(advertised)
 
 
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:

@@ -151,6 +151,27 @@ class BlobCache:
             raise
         return BlobSource(digest, download.size, "miss", download=download)
 
+    async def held(self, digest: Digest) -> BlobSource | None:
+        """The blob as this process has it, for a peer replica: committed, or a download
+        running here; None otherwise. Never fetches and checks no access rule (a peer
+        serves its fleet, not a client); the download's last byte still waits for its
+        verification."""
+        committed = self._ctx.store.open_committed(digest)
+        if committed is not None:
+            file, size = committed
+            return BlobSource(digest, size, "hit", file=file)
+        running = self._downloads.get(digest)
+        if running is None or running[0].error is not None or not running[0].joinable:
+            return None
+        download = running[0]
+        download.join()  # left in BlobSource.close
+        try:
+            await download.wait_started()
+        except BaseException:
+            download.leave()
+            raise
+        return BlobSource(digest, download.size, "miss", download=download)
+
     async def ensure(self, route: Route, digest: Digest) -> tuple[int, bool]:
         """Have the blob committed and recorded, fetching it if need be (seeding).
         Returns its size and whether it was fetched now."""
