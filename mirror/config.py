@@ -109,6 +109,24 @@ MinFree = Annotated[int | float, BeforeValidator(parse_min_free), PlainSerialize
 _BYTE_SIZE: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
 
 
+def _plain_http_url(value: str) -> str:
+    """An http(s) URL with a host and nothing a request could misuse."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError("must not carry credentials, a query or a fragment")
+    return value.rstrip("/")
+
+
+def _one_source(**sources: object) -> list[str]:
+    """The names of the secret's sources that are set; more than one is an error."""
+    given = [name for name, value in sources.items() if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"set one of {', '.join(sources)}, not {given}")
+    return given
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -152,26 +170,15 @@ class UpstreamConfig(_Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.username or parts.password or parts.query or parts.fragment:
-            raise ValueError("must not carry credentials, a query or a fragment")
-        return value.rstrip("/")
+        return _plain_http_url(value)
 
     @model_validator(mode="after")
     def _check_credentials(self) -> UpstreamConfig:
-        sources = [
-            name
-            for name, value in (
-                ("password", self.password),
-                ("password_file", self.password_file),
-                ("password_env", self.password_env),
-            )
-            if value is not None
-        ]
-        if len(sources) > 1:
-            raise ValueError(f"set one of password, password_file, password_env, not {sources}")
+        sources = _one_source(
+            password=self.password,
+            password_file=self.password_file,
+            password_env=self.password_env,
+        )
         if sources and not self.username:
             raise ValueError(f"{sources[0]} needs a username")
         if self.username and not sources:
@@ -277,28 +284,13 @@ class ClusterConfig(_Section):
     @field_validator("advertise_url")
     @classmethod
     def _check_advertise_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.username or parts.password or parts.query or parts.fragment:
-            raise ValueError("must not carry credentials, a query or a fragment")
-        return value.rstrip("/")
+        return None if value is None else _plain_http_url(value)
 
     @model_validator(mode="after")
     def _check_cluster(self) -> ClusterConfig:
-        sources = [
-            name
-            for name, value in (
-                ("secret", self.secret),
-                ("secret_file", self.secret_file),
-                ("secret_env", self.secret_env),
-            )
-            if value is not None
-        ]
-        if len(sources) > 1:
-            raise ValueError(f"set one of secret, secret_file, secret_env, not {sources}")
+        sources = _one_source(
+            secret=self.secret, secret_file=self.secret_file, secret_env=self.secret_env
+        )
         if self.listen is None:
             return self
         if not sources:

@@ -105,30 +105,9 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
                 "Accept-Ranges": "bytes",
             }
         )
-        start, end = 0, source.size
-        if byte_range is not None and source.size is not None:
-            start, end = byte_range.start, byte_range.end
-            response.set_status(206)
-            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{source.size}"
-        if end is not None:
-            response.content_length = end - start
-        await response.prepare(request)
-        if request.method == "HEAD":
-            await response.write_eof()
-            return response
-        chunks = None
-        if source.file is None:
-            assert source.download is not None
-            chunks = source.download.iter_bytes(start, end, chunk=transport.CHUNK)
         with request.app[PEER_BLOBS].reading(digest):
-            await transport.send_blob_body(
-                request,
-                response,
-                file=source.file,
-                chunks=chunks,
-                offset=start,
-                count=None if end is None else end - start,
+            return await v2.send_blob(
+                request, response, source, byte_range, head=request.method == "HEAD"
             )
-        return response
     finally:
         source.close()

@@ -268,7 +268,8 @@ async def blob(request: web.Request) -> web.StreamResponse:
             await response.prepare(request)
             return response
         with services.blobs.reading(digest):
-            return await _send_blob(request, source, byte_range)
+            response = _blob_response(digest, source.cache_result)
+            return await send_blob(request, response, source, byte_range)
     finally:
         source.close()
 
@@ -286,10 +287,17 @@ def _blob_response(digest: Digest, cache_result: str) -> web.StreamResponse:
     )
 
 
-async def _send_blob(
-    request: web.Request, source: BlobSource, byte_range: ByteRange | None
+async def send_blob(
+    request: web.Request,
+    response: web.StreamResponse,
+    source: BlobSource,
+    byte_range: ByteRange | None,
+    *,
+    head: bool = False,
 ) -> web.StreamResponse:
-    response = _blob_response(source.digest, source.cache_result)
+    """Send `source` (`byte_range` of it, as a 206) with `response`'s headers; for a
+    HEAD, the same status and headers and no body. `/v2/` and the peer port both
+    answer blobs this way."""
     start, end = 0, source.size
     if byte_range is not None and source.size is not None:
         start, end = byte_range.start, byte_range.end
@@ -298,6 +306,9 @@ async def _send_blob(
     if end is not None:
         response.content_length = end - start
     await response.prepare(request)
+    if head:
+        await response.write_eof()
+        return response
     chunks = None
     if source.file is None:
         assert source.download is not None

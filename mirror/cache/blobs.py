@@ -143,13 +143,7 @@ class BlobCache:
             download = running[0]
         else:
             download = await self._start_download(route, digest)
-        download.join()  # left in BlobSource.close
-        try:
-            await download.wait_started()
-        except BaseException:
-            download.leave()
-            raise
-        return BlobSource(digest, download.size, "miss", download=download)
+        return await _joined(download)
 
     async def held(self, digest: Digest) -> BlobSource | None:
         """The blob as this process has it, for a peer replica: committed, or a download
@@ -163,14 +157,7 @@ class BlobCache:
         running = self._downloads.get(digest)
         if running is None or running[0].error is not None or not running[0].joinable:
             return None
-        download = running[0]
-        download.join()  # left in BlobSource.close
-        try:
-            await download.wait_started()
-        except BaseException:
-            download.leave()
-            raise
-        return BlobSource(digest, download.size, "miss", download=download)
+        return await _joined(running[0])
 
     async def ensure(self, route: Route, digest: Digest) -> tuple[int, bool]:
         """Have the blob committed and recorded, fetching it if need be (seeding).
@@ -271,3 +258,14 @@ class BlobCache:
             or self._downloads[download.digest][0] is download
         ):
             await self._start_download(route, download.digest)
+
+
+async def _joined(download: BlobDownload) -> BlobSource:
+    """A source reading `download` once its upstream answered (left in `close`)."""
+    download.join()
+    try:
+        await download.wait_started()
+    except BaseException:
+        download.leave()
+        raise
+    return BlobSource(download.digest, download.size, "miss", download=download)

@@ -90,9 +90,6 @@ class Containerd(Service):
         raise KeyError(reference)
 
     def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(timeout=20)
-            self._process = None
+        self.stop_process(timeout=20)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -150,9 +150,15 @@ class Service(ABC):
     def start(self) -> None:
         """Start serving; return once the service answers."""
 
-    @abstractmethod
     def stop(self) -> None:
-        """Stop and release everything the service holds."""
+        """Stop and release everything the service holds: by default, its process."""
+        self.stop_process()
+
+    def stop_process(self, timeout: float = 10) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=timeout)
 
     def __enter__(self) -> Self:
         self.start()

@@ -56,12 +56,6 @@ class RedisServer(Service):
         log.close()
         wait_for_port(LOOPBACK, self.port, timeout=10)
 
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(timeout=10)
-            self._process = None
-
     def kill(self) -> None:
         """SIGKILL: no shutdown, no goodbye to replicas or sentinels, as in a crash."""
         proc, self._process = self._process, None

@@ -50,12 +50,6 @@ class RedisSentinel(Service):
         log.close()
         wait_for_port(LOOPBACK, self.port, timeout=10)
 
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(timeout=10)
-            self._process = None
-
     def client(self) -> Redis:
         return Redis(host=LOOPBACK, port=self.port, socket_timeout=2)
 
