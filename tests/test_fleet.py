@@ -23,7 +23,7 @@ import pytest
 from conftest import TAG, Upstream
 from support.images import push, standard_images
 from support.mirror_process import MirrorProcess
-from support.net import eventually, free_port
+from support.net import eventually, free_port, http_request
 from support.redis_server import RedisServer
 from support.registry import Registry
 from support.skopeo import skopeo_copy_async
@@ -99,6 +99,14 @@ def log_events(replica: MirrorProcess) -> list[dict[str, Any]]:
     return events
 
 
+def metric(text: str, sample: str) -> float:
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    raise AssertionError(f"{sample} not in /metrics")
+
+
 def upstream_blob_gets(registry: Registry, since: int) -> Counter[str]:
     return Counter(
         e.route.rsplit("/", 1)[-1] for e in registry.requests("GET", "/blobs/", since=since)
@@ -155,6 +163,10 @@ async def test_an_image_one_replica_holds_is_pulled_through_another_without_the_
             await fleet.await_holders(digest, {fleet.peer_url(a), fleet.peer_url(c)})
         assert upstream_blob_gets(registry, mark) == {}
         assert c.log_text().count("blob_filled_from_peer") == len(image.all_blobs())
+        metrics = http_request("GET", f"{c.url}/metrics").body.decode()
+        assert metric(metrics, 'mirror_peer_fills_total{outcome="ok"}') == len(image.all_blobs())
+        peer_bytes = sum(map(len, image.all_blobs().values()))
+        assert metric(metrics, 'mirror_served_bytes_total{source="peer"}') == peer_bytes
 
 
 async def test_a_corrupted_peer_copy_is_rejected_and_a_good_one_fetched(
@@ -195,3 +207,32 @@ async def test_a_corrupted_peer_copy_is_rejected_and_a_good_one_fetched(
                 assert await response.read() == data
         assert upstream_blob_gets(registry, mark) == {digest: 1}
         await fleet.await_holders(digest, {fleet.peer_url(b)})
+
+
+async def test_a_holder_that_will_not_send_is_skipped_before_the_client_sees_anything(
+    tmp_path: Path, fresh_upstream: Upstream, redis_server: RedisServer
+) -> None:
+    fleet = Fleet(tmp_path, fresh_upstream.url, redis_server)
+    with fleet as (a, _b, _c):
+        registry = fresh_upstream.registry
+        image = fresh_upstream.images["oci"]
+        digest, data = max(image.all_blobs().items(), key=lambda item: len(item[1]))
+        # A live-looking replica recorded as holding the blob, with nothing listening.
+        gone = f"http://127.0.0.1:{free_port()}"
+        store = RedisMetadataStore(fleet.redis_url, prefix=fleet.prefix)
+        try:
+            await store.heartbeat(gone, ttl=60)
+            await store.add_holder(digest, gone)
+        finally:
+            await store.close()
+        mark = registry.mark()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{a.url}/v2/{Upstream.repo('oci')}/blobs/{digest}") as response,
+        ):
+            assert response.status == 200
+            assert await response.read() == data
+        left_out = [e for e in log_events(a) if e.get("event") == "peer_left_out"]
+        assert [(e["peer"], e["outcome"]) for e in left_out] == [(gone, "unavailable")]
+        assert upstream_blob_gets(registry, mark) == {digest: 1}
+        await fleet.await_holders(digest, {gone, fleet.peer_url(a)})
