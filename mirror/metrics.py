@@ -260,5 +260,10 @@ async def cache_stats(
         "bytes_from_upstream": counts.get("bytes:upstream", 0),
         "bytes_from_peers": counts.get("bytes:peer", 0),
         "top_repositories": [{"repository": name, "pulls": n} for name, n in pulls[:top]],
-        **({"fleet": await fleet_stats(metadata, [d for d, _ in blobs])} if fleet else {}),
+        # Manifests have no holders: each replica keeps its own.
+        **(
+            {"fleet": await fleet_stats(metadata, [d for d, r in blobs if r.media_type is None])}
+            if fleet
+            else {}
+        ),
     }

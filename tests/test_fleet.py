@@ -12,15 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 from conftest import TAG, Upstream
+from support.cli import mirror_cli
+from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
 from support.images import push, standard_images
 from support.mirror_process import MirrorProcess
 from support.net import eventually, free_port, http_request
@@ -32,6 +36,7 @@ from mirror.metadata.redis import RedisMetadataStore
 
 pytestmark = pytest.mark.slow  # starts a registry, Redis and three mirror processes
 
+ServerFactory = Callable[..., Awaitable[TestServer]]
 SECRET = "fleet-secret-for-the-tests-0123"
 
 
@@ -47,11 +52,23 @@ def fresh_upstream(tmp_path: Path) -> Iterator[Upstream]:
 class Fleet:
     """Three replicas, own disks, one Redis key prefix."""
 
-    def __init__(self, tmp_path: Path, upstream_url: str, redis: RedisServer):
+    def __init__(
+        self,
+        tmp_path: Path,
+        upstream_url: str,
+        redis: RedisServer,
+        upstream_name: str = "local",
+        **metadata_settings: str,
+    ):
         self.prefix = f"fleet{time.monotonic_ns()}:"
         self.redis_url = redis.url
-        metadata = {"backend": "redis", "redis_url": redis.url, "key_prefix": self.prefix}
-        upstreams = {"local": {"url": upstream_url, "tag_ttl": "1h"}}
+        metadata = {
+            "backend": "redis",
+            "redis_url": redis.url,
+            "key_prefix": self.prefix,
+            **metadata_settings,
+        }
+        upstreams = {upstream_name: {"url": upstream_url, "tag_ttl": "1h"}}
         self.replicas = []
         for name in ("a", "b", "c"):
             peer_port = free_port()
@@ -167,6 +184,14 @@ async def test_an_image_one_replica_holds_is_pulled_through_another_without_the_
         assert metric(metrics, 'mirror_peer_fills_total{outcome="ok"}') == len(image.all_blobs())
         peer_bytes = sum(map(len, image.all_blobs().values()))
         assert metric(metrics, 'mirror_served_bytes_total{source="peer"}') == peer_bytes
+        result = mirror_cli("stats", "--config", c.config_path, "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["fleet"] == {
+            "replicas_alive": 3,
+            "blobs_held_once": 0,
+            "blobs_held_several_times": len(image.all_blobs()),
+            "blobs_held_by_none_alive": 0,
+        }
 
 
 async def test_a_corrupted_peer_copy_is_rejected_and_a_good_one_fetched(
@@ -236,3 +261,53 @@ async def test_a_holder_that_will_not_send_is_skipped_before_the_client_sees_any
         assert [(e["peer"], e["outcome"]) for e in left_out] == [(gone, "unavailable")]
         assert upstream_blob_gets(registry, mark) == {digest: 1}
         await fleet.await_holders(digest, {gone, fleet.peer_url(a)})
+
+
+async def test_holder_killed_mid_download_fails_its_peer_clients_and_is_fetched_once_more(
+    tmp_path: Path, redis_server: RedisServer, aiohttp_server: ServerFactory
+) -> None:
+    blob = os.urandom(2 * 1024 * 1024 + 3)
+    path = f"/v2/team/app/blobs/{digest_of(blob)}"
+    release = asyncio.Event()
+    fake = FakeUpstream()
+    # The first download stalls after 256 KiB; whoever asks after gets it all at once.
+    fake.on("GET", path, stall_after(blob, 256 * 1024, release), serve(blob))
+    server = await aiohttp_server(fake.app(), host="127.0.0.1")
+    url = str(server.make_url("")).rstrip("/")
+    fleet = Fleet(tmp_path, url, redis_server, "fake", lease_ttl="2s")
+    holder, follower, _c = fleet.replicas
+    try:
+        holder.start()
+        follower.start()
+        async with aiohttp.ClientSession() as http:
+            first = await http.get(holder.url + path)
+            assert first.status == 200
+            await first.content.readexactly(1024)  # the holder is mid-download
+            second = await http.get(follower.url + path)  # streams it from the holder
+            assert second.status == 200
+            # First bytes before the upstream download completed.
+            assert await second.content.readexactly(1024) == blob[:1024]
+            assert not release.is_set()
+
+            holder.kill()
+            # Cut off: never a short body taken for a whole one, never wrong bytes.
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await first.read()
+            received = b""
+            with pytest.raises(aiohttp.ClientPayloadError):
+                received = await second.read()
+            assert received == b""
+            first.release()
+            second.release()
+            await eventually(lambda: "peer_left_out" in follower.log_text())
+
+            # Once the dead holder's lease lapsed, the follower fetches the layer itself.
+            async with http.get(follower.url + path) as again:
+                assert again.status == 200
+                assert await again.read() == blob
+        assert fake.count("GET", path) == 2
+        await fleet.await_holders(digest_of(blob), {fleet.peer_url(follower)})
+    finally:
+        release.set()
+        holder.stop()
+        follower.stop()
