@@ -67,7 +67,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[METADATA] = metadata
         app[STORE] = store
         storage = config.storage
-        evictor = Evictor(store, metadata, blobs.in_use, blobs.flush_access)
+        fleet = core.fleet
+        evictor = Evictor(
+            store,
+            metadata,
+            blobs.in_use,
+            blobs.flush_access,
+            on_removed=None if fleet is None else fleet.removed,
+        )
         blobs.reserve_space = evictor.reserve  # downloads make room before their first byte
         app[EVICTOR] = evictor
         app[METRICS].watch(
@@ -81,6 +88,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                 rate_limits=lambda: {n: c.rate_limit for n, c in core.clients.items()},
                 metadata_writes_pending=lambda: core.deferred.pending,
                 uncoordinated_fetches=lambda: blobs.uncoordinated_fetches,
+                peer_fills=lambda: {} if fleet is None else fleet.fills,
             )
         )
         app[DEFERRED] = core.deferred

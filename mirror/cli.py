@@ -247,6 +247,20 @@ def _on_store(
     return asyncio.run(run())
 
 
+def _holder_removal(
+    config: MirrorConfig, metadata: MetadataStore
+) -> Callable[[str], Awaitable[None]] | None:
+    """In fleet mode, a blob removed from this replica's disk is no longer held by it."""
+    own_url = config.cluster.peer_url
+    if not config.fleet or own_url is None:
+        return None
+
+    async def removed(digest: str) -> None:
+        await metadata.remove_holder(digest, own_url)
+
+    return removed
+
+
 def gc_command(config: MirrorConfig, args: argparse.Namespace) -> int:
     try:
         temp_age = parse_duration(args.temp_age)
@@ -263,7 +277,12 @@ def gc_command(config: MirrorConfig, args: argparse.Namespace) -> int:
 
     async def work(store: BlobStore, metadata: MetadataStore) -> int:
         report = await collect_garbage(
-            store, metadata, usable_for, temp_age=temp_age, dry_run=args.dry_run
+            store,
+            metadata,
+            usable_for,
+            temp_age=temp_age,
+            dry_run=args.dry_run,
+            on_removed=_holder_removal(config, metadata),
         )
         verb = "would remove" if args.dry_run else "removed"
         for label, items in (
@@ -293,7 +312,7 @@ def gc_command(config: MirrorConfig, args: argparse.Namespace) -> int:
 
 def verify_command(config: MirrorConfig, args: argparse.Namespace) -> int:
     async def work(store: BlobStore, metadata: MetadataStore) -> int:
-        report = await verify_blobs(store, metadata)
+        report = await verify_blobs(store, metadata, _holder_removal(config, metadata))
         for digest, moved in report.corrupt:
             print(f"corrupt {digest}: moved to {moved}")
         print(
@@ -307,7 +326,7 @@ def verify_command(config: MirrorConfig, args: argparse.Namespace) -> int:
 
 def stats_command(config: MirrorConfig, args: argparse.Namespace) -> int:
     async def work(store: BlobStore, metadata: MetadataStore) -> int:
-        stats = await cache_stats(store, metadata)
+        stats = await cache_stats(store, metadata, fleet=config.fleet)
         if args.json:
             print(json.dumps(stats, indent=2))
             return 0
@@ -324,8 +343,16 @@ def stats_command(config: MirrorConfig, args: argparse.Namespace) -> int:
         print(f"requests:     {stats['requests']}, hit ratio {'-' if ratio is None else ratio}")
         print(
             f"bytes served: {stats['bytes_from_cache']} from cache, "
-            f"{stats['bytes_from_upstream']} from upstreams"
+            f"{stats['bytes_from_upstream']} from upstreams, "
+            f"{stats['bytes_from_peers']} from peers"
         )
+        if "fleet" in stats:
+            fleet = stats["fleet"]
+            print(
+                f"fleet:        {fleet['replicas_alive']} replicas alive; blobs held once "
+                f"{fleet['blobs_held_once']}, several times {fleet['blobs_held_several_times']}, "
+                f"by no live replica {fleet['blobs_held_by_none_alive']}"
+            )
         for entry in stats["top_repositories"]:
             print(f"  {entry['pulls']:>8}  {entry['repository']}")
         return 0

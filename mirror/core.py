@@ -16,6 +16,7 @@ from mirror.cache.blobs import BlobCache
 from mirror.cache.context import CacheContext
 from mirror.cache.listings import Listings
 from mirror.cache.manifests import ManifestCache
+from mirror.cache.peers import Fleet
 from mirror.cache.provenance import ContentAccess
 from mirror.config import MirrorConfig
 from mirror.errors import MetadataUnavailable
@@ -92,6 +93,7 @@ class MirrorCore:
     manifests: ManifestCache
     listings: Listings
     swept: int
+    fleet: Fleet | None = None  # fleet mode: this replica's membership
 
 
 @contextlib.asynccontextmanager
@@ -141,7 +143,16 @@ async def open_core(
     deferred = DeferredWrites(metadata)
     access = ContentAccess(metadata, deferred, clients, credentialed)
     context = CacheContext(store, metadata, deferred, clients, access, offline=config.offline)
-    blobs = BlobCache(context, config.metadata.lease_ttl)
+    fleet = None
+    if config.fleet:
+        assert config.cluster.peer_url is not None
+        fleet = Fleet(
+            metadata,
+            config.cluster.peer_url,
+            config.cluster.secret_value,
+            config.cluster.peer_timeout,
+        )
+    blobs = BlobCache(context, config.metadata.lease_ttl, fleet)
     manifests = ManifestCache(context, policies)
     listings = Listings(
         context,
@@ -161,6 +172,7 @@ async def open_core(
             manifests,
             listings,
             swept,
+            fleet,
         )
     finally:
         await blobs.close()

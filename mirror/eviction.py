@@ -42,6 +42,9 @@ from mirror.storage.ledger import HEARTBEAT
 
 log = structlog.get_logger(__name__)
 
+# Told each digest whose blob left this cache (a fleet's holder record follows it).
+Removed = Callable[[str], Awaitable[None]]
+
 RESCAN_EVERY = 10  # intervals
 
 
@@ -58,11 +61,13 @@ class Evictor:
         metadata: MetadataStore,
         in_use: Callable[[], set[str]],
         before_evicting: Callable[[], Awaitable[None]] | None = None,
+        on_removed: Removed | None = None,
     ):
         self._store = store
         self._metadata = metadata
         self._in_use = in_use
         self._before = before_evicting
+        self._on_removed = on_removed
         self.evicted_blobs = 0
         self.evicted_bytes = 0
         self.refused_blobs = 0  # writes that could not fit: streamed without caching
@@ -85,6 +90,8 @@ class Evictor:
         for digest in recorded.keys() - on_disk.keys():
             if digest not in busy and self._store.size(Digest.parse(digest)) is None:
                 await self._metadata.delete_blob(digest)
+                if self._on_removed is not None:
+                    await self._on_removed(digest)
                 outcome.records_dropped += 1
         await asyncio.to_thread(self._store.scan_usage)
         return outcome
@@ -130,6 +137,8 @@ class Evictor:
                     continue
                 released = await asyncio.to_thread(store.delete, Digest.parse(digest))
                 await self._metadata.delete_blob(digest)
+                if self._on_removed is not None:
+                    await self._on_removed(digest)
                 freed += released
                 if released:
                     self.evicted_blobs += 1
@@ -207,6 +216,7 @@ async def collect_garbage(
     temp_age: float,
     dry_run: bool,
     now: float | None = None,
+    on_removed: Removed | None = None,
 ) -> GcReport:
     """Stale temp files, blob files no record knows, records of blobs that are gone,
     and tag records past their TTL plus max_stale (`usable_for(upstream, repo, tag)`)."""
@@ -226,10 +236,14 @@ async def collect_garbage(
         report.bytes_freed += on_disk[digest].st_size
         if not dry_run:
             store.delete(Digest.parse(digest))
+            if on_removed is not None:
+                await on_removed(digest)
     for digest in sorted(recorded.keys() - on_disk.keys()):
         report.dangling_records.append(digest)
         if not dry_run:
             await metadata.delete_blob(digest)
+            if on_removed is not None:
+                await on_removed(digest)
     for upstream, repository, tag, record in await metadata.tag_records():
         if now - record.checked_at > usable_for(upstream, repository, tag):
             report.expired_tags.append(f"{upstream}/{repository}:{tag}")
@@ -245,7 +259,9 @@ class VerifyReport:
     corrupt: list[tuple[str, str]] = field(default_factory=list)  # (digest, moved to)
 
 
-async def verify_blobs(store: BlobStore, metadata: MetadataStore) -> VerifyReport:
+async def verify_blobs(
+    store: BlobStore, metadata: MetadataStore, on_removed: Removed | None = None
+) -> VerifyReport:
     """Re-hash every blob; move a corrupt one aside (to corrupt/) and drop its record,
     so the next pull fetches a good copy."""
     report = VerifyReport()
@@ -256,6 +272,8 @@ async def verify_blobs(store: BlobStore, metadata: MetadataStore) -> VerifyRepor
             continue
         moved = await asyncio.to_thread(store.move_aside, digest)
         await metadata.delete_blob(str(digest))
+        if on_removed is not None:
+            await on_removed(str(digest))
         report.corrupt.append((str(digest), str(moved)))
         log.error("blob_corrupt", digest=str(digest), moved_to=str(moved))
     return report

@@ -1,14 +1,14 @@
 """Prometheus metrics, served at `/metrics`.
 
 Events are counted as they happen (requests by upstream, kind and cache result; bytes
-sent from the cache or straight from the upstream; upstream requests by status and
-their latency). State is read when scraped, from the objects that own it (in-flight
-downloads, cache bytes and limit, evictions, stale answers, Docker Hub rate-limit
-allowance), so no module below the HTTP layer knows Prometheus exists. Each app has
-its own registry. With `--workers`, the event counters are summed across the workers
-(prometheus_client's multiprocess files, under the directory the supervisor sets), so
-any worker's `/metrics` reports the whole server's counts; the state gauges are the
-answering worker's view of the shared storage and metadata.
+sent from the cache, from a peer replica's copy or straight from the upstream; upstream
+requests by status and their latency). State is read when scraped, from the objects that
+own it (in-flight downloads, cache bytes and limit, evictions, stale answers, peer fills
+by outcome, Docker Hub rate-limit allowance), so no module below the HTTP layer knows
+Prometheus exists. Each app has its own registry. With `--workers`, the event counters are
+summed across the workers (prometheus_client's multiprocess files, under the directory
+the supervisor sets), so any worker's `/metrics` reports the whole server's counts; the
+state gauges are the answering worker's view of the shared storage and metadata.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class StateSources:
     metadata_writes_pending: Callable[[], int] = lambda: 0
     uncoordinated_fetches: Callable[[], int] = lambda: 0
     not_cached: Callable[[], int] = lambda: 0  # blobs streamed without caching: no room
+    peer_fills: Callable[[], Mapping[str, int]] = dict  # by outcome, in fleet mode
 
 
 class _StateCollector(Collector):
@@ -87,6 +88,14 @@ class _StateCollector(Collector):
         for upstream, count in s.stale_answers().items():
             stale.add_metric([upstream], count)
         yield stale
+        fills = CounterMetricFamily(
+            "mirror_peer_fills",
+            "Blob fills from peer replicas, by outcome (ok, unavailable, failed, corrupt)",
+            labels=["outcome"],
+        )
+        for outcome, count in s.peer_fills().items():
+            fills.add_metric([outcome], count)
+        yield fills
         remaining = GaugeMetricFamily(
             "mirror_upstream_ratelimit_remaining",
             "Pulls left in the upstream's rate-limit window, as it last said",
@@ -158,7 +167,13 @@ class Metrics:
             return
         self.pending[f"requests:{kind}:{cache or 'none'}"] += 1
         if body_bytes:
-            source = "cache" if cache in ("hit", "revalidated", "stale") else "upstream"
+            source = (
+                "cache"
+                if cache in ("hit", "revalidated", "stale")
+                else "peer"
+                if cache == "peer"
+                else "upstream"
+            )
             self.served_bytes.labels(source).inc(body_bytes)
             self.pending[f"bytes:{source}"] += body_bytes
         if kind == "manifest" and upstream and repository:
@@ -199,8 +214,26 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def cache_stats(store: BlobStore, metadata: MetadataStore, top: int = 10) -> dict[str, Any]:
-    """What `mirror stats` prints: usage, counts, hit ratio, busiest repositories."""
+async def fleet_stats(metadata: MetadataStore, digests: list[str]) -> dict[str, int]:
+    """Replicas alive, and how many of `digests` live holders keep once or several times
+    (per blob, so it is not a metric: one label per blob would be unbounded)."""
+    alive = await metadata.alive_replicas()
+    held: collections.Counter[int] = collections.Counter()
+    for digest in digests:
+        held[len(await metadata.holders(digest) & alive)] += 1
+    return {
+        "replicas_alive": len(alive),
+        "blobs_held_once": held[1],
+        "blobs_held_several_times": sum(n for count, n in held.items() if count > 1),
+        "blobs_held_by_none_alive": held[0],
+    }
+
+
+async def cache_stats(
+    store: BlobStore, metadata: MetadataStore, top: int = 10, *, fleet: bool = False
+) -> dict[str, Any]:
+    """What `mirror stats` prints: usage, counts, hit ratio, busiest repositories, and in
+    fleet mode the fleet."""
     usage = await asyncio.to_thread(store.scan_usage)
     blobs = await metadata.list_blobs()
     counts = await metadata.counters()
@@ -225,5 +258,12 @@ async def cache_stats(store: BlobStore, metadata: MetadataStore, top: int = 10) 
         "hit_ratio": round(hits / answered, 4) if answered else None,
         "bytes_from_cache": counts.get("bytes:cache", 0),
         "bytes_from_upstream": counts.get("bytes:upstream", 0),
+        "bytes_from_peers": counts.get("bytes:peer", 0),
         "top_repositories": [{"repository": name, "pulls": n} for name, n in pulls[:top]],
+        # Manifests have no holders: each replica keeps its own.
+        **(
+            {"fleet": await fleet_stats(metadata, [d for d, r in blobs if r.media_type is None])}
+            if fleet
+            else {}
+        ),
     }

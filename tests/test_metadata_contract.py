@@ -160,6 +160,43 @@ async def test_download_records(store: MetadataStore) -> None:
     assert await store.get_download(DIGEST) == record
     await store.delete_download(DIGEST)
     assert await store.get_download(DIGEST) is None
+    fleet = DownloadRecord(owner="host:2:cd", temp_name="abc.456", size=7, peer_url="http://a:1")
+    await store.put_download(OTHER, fleet, ttl=30)
+    assert await store.get_download(OTHER) == fleet
+
+
+async def test_replicas_alive_until_their_heartbeat_lapses(store: MetadataStore) -> None:
+    assert await store.alive_replicas() == set()
+    await store.heartbeat("http://a:1", ttl=30)
+    await store.heartbeat("http://b:1", ttl=0.3)
+    assert await store.alive_replicas() == {"http://a:1", "http://b:1"}
+    deadline = time.monotonic() + 10
+    while await store.alive_replicas() != {"http://a:1"}:  # b's heartbeat lapses
+        assert time.monotonic() < deadline, "a lapsed heartbeat still counts as alive"
+        await asyncio.sleep(0.05)
+    await store.heartbeat("http://b:1", ttl=30)  # back
+    assert await store.alive_replicas() == {"http://a:1", "http://b:1"}
+    await store.leave("http://a:1")
+    assert await store.alive_replicas() == {"http://b:1"}
+
+
+async def test_holders_of_a_blob(store: MetadataStore) -> None:
+    assert await store.holders(DIGEST) == set()
+    await store.add_holder(DIGEST, "http://a:1")
+    await store.add_holder(DIGEST, "http://a:1")
+    await store.add_holder(DIGEST, "http://b:1")
+    await store.add_holder(OTHER, "http://a:1")
+    assert await store.holders(DIGEST) == {"http://a:1", "http://b:1"}
+    await store.remove_holder(DIGEST, "http://b:1")
+    await store.remove_holder(DIGEST, "http://never:1")
+    assert await store.holders(DIGEST) == {"http://a:1"}
+    # Leaving drops the replica from every blob it held, and only that replica.
+    await store.add_holder(OTHER, "http://b:1")
+    await store.heartbeat("http://a:1", ttl=30)
+    await store.leave("http://a:1")
+    assert await store.holders(DIGEST) == set()
+    assert await store.holders(OTHER) == {"http://b:1"}
+    assert await store.alive_replicas() == set()
 
 
 async def test_blobs_listed_least_recently_used_first(store: MetadataStore) -> None:

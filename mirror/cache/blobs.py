@@ -11,6 +11,12 @@ of running downloads here; across processes and nodes through `Coordinator`
 download, or finds the blob committed. If a followed holder dies, its clients see a
 broken transfer and the blob is fetched again for whoever asks next.
 
+In fleet mode the coordinator may also answer "fill from this peer" (`peers.py`): the
+peer's bytes go through the same `BlobDownload` as upstream bytes. A peer that cannot
+start (unreachable, 404, 401) is left out and the next source is tried before any byte
+reached a client; one that breaks mid-way or sends wrong bytes fails this download's
+clients (never with an unverified last byte) and is left out for the next request.
+
 Who may be served what is `ContentAccess`'s rule (provenance.py); when blobs were
 last served is `AccessTimes`' (access_times.py).
 """
@@ -29,11 +35,12 @@ import structlog
 
 from mirror.cache.access_times import AccessTimes
 from mirror.cache.context import CacheContext
-from mirror.cache.coordination import Coordinator, Role
+from mirror.cache.coordination import Coordinator, Decision, Role
 from mirror.cache.fetch import BlobDownload, Reserve
 from mirror.cache.manifests import OFFLINE_MISS
+from mirror.cache.peers import Fleet, OpenedResponse
 from mirror.concurrency import TaskOwner, cancel_and_wait
-from mirror.errors import BlobUnknown, MirrorError, UpstreamUnavailable
+from mirror.errors import BlobUnknown, DigestMismatch, MirrorError, UpstreamUnavailable
 from mirror.metadata.base import BlobRecord, DownloadRecord
 from mirror.oci import Digest
 from mirror.routing import Route
@@ -52,7 +59,7 @@ class BlobSource:
 
     digest: Digest
     size: int | None
-    cache_result: str  # "hit" or "miss"
+    cache_result: str  # "hit", "miss", or "peer" (a miss filled from a peer replica)
     file: BinaryIO | None = None  # a committed blob, already open: eviction cannot pull it away
     download: BlobDownload | None = None  # a download in progress
 
@@ -64,9 +71,10 @@ class BlobSource:
 
 
 class BlobCache:
-    def __init__(self, context: CacheContext, lease_ttl: float = 30.0):
+    def __init__(self, context: CacheContext, lease_ttl: float = 30.0, fleet: Fleet | None = None):
         self._ctx = context
-        self._coordinator = Coordinator(context.store, context.metadata, lease_ttl)
+        self._fleet = fleet
+        self._coordinator = Coordinator(context.store, context.metadata, lease_ttl, fleet)
         self._access_times = AccessTimes(context.metadata)
         self._downloads: dict[Digest, tuple[BlobDownload, Route]] = {}
         self._tasks = TaskOwner("blob-downloads")
@@ -80,6 +88,8 @@ class BlobCache:
 
     async def start(self) -> None:
         self._flusher = asyncio.create_task(self._access_times.run(), name="blob-access-flush")
+        if self._fleet is not None:
+            await self._fleet.start()
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -88,6 +98,8 @@ class BlobCache:
         # and the cache keeps the blob.
         await self._tasks.close(grace=SHUTDOWN_GRACE)
         await self._access_times.flush_logged()
+        if self._fleet is not None:
+            await self._fleet.close()  # after the downloads: their commits are recorded
 
     async def flush_access(self) -> None:
         """Write the access times noted so far (eviction's order must be current)."""
@@ -205,14 +217,18 @@ class BlobCache:
     async def _download(self, download: BlobDownload, route: Route) -> None:
         digest = download.digest
         try:
-            decision = await self._coordinator.decide(digest)
+            decision = await self._decide(download, route)
             for _again in range(ADOPT_ATTEMPTS):
+                if decision is None:
+                    return  # filled from a peer (or failed doing so)
                 if decision.role is not Role.COMMITTED or await download.adopt_committed():
                     break
                 # Another process committed it while we waited, and it was evicted before
                 # our readers got to it (a full cache): ask again who fetches.
                 log.info("blob_evicted_before_adopted", digest=str(digest))
-                decision = await self._coordinator.decide(digest)
+                decision = await self._decide(download, route)
+            if decision is None:
+                return
             if decision.role is Role.FOLLOW:
                 assert decision.holder is not None
                 await self._follow(download, decision.holder, route)
@@ -234,6 +250,54 @@ class BlobCache:
                 del self._downloads[digest]
             download.settled.set()
 
+    async def _decide(self, download: BlobDownload, route: Route) -> Decision | None:
+        """Who provides the blob; peers are tried here, one after another, until one
+        starts sending (None: a peer fill ran) or the coordinator names another source."""
+        access_checked = False
+        while True:
+            decision = await self._coordinator.decide(download.digest)
+            if decision.role is not Role.PEER:
+                return decision
+            assert decision.peer_url is not None
+            if not access_checked:
+                # The peer checks no client's rights: this route must be allowed the blob
+                # as if it were committed here.
+                await self._ctx.access.check(route, "blobs", download.digest)
+                access_checked = True
+            if await self._from_peer(download, route, decision.peer_url):
+                return None
+
+    async def _from_peer(self, download: BlobDownload, route: Route, peer_url: str) -> bool:
+        """Fill from `peer_url`. False, with nothing exposed to clients, if the peer would
+        not start sending; True once the fill ran, whatever its outcome."""
+        assert self._fleet is not None
+        fleet, digest = self._fleet, download.digest
+        try:
+            response = await fleet.client(peer_url).open("GET", route.repository, f"blobs/{digest}")
+        except UpstreamUnavailable as exc:
+            await fleet.leave_out(peer_url, digest, "unavailable", exc.message)
+            return False
+        if response.status != 200:
+            response.close()
+            await fleet.leave_out(peer_url, digest, "unavailable", f"status {response.status}")
+            return False
+        download.source = "peer"
+        await download.run(OpenedResponse(response), route.repository)
+        if download.committed:
+            fleet.count("ok")
+            log.info("blob_filled_from_peer", digest=str(digest), peer=peer_url)
+            now = time.time()
+            await self._ctx.deferred.put_blob(
+                str(digest), BlobRecord(size=download.written, created_at=now, last_access=now)
+            )
+            await self._ctx.access.record(route, digest)
+            await fleet.committed(digest)
+        elif isinstance(download.error, DigestMismatch):
+            await fleet.leave_out(peer_url, digest, "corrupt", repr(download.error))
+        elif download.error is not None:
+            await fleet.leave_out(peer_url, digest, "failed", repr(download.error))
+        return True
+
     async def _fetch(self, download: BlobDownload, route: Route, *, leased: bool) -> None:
         """Download from the upstream, under the lease when there is one."""
         async with self._coordinator.holding(download.digest, leased=leased) as lease:
@@ -245,6 +309,10 @@ class BlobCache:
                     BlobRecord(size=download.written, created_at=now, last_access=now),
                 )
                 await self._ctx.access.record(route, download.digest)
+                if self._fleet is not None:
+                    # Recorded before the lease goes: a replica that finds neither the
+                    # lease nor a holder would fetch the blob again.
+                    await self._fleet.committed(download.digest)
 
     async def _follow(self, download: BlobDownload, holder: DownloadRecord, route: Route) -> None:
         """Serve from another process's download; fetch again if that process dies."""
@@ -268,4 +336,4 @@ async def _joined(download: BlobDownload) -> BlobSource:
     except BaseException:
         download.leave()
         raise
-    return BlobSource(download.digest, download.size, "miss", download=download)
+    return BlobSource(download.digest, download.size, download.source_result, download=download)

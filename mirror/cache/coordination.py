@@ -16,7 +16,11 @@ digest, with a `Role`:
   fetching costs at worst a duplicate download, refusing would fail a pull the
   upstream can answer.
 
-A fleet's peer path (filling from another replica) is one more way to follow.
+- `PEER` (fleet mode, `peers.py`): another live replica holds the blob, or is
+  downloading it into a temp file this process cannot see: fill from its peer endpoint,
+  without a lease (the fleet's one upstream fetch is that replica's). Holders are looked
+  for before the lease and again right after taking it, so a commit that lands meanwhile
+  is not fetched a second time.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 import structlog
 
 from mirror.cache.fetch import BlobDownload
+from mirror.cache.peers import Fleet
 from mirror.concurrency import cancel_and_wait
 from mirror.errors import MetadataUnavailable
 from mirror.metadata.base import DownloadRecord, MetadataStore
@@ -60,12 +65,14 @@ class Role(enum.Enum):
     FETCH_UNLEASED = "fetch-unleased"
     COMMITTED = "committed"
     FOLLOW = "follow"
+    PEER = "peer"
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     role: Role
     holder: DownloadRecord | None = None  # for FOLLOW: the download to tail
+    peer_url: str | None = None  # for PEER: the replica to fill from
 
 
 class Lease:
@@ -86,7 +93,13 @@ class Lease:
             # (each client of a blob refused room costs an upstream read).
             await self._coordinator.give_up(self)
             return
-        record = DownloadRecord(owner=self._coordinator.owner, temp_name=temp_path.name, size=size)
+        fleet = self._coordinator.fleet
+        record = DownloadRecord(
+            owner=self._coordinator.owner,
+            temp_name=temp_path.name,
+            size=size,
+            peer_url=None if fleet is None else fleet.own_url,
+        )
         with contextlib.suppress(MetadataUnavailable):  # followers then wait for the commit
             await self._coordinator.metadata.put_download(
                 str(self.digest), record, DOWNLOAD_RECORD_TTL
@@ -96,9 +109,16 @@ class Lease:
 class Coordinator:
     """Leases and download records of one process, in one metadata store."""
 
-    def __init__(self, store: BlobStore, metadata: MetadataStore, lease_ttl: float):
+    def __init__(
+        self,
+        store: BlobStore,
+        metadata: MetadataStore,
+        lease_ttl: float,
+        fleet: Fleet | None = None,
+    ):
         self._store = store
         self.metadata = metadata
+        self.fleet = fleet
         # A holder that dies stops renewing; others take over once the lease lapses.
         self._lease_ttl = lease_ttl
         self.owner = process_owner_id()
@@ -160,11 +180,19 @@ class Coordinator:
         lease = lease_name(digest)
         delay = WAIT_FIRST
         while True:
+            peer = await self._peer_holding(digest)
+            if peer is not None:
+                return Decision(Role.PEER, peer_url=peer)
             if await self.metadata.acquire_lease(lease, self.owner, self._lease_ttl):
-                if self._store.size(digest) is None:
+                if self._store.size(digest) is not None:
+                    await self.metadata.release_lease(lease, self.owner)
+                    return Decision(Role.COMMITTED)
+                # A replica may have committed it between our look and the lease.
+                peer = await self._peer_holding(digest)
+                if peer is None:
                     return Decision(Role.FETCH)
                 await self.metadata.release_lease(lease, self.owner)
-                return Decision(Role.COMMITTED)
+                return Decision(Role.PEER, peer_url=peer)
             if self._store.size(digest) is not None:
                 return Decision(Role.COMMITTED)
             holder = await self.metadata.get_download(str(digest))
@@ -175,9 +203,20 @@ class Coordinator:
                 and (self._store.tmp_dir / holder.temp_name).exists()
             ):
                 return Decision(Role.FOLLOW, holder)
+            if (
+                holder is not None
+                and holder.peer_url is not None
+                and self.fleet is not None
+                and self.fleet.usable(holder.peer_url, digest)
+            ):
+                # Another replica's download, on its own disk: stream it from there.
+                return Decision(Role.PEER, holder, peer_url=holder.peer_url)
             # Otherwise wait for the holder's commit, or for its lease to lapse.
             await asyncio.sleep(delay)
             delay = min(delay * 2, WAIT_MAX)
+
+    async def _peer_holding(self, digest: Digest) -> str | None:
+        return None if self.fleet is None else await self.fleet.holder(digest)
 
     async def _renew(self, lease: str) -> None:
         while True:

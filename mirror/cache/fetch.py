@@ -30,8 +30,9 @@ import collections
 import itertools
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -44,7 +45,7 @@ from mirror.errors import (
 )
 from mirror.oci import Digest
 from mirror.storage.blobstore import BlobStore, BlobWriter, DigestCheck, Reservation
-from mirror.upstream.client import UpstreamClient
+from mirror.upstream.client import UpstreamResponse
 from mirror.upstream.status import raise_for_upstream_status
 
 log = structlog.get_logger(__name__)
@@ -64,6 +65,19 @@ PASS_THROUGH_IDLE = 60.0
 Reserve = Callable[[int], Awaitable[Reservation | None]]
 # Told the temp file and size once the upstream answered; None: not cached, no file.
 Announce = Callable[[Path | None, int | None], Awaitable[None]]
+
+
+class SourceClient(Protocol):
+    """Where a download's bytes come from: an upstream, or a peer replica (`peers.py`)."""
+
+    async def open(
+        self,
+        method: str,
+        repository: str,
+        path: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> UpstreamResponse: ...
 
 
 class _PassThrough:
@@ -118,6 +132,8 @@ class BlobDownload:
         self.verified = False
         self.committed = False
         self.temp_path: Path | None = None
+        # Where the bytes come from ("upstream" or "peer"), for the access log and metrics.
+        self.source = "upstream"
         self._started = asyncio.Event()
         self._progress = asyncio.Condition()
         self._finished = False
@@ -128,6 +144,11 @@ class BlobDownload:
     @property
     def finished(self) -> bool:
         return self._finished
+
+    @property
+    def source_result(self) -> str:
+        """The cache result a client of this download is logged with."""
+        return "peer" if self.source == "peer" else "miss"
 
     @property
     def joinable(self) -> bool:
@@ -154,7 +175,7 @@ class BlobDownload:
 
     async def run(
         self,
-        client: UpstreamClient,
+        client: SourceClient,
         repository: str,
         announce: Announce | None = None,
     ) -> None:

@@ -7,6 +7,10 @@ blob, the repositories held locally, short-lived cached upstream responses
 (tags lists, referrers), leases for single-flight downloads, and where a
 running download writes, so other processes on a shared volume can follow it.
 
+In fleet mode (replicas with their own disks) it is also the fleet's directory: which
+replicas are alive (a heartbeat with a lapse time), which hold each committed blob, and
+the advertise URL of the replica downloading one (`DownloadRecord.peer_url`).
+
 Backends (`embedded.py` on diskcache, `redis.py` on Redis) pass the same
 contract suite in `tests/test_metadata_contract.py`. Records travel as JSON so
 every backend stores the same bytes.
@@ -68,6 +72,9 @@ class DownloadRecord(_JsonRecord):
     owner: str
     temp_name: str
     size: int | None
+    # The downloading replica's peer endpoint, in fleet mode: followers without a shared
+    # volume stream the download from there.
+    peer_url: str | None = None
 
 
 class MetadataStore(Protocol):
@@ -130,6 +137,22 @@ class MetadataStore(Protocol):
     async def get_download(self, digest: str) -> DownloadRecord | None: ...
 
     async def delete_download(self, digest: str) -> None: ...
+
+    async def heartbeat(self, replica_url: str, ttl: float) -> None:
+        """Say the replica at `replica_url` is alive for the next `ttl` seconds."""
+
+    async def leave(self, replica_url: str) -> None:
+        """The replica stops: no longer alive, and no longer a holder of anything."""
+
+    async def alive_replicas(self) -> set[str]:
+        """The replicas whose last heartbeat has not lapsed."""
+
+    async def add_holder(self, digest: str, replica_url: str) -> None: ...
+
+    async def remove_holder(self, digest: str, replica_url: str) -> None: ...
+
+    async def holders(self, digest: str) -> set[str]:
+        """The replicas recorded as holding the committed blob, alive or not."""
 
     async def put_token(self, key: str, token: str, ttl: float) -> None:
         """Keep an upstream token for `ttl` seconds, for every process sharing the store."""

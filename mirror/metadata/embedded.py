@@ -244,6 +244,57 @@ class EmbeddedMetadataStore:
                 dropped += int(self._cache.delete(key))
         return dropped
 
+    # The fleet's directory (a fleet needs Redis; kept here so both pass one contract)
+
+    async def heartbeat(self, replica_url: str, ttl: float) -> None:
+        await self._run(self._heartbeat_sync, replica_url, time.time() + ttl)
+
+    def _heartbeat_sync(self, replica_url: str, lapses_at: float | None) -> None:
+        # One JSON dict of replica -> lapse time, rewritten under the transaction lock.
+        with self._cache.transact():
+            raw = self._cache.get("replicas")
+            replicas: dict[str, float] = json.loads(raw) if raw else {}
+            if lapses_at is None:
+                replicas.pop(replica_url, None)
+            else:
+                replicas[replica_url] = lapses_at
+            self._cache.set("replicas", json.dumps(replicas, sort_keys=True))
+
+    async def leave(self, replica_url: str) -> None:
+        await self._run(self._leave_sync, replica_url)
+
+    def _leave_sync(self, replica_url: str) -> None:
+        self._heartbeat_sync(replica_url, None)
+        for key in list(self._cache.iterkeys()):
+            if isinstance(key, str) and key.startswith("holders:"):
+                self._remove_from_set_sync(key, replica_url)
+
+    async def alive_replicas(self) -> set[str]:
+        raw = await self._run(self._cache.get, "replicas")
+        now = time.time()
+        return {url for url, lapses in (json.loads(raw) if raw else {}).items() if lapses > now}
+
+    async def add_holder(self, digest: str, replica_url: str) -> None:
+        await self._run(self._add_to_set_sync, f"holders:{digest}", replica_url)
+
+    async def remove_holder(self, digest: str, replica_url: str) -> None:
+        await self._run(self._remove_from_set_sync, f"holders:{digest}", replica_url)
+
+    def _remove_from_set_sync(self, key: str, member: str) -> None:
+        with self._cache.transact():
+            raw = self._cache.get(key)
+            if raw is None:
+                return
+            members = set(json.loads(raw)) - {member}
+            if members:
+                self._cache.set(key, json.dumps(sorted(members)))
+            else:
+                self._cache.delete(key)
+
+    async def holders(self, digest: str) -> set[str]:
+        raw = await self._run(self._cache.get, f"holders:{digest}")
+        return set(json.loads(raw)) if raw else set()
+
     async def put_token(self, key: str, token: str, ttl: float) -> None:
         await self._run(functools.partial(self._cache.set, f"token:{key}", token, expire=ttl))
 

@@ -15,6 +15,7 @@ primary is reachable, and those the caller already works around.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar, cast
@@ -268,6 +269,54 @@ class RedisMetadataStore:
 
     async def delete_download(self, digest: str) -> None:
         await self._run(lambda: self._redis.delete(self._k("download", digest)))
+
+    # The fleet's directory
+
+    async def heartbeat(self, replica_url: str, ttl: float) -> None:
+        # Scored by lapse time: the live ones are a range query, and a dead replica's
+        # entry needs no cleanup to stop counting.
+        await self._run(
+            lambda: self._redis.zadd(self._k("replicas"), {replica_url: time.time() + ttl})
+        )
+
+    async def leave(self, replica_url: str) -> None:
+        async def write() -> None:
+            await self._redis.zrem(self._k("replicas"), replica_url)
+            held = self._k("held-by", replica_url)
+            async for digest in self._redis.sscan_iter(held, count=500):
+                await self._redis.srem(self._k("holders", _text(digest)), replica_url)
+            await self._redis.delete(held)
+
+        await self._run(write)
+
+    async def alive_replicas(self) -> set[str]:
+        members = await self._run(
+            lambda: self._redis.zrangebyscore(self._k("replicas"), time.time(), "+inf")
+        )
+        return {_text(m) for m in members}
+
+    async def add_holder(self, digest: str, replica_url: str) -> None:
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.sadd(self._k("holders", digest), replica_url)
+                # The reverse index lets `leave` drop a replica from every blob it held.
+                pipe.sadd(self._k("held-by", replica_url), digest)
+                await pipe.execute()
+
+        await self._run(write)
+
+    async def remove_holder(self, digest: str, replica_url: str) -> None:
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.srem(self._k("holders", digest), replica_url)
+                pipe.srem(self._k("held-by", replica_url), digest)
+                await pipe.execute()
+
+        await self._run(write)
+
+    async def holders(self, digest: str) -> set[str]:
+        members = await self._run(lambda: self._redis.smembers(self._k("holders", digest)))
+        return {_text(m) for m in members}
 
     async def put_token(self, key: str, token: str, ttl: float) -> None:
         await self._run(
