@@ -118,16 +118,17 @@ def test_the_compose_schema_really_validates(compose_schema: dict[str, Any]) -> 
 def kubernetes_documents() -> Iterator[tuple[Path, dict[str, Any]]]:
     for path in sorted((DEPLOY / "kubernetes").rglob("*.yaml")):
         for document in yaml.safe_load_all(path.read_text()):
-            if document and document.get("kind") != "Kustomization":
+            if document and document.get("kind") not in ("Kustomization", "Component"):
                 yield path, document
 
 
 def _is_patch(path: Path, document: dict[str, Any]) -> bool:
-    # Overlay patches are partial by design; they are checked in the kustomize builds.
-    return "overlays" in path.parts and (
+    # Overlay and component patches are partial by design; they are checked in the
+    # kustomize builds.
+    return ("overlays" in path.parts or "components" in path.parts) and (
         "$patch" in document
         or ("spec" not in document and document["kind"] != "ConfigMap")
-        or path.name in ("replicas.yaml", "configmap.yaml")
+        or path.name in ("replicas.yaml", "configmap.yaml", "statefulset.yaml")
     )
 
 
@@ -167,14 +168,21 @@ def test_kustomize_builds_valid_manifests(directory: str, tmp_path: Path) -> Non
     kinds = {d["kind"] for d in yaml.safe_load_all(built.stdout) if d}
     expected = {
         "base": {"Namespace", "ConfigMap", "StatefulSet", "Service", "PodDisruptionBudget"},
-        "overlays/replicas-redis": {"StatefulSet", "Deployment", "Service", "PodDisruptionBudget"},
+        "overlays/replicas-redis": {
+            "StatefulSet",
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget",
+            "NetworkPolicy",
+        },
         "overlays/replicas-sentinel": {
             "StatefulSet",
             "ConfigMap",
             "Service",
             "PodDisruptionBudget",
+            "NetworkPolicy",
         },
-        "overlays/node-local": {"DaemonSet", "ConfigMap"},
+        "overlays/node-local": {"DaemonSet", "ConfigMap", "Deployment", "Service"},
         "node-config": {"DaemonSet", "ConfigMap"},
     }[directory]
     assert expected <= kinds
@@ -215,20 +223,114 @@ def shipped_configs() -> Iterator[tuple[str, str]]:
     yield "config.example.yaml", (ROOT / "config.example.yaml").read_text()
 
 
+POD_IP = "10.0.0.7"
+
+
+def pod_environment(text: str, tmp_path: Path) -> dict[str, str]:
+    """What a fleet pod adds to its ConfigMap's config: the advertise URL from the pod IP
+    and the Secret mounted at cluster.secret_file (here a file the test writes, as
+    `kubectl create secret` would). test_fleet_workloads_supply_what_the_config_needs
+    checks that the workloads really do."""
+    cluster = (yaml.safe_load(text) or {}).get("cluster") or {}
+    if "listen" not in cluster:
+        return {}
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-of-the-fleet-0123456789\n")
+    port = cluster["listen"].rsplit(":", 1)[1]
+    return {
+        "MIRROR_CLUSTER__SECRET_FILE": str(secret),
+        "MIRROR_CLUSTER__ADVERTISE_URL": f"http://{POD_IP}:{port}",
+    }
+
+
 @pytest.mark.parametrize(("name", "text"), list(shipped_configs()), ids=lambda v: str(v)[:60])
 def test_shipped_mirror_configs_pass_check_config(name: str, text: str, tmp_path: Path) -> None:
     path = tmp_path / "mirror.yaml"
     path.write_text(text)
-    result = mirror_cli("check-config", "--config", path)
+    result = mirror_cli("check-config", "--config", path, env=pod_environment(text, tmp_path))
     assert result.returncode == 0, f"{name}: {result.stderr}"
 
 
-def test_node_config_matches_client_config_output(tmp_path: Path) -> None:
+def test_a_fleet_config_without_the_pods_environment_is_refused(tmp_path: Path) -> None:
+    # The environment above is needed: without the Secret or the pod IP, no start.
+    text = (DEPLOY / "kubernetes/overlays/replicas-redis/configmap.yaml").read_text()
+    path = tmp_path / "mirror.yaml"
+    path.write_text(yaml.safe_load(text)["data"]["mirror.yaml"])
+    environment = pod_environment(path.read_text(), tmp_path)
+    for missing in environment:
+        partial = {k: v for k, v in environment.items() if k != missing}
+        result = mirror_cli("check-config", "--config", path, env=partial)
+        assert result.returncode != 0
+        assert "cluster" in result.stderr
+
+
+def pod_volumes(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = workload["spec"]["template"]["spec"].get("volumes", [])
+    return volumes
+
+
+@pytest.mark.parametrize(
+    "directory",
+    ["overlays/replicas-redis", "overlays/replicas-sentinel", "overlays/node-local"],
+)
+def test_fleet_workloads_supply_what_the_config_needs(directory: str) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with kustomize) is not installed")
+    built = run(kubectl, "kustomize", DEPLOY / "kubernetes" / directory)
+    assert built.returncode == 0, built.stderr
+    documents = [d for d in yaml.safe_load_all(built.stdout) if d]
+    (config_map,) = [d for d in documents if d["metadata"]["name"] == "mirror-config"]
+    config = yaml.safe_load(config_map["data"]["mirror.yaml"])
+    assert config["metadata"]["backend"] == "redis"
+    listen_port = int(config["cluster"]["listen"].rsplit(":", 1)[1])
+    secret_file = Path(config["cluster"]["secret_file"])
+    (workload,) = [
+        d
+        for d in documents
+        if d["kind"] in ("StatefulSet", "DaemonSet")
+        and {"name": "mirror-config"} in [v.get("configMap") for v in pod_volumes(d)]
+    ]
+    pod = workload["spec"]["template"]["spec"]
+    (mirror,) = [c for c in pod["containers"] if c["name"] == "mirror"]
+    env = {e["name"]: e for e in mirror["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["MIRROR_CLUSTER__ADVERTISE_URL"]["value"] == f"http://$(POD_IP):{listen_port}"
+    # Kubernetes expands $(POD_IP) only from variables declared before it.
+    names = [e["name"] for e in mirror["env"]]
+    assert names.index("POD_IP") < names.index("MIRROR_CLUSTER__ADVERTISE_URL")
+    ports = {p["name"]: p["containerPort"] for p in mirror["ports"]}
+    assert ports["peer"] == listen_port
+    # The Secret is mounted where secret_file points, its key as the file's name.
+    secret_volumes = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    (mount,) = [m for m in mirror["volumeMounts"] if m["name"] in secret_volumes]
+    assert Path(mount["mountPath"]) == secret_file.parent
+    assert secret_volumes[mount["name"]]["secretName"] == "registry-mirror-cluster"
+    assert secret_file.name == "secret"  # kubectl create secret ... --from-literal=secret=
+    # No shared volume: each replica its own disk.
+    for claim in workload["spec"].get("volumeClaimTemplates", []):
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    if pod.get("hostNetwork"):
+        return  # NetworkPolicy does not apply to host-network pods (see the overlay)
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    (policy,) = [d for d in documents if d["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    rules = {rule["ports"][0]["port"]: rule for rule in policy["spec"]["ingress"]}
+    assert set(rules) == {"http", "peer"}
+    assert "from" not in rules["http"]  # clients come from anywhere
+    assert rules["peer"]["from"] == [{"podSelector": {"matchLabels": labels}}]
+
+
+def test_node_config_matches_client_config_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     node_local = yaml.safe_load(
         (DEPLOY / "kubernetes/overlays/node-local/configmap.yaml").read_text()
     )
     config = tmp_path / "mirror.yaml"
     config.write_text(node_local["data"]["mirror.yaml"])
+    for name, value in pod_environment(config.read_text(), tmp_path).items():
+        monkeypatch.setenv(name, value)  # containerd_hosts' subprocess inherits it
     out = containerd_hosts(config, "http://127.0.0.1:5000", tmp_path / "certs.d")
     generated = {p.parent.name: p.read_text() for p in out.glob("*/hosts.toml")}
     shipped = yaml.safe_load((DEPLOY / "kubernetes/node-config/hosts-configmap.yaml").read_text())
