@@ -9,6 +9,7 @@ inspects its state.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,17 @@ def token_upstream(
                 registry.url, Upstream.repo(kind), image, TAG, tokens, PUSHER, PUSHER_PASSWORD
             )
         yield Upstream(registry, images, tokens)
+
+
+@pytest.fixture
+def fresh_upstream(tmp_path: Path) -> Iterator[Upstream]:
+    """An open registry of this test's own, holding images no other test pushed (so
+    its access log counts only this test's pulls)."""
+    images = standard_images(seed_base=int(time.monotonic_ns() % 1000) + 20)
+    with Registry(tmp_path / "upstream") as registry:
+        for kind in ("oci", "oci-index"):
+            push(registry.url, Upstream.repo(kind), images[kind], TAG)
+        yield Upstream(registry, images)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from aiohttp.test_utils import TestServer
 from conftest import TAG, Upstream
 from support.cli import mirror_cli
 from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
-from support.images import push, standard_images
 from support.mirror_process import MirrorProcess
 from support.net import eventually, free_port, http_request
 from support.redis_server import RedisServer
@@ -38,15 +37,6 @@ pytestmark = pytest.mark.slow  # starts a registry, Redis and three mirror proce
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 SECRET = "fleet-secret-for-the-tests-0123"
-
-
-@pytest.fixture
-def fresh_upstream(tmp_path: Path) -> Iterator[Upstream]:
-    images = standard_images(seed_base=int(time.monotonic_ns() % 1000) + 40)
-    with Registry(tmp_path / "upstream") as registry:
-        for kind in ("oci", "oci-index"):
-            push(registry.url, Upstream.repo(kind), images[kind], TAG)
-        yield Upstream(registry, images)
 
 
 class Fleet:

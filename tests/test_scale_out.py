@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -21,11 +21,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import TAG, MirrorFactory, Upstream
 from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
-from support.images import Image, push, standard_images
+from support.images import Image
 from support.mirror_process import MirrorProcess
 from support.net import eventually, http_request
 from support.redis_server import RedisServer
-from support.registry import Registry
 from support.skopeo import skopeo_copy_async
 
 from mirror.metadata.redis import RedisMetadataStore
@@ -33,15 +32,6 @@ from mirror.metadata.redis import RedisMetadataStore
 pytestmark = pytest.mark.slow  # starts registries, servers or processes
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
-
-
-@pytest.fixture
-def fresh_upstream(tmp_path: Path) -> Iterator[Upstream]:
-    images = standard_images(seed_base=int(time.monotonic_ns() % 1000) + 20)
-    with Registry(tmp_path / "upstream") as registry:
-        for kind in ("oci", "oci-index"):
-            push(registry.url, Upstream.repo(kind), images[kind], TAG)
-        yield Upstream(registry, images)
 
 
 def redis_settings(redis: RedisServer, **extra: object) -> dict[str, object]:
