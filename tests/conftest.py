@@ -9,6 +9,8 @@ inspects its state.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from aiohttp.web_runner import BaseRunner
+from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
 from support.images import Image, push, push_with_token, standard_images
 from support.net import eventually
 from support.redis_server import RedisServer
@@ -32,6 +35,7 @@ from mirror.server import MirrorRunner
 
 PUSHER, PUSHER_PASSWORD = "pusher", "pusher-secret"
 TAG = "v1"
+ServerFactory = Callable[..., Awaitable[TestServer]]
 # Everything a mirror may create under its storage root (blobstore.py draws the layout).
 STORAGE_ENTRIES = {
     "blobs",
@@ -112,6 +116,21 @@ def fresh_upstream(tmp_path: Path) -> Iterator[Upstream]:
         for kind in ("oci", "oci-index"):
             push(registry.url, Upstream.repo(kind), images[kind], TAG)
         yield Upstream(registry, images)
+
+
+@pytest.fixture
+async def stalled_blob(
+    aiohttp_server: ServerFactory,
+) -> tuple[FakeUpstream, str, bytes, asyncio.Event, str]:
+    """A fake upstream whose first download of a blob stalls after 256 KiB until released;
+    whoever asks after that gets the whole blob at once."""
+    blob = os.urandom(2 * 1024 * 1024 + 3)
+    path = f"/v2/team/app/blobs/{digest_of(blob)}"
+    release = asyncio.Event()
+    fake = FakeUpstream()
+    fake.on("GET", path, stall_after(blob, 256 * 1024, release), serve(blob))
+    server = await aiohttp_server(fake.app(), host="127.0.0.1")
+    return fake, path, blob, release, str(server.make_url("")).rstrip("/")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import TAG, Upstream
 from support.cli import mirror_cli
-from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
+from support.fake_upstream import FakeUpstream, digest_of
 from support.mirror_process import MirrorProcess
 from support.net import eventually, free_port, http_request
 from support.redis_server import RedisServer
@@ -254,16 +253,11 @@ async def test_a_holder_that_will_not_send_is_skipped_before_the_client_sees_any
 
 
 async def test_holder_killed_mid_download_fails_its_peer_clients_and_is_fetched_once_more(
-    tmp_path: Path, redis_server: RedisServer, aiohttp_server: ServerFactory
+    tmp_path: Path,
+    redis_server: RedisServer,
+    stalled_blob: tuple[FakeUpstream, str, bytes, asyncio.Event, str],
 ) -> None:
-    blob = os.urandom(2 * 1024 * 1024 + 3)
-    path = f"/v2/team/app/blobs/{digest_of(blob)}"
-    release = asyncio.Event()
-    fake = FakeUpstream()
-    # The first download stalls after 256 KiB; whoever asks after gets it all at once.
-    fake.on("GET", path, stall_after(blob, 256 * 1024, release), serve(blob))
-    server = await aiohttp_server(fake.app(), host="127.0.0.1")
-    url = str(server.make_url("")).rstrip("/")
+    fake, path, blob, release, url = stalled_blob
     fleet = Fleet(tmp_path, url, redis_server, "fake", lease_ttl="2s")
     holder, follower, _c = fleet.replicas
     try:

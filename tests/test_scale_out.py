@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -20,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from conftest import TAG, MirrorFactory, Upstream
-from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
+from support.fake_upstream import FakeUpstream
 from support.images import Image
 from support.mirror_process import MirrorProcess
 from support.net import eventually, http_request
@@ -81,21 +80,6 @@ async def test_sixteen_cold_pulls_across_two_processes_fetch_each_blob_once(
         # Both processes really served: each wrote access lines for blob requests.
         assert "/blobs/" in first.log_text()
         assert "/blobs/" in second.log_text()
-
-
-@pytest.fixture
-async def stalled_blob(
-    aiohttp_server: ServerFactory,
-) -> tuple[FakeUpstream, str, bytes, asyncio.Event, str]:
-    """A fake upstream whose first download of a blob stalls after 256 KiB until released;
-    whoever asks after that gets the whole blob at once."""
-    blob = os.urandom(2 * 1024 * 1024 + 3)
-    path = f"/v2/team/app/blobs/{digest_of(blob)}"
-    release = asyncio.Event()
-    fake = FakeUpstream()
-    fake.on("GET", path, stall_after(blob, 256 * 1024, release), serve(blob))
-    server = await aiohttp_server(fake.app(), host="127.0.0.1")
-    return fake, path, blob, release, str(server.make_url("")).rstrip("/")
 
 
 def committed_blobs(storage: Path) -> list[Path]:
