@@ -23,7 +23,7 @@ from mirror.api.transport import remember_prepared
 from mirror.concurrency import TaskOwner
 from mirror.config import MirrorConfig, TlsConfig
 from mirror.core import TempSweep, default_sweep, open_core
-from mirror.errors import MetadataUnavailable, NameUnknown
+from mirror.errors import MetadataUnavailable, NameUnknown, ObjectStoreUnavailable
 from mirror.eviction import Evictor
 from mirror.memory import MemoryRelease
 from mirror.metadata.base import MetadataStore
@@ -193,9 +193,9 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    """Ready: storage is writable. The metadata store is reported, but its outage
-    leaves the mirror ready (degraded): pulls go on without it, and taking every
-    replica out of its Service would turn a Redis outage into an outage."""
+    """Ready: storage is writable. The metadata store and an object store are reported,
+    but their outage leaves the mirror ready (degraded): pulls go on without them, and
+    taking every replica out of its Service would turn a Redis outage into an outage."""
     checks: dict[str, str] = {}
     degraded: dict[str, str] = {}
     try:
@@ -203,6 +203,15 @@ async def _readyz(request: web.Request) -> web.Response:
         checks["storage"] = "ok"
     except OSError as exc:
         checks["storage"] = f"not writable: {exc.strerror}"
+    store = request.app[STORE]
+    if not store.local_blobs:
+        try:
+            await asyncio.wait_for(store.check_backend(), timeout=READY_TIMEOUT)
+            checks["object_store"] = "ok"
+        except (ObjectStoreUnavailable, TimeoutError):
+            # Like the metadata store: pulls go on (fetched and streamed, not cached).
+            checks["object_store"] = "unreachable"
+            degraded["object_store"] = "pulls are fetched from the upstream and not cached"
     try:
         await asyncio.wait_for(request.app[METADATA].ping(), timeout=READY_TIMEOUT)
         checks["metadata"] = "ok"

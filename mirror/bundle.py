@@ -147,14 +147,17 @@ async def export_bundle(
             for digest, _ in contents.blobs:
                 if digest in written:
                     continue
-                path = core.store.path(Digest.parse(digest))
-                if not path.exists():
-                    raise BundleError(f"{text}: blob {digest} is not in the cache (seed it first)")
-                await asyncio.to_thread(writer.add_file, _blob_name(digest), path)
+                async with core.store.local_copy(Digest.parse(digest)) as path:
+                    if path is None:
+                        raise BundleError(
+                            f"{text}: blob {digest} is not in the cache (seed it first)"
+                        )
+                    await asyncio.to_thread(writer.add_file, _blob_name(digest), path)
+                    size = path.stat().st_size
                 written.add(digest)
                 report.blobs += 1
-                report.bytes += path.stat().st_size
-                progress(f"  {digest} ({path.stat().st_size} bytes)")
+                report.bytes += size
+                progress(f"  {digest} ({size} bytes)")
             top_size = len(contents.manifests[0][2])
             entries.append(
                 {
@@ -379,7 +382,10 @@ def _stage_blob(store: BlobStore, name: str, stream: IO[bytes]) -> _Staged:
         digest = Digest.parse(f"{algorithm}:{hex_digest}")
     except MirrorError:
         raise BundleError(f"the bundle has a blob with an invalid name: {_show(name)}") from None
-    writer = None if store.size(digest) is not None else store.new_writer(digest)
+    # A blob already in a local store is read, not staged again; elsewhere (an object
+    # store) it is staged, and the commit finds it there.
+    local = store.local_path(digest)
+    writer = None if local is not None and local.exists() else store.new_writer(digest)
     hasher = digest.hasher()
     size = 0
     try:
@@ -432,7 +438,8 @@ def _stage_all(store: BlobStore, bundle: Path) -> _Layout:
 
 
 def _body(store: BlobStore, item: _Staged) -> bytes:
-    path = item.writer.temp_path if item.writer is not None else store.path(item.digest)
+    path = item.writer.temp_path if item.writer is not None else store.local_path(item.digest)
+    assert path is not None  # not staged: only ever a blob in a local store
     data: bytes = path.read_bytes()
     return data
 
@@ -525,7 +532,9 @@ async def import_bundle(core: MirrorCore, bundle: Path) -> ImportReport:
             if digest not in wanted or item.writer is None:
                 report.blobs_present += digest in wanted
                 continue
-            await asyncio.to_thread(item.writer.commit)
+            if not await core.store.commit(item.writer):
+                report.blobs_present += 1
+                continue
             report.blobs_added += 1
             report.bytes_added += item.size
     finally:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from mirror import __version__, clientconfig
 from mirror.config import ConfigError, MirrorConfig, load_config, parse_duration
-from mirror.errors import BundleError, MetadataUnavailable, MirrorError
+from mirror.errors import BundleError, MetadataUnavailable, MirrorError, ObjectStoreUnavailable
 from mirror.eviction import collect_garbage, verify_blobs
 from mirror.logging import AccessLogger, configure_logging
 from mirror.metadata.base import MetadataStore
@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         "verify", help="re-hash every blob; move corrupt ones aside (exit 1 if any)"
     )
     verify.add_argument("--config", type=Path, required=True)
+    verify.add_argument(
+        "--sample",
+        type=_fraction,
+        default=None,
+        metavar="PERCENT",
+        help="re-hash this share of the blobs, chosen at random (e.g. 10%%); default all",
+    )
     verify.set_defaults(func=verify_command)
 
     stats = commands.add_parser("stats", help="usage, counts, hit ratio, top repositories")
@@ -230,19 +237,21 @@ def _on_store(
 
     For the commands that only read or tidy what is stored (gc, verify, stats): they
     need no upstream session and must not start the caches' background work."""
-    from mirror.core import open_metadata
+    from mirror.core import make_blob_store, open_metadata
 
     async def run() -> int:
-        store = BlobStore(config.storage.root)
+        store = make_blob_store(config)
         store.prepare(sweep_older_than=None)  # a server may be running: sweep nothing
         metadata = open_metadata(config, store)
         try:
+            await store.start()
             return await work(store, metadata)
-        except MetadataUnavailable as exc:
+        except (MetadataUnavailable, ObjectStoreUnavailable) as exc:
             print(f"mirror: {exc.message}", file=sys.stderr)
             return 1
         finally:
             await metadata.close()
+            await store.close()
 
     return asyncio.run(run())
 
@@ -310,9 +319,22 @@ def gc_command(config: MirrorConfig, args: argparse.Namespace) -> int:
     return _on_store(config, work)
 
 
+def _fraction(text: str) -> float:
+    """A share given as "10%" or "0.1", for argparse."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage like 10%, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected more than 0% and at most 100%, got {text!r}")
+    return value
+
+
 def verify_command(config: MirrorConfig, args: argparse.Namespace) -> int:
     async def work(store: BlobStore, metadata: MetadataStore) -> int:
-        report = await verify_blobs(store, metadata, _holder_removal(config, metadata))
+        report = await verify_blobs(
+            store, metadata, _holder_removal(config, metadata), sample=args.sample
+        )
         for digest, moved in report.corrupt:
             print(f"corrupt {digest}: moved to {moved}")
         print(

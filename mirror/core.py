@@ -12,6 +12,8 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import structlog
+
 from mirror.cache.blobs import BlobCache
 from mirror.cache.context import CacheContext
 from mirror.cache.listings import Listings
@@ -19,16 +21,18 @@ from mirror.cache.manifests import ManifestCache
 from mirror.cache.peers import Fleet
 from mirror.cache.provenance import ContentAccess
 from mirror.config import MirrorConfig
-from mirror.errors import MetadataUnavailable
+from mirror.errors import MetadataUnavailable, ObjectStoreUnavailable
 from mirror.metadata.base import MetadataStore
 from mirror.metadata.deferred import DeferredWrites
 from mirror.metadata.embedded import EmbeddedMetadataStore
 from mirror.policy import UpstreamPolicy
 from mirror.routing import Router, UpstreamNames
-from mirror.storage.blobstore import BlobStore, Quota
+from mirror.storage.blobstore import BlobStore, FilesystemBlobStore, Quota
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
 from mirror.upstream.guard import NetworkOverrides, UpstreamNetwork
 from mirror.upstream.tokens import TokenCache
+
+log = structlog.get_logger(__name__)
 
 # Shared storage (several processes or nodes on one volume): leave others' downloads be.
 STALE_TEMP_AGE = 15 * 60.0
@@ -72,6 +76,11 @@ def storage_quota(config: MirrorConfig) -> Quota:
     )
 
 
+def make_blob_store(config: MirrorConfig, quota: Quota | None = None) -> BlobStore:
+    """The blob store `storage.backend` names, rooted at `storage.root` (call `start`)."""
+    return FilesystemBlobStore(config.storage.root, quota)
+
+
 def open_metadata(config: MirrorConfig, store: BlobStore) -> MetadataStore:
     if config.metadata.backend == "redis":
         from mirror.metadata.redis import RedisMetadataStore
@@ -105,8 +114,13 @@ async def open_core(
     network: NetworkOverrides | None = None,
 ) -> AsyncIterator[MirrorCore]:
     sweep = sweep or default_sweep(config)
-    store = BlobStore(config.storage.root, storage_quota(config))
+    store = make_blob_store(config, storage_quota(config))
     swept = await asyncio.to_thread(store.prepare, sweep.older_than)
+    await store.start()
+    try:
+        swept += await store.sweep_uploads(sweep.older_than)
+    except ObjectStoreUnavailable as exc:
+        log.warning("upload_sweep_skipped", error=exc.message)
     metadata = open_metadata(config, store)
     if sweep.older_than == 0 and isinstance(metadata, EmbeddedMetadataStore):
         # Alone on this store (tmp/ was swept whole): leases of a crashed predecessor
@@ -185,3 +199,4 @@ async def open_core(
             await upstream_network.close()
         await tokens.close()
         await metadata.close()
+        await store.close()

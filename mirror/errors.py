@@ -19,7 +19,8 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
     │   ├── UpstreamBadResponse    wrong digest, size or protocol      (502)
     │   │   └── DigestMismatch     bytes that do not hash to the digest (or size) asked for
     │   └── UpstreamTargetRefused  a realm or redirect the mirror must not follow (502)
-    └── MetadataUnavailable        the metadata store cannot be reached (503)
+    ├── MetadataUnavailable        the metadata store cannot be reached (503)
+    └── ObjectStoreUnavailable     the object store (S3) holding blobs failed (503)
 
 `MetadataUnavailable` is deliberately not an upstream failure: the upstream may be
 right there while Redis is down, and the caches answer the two differently (an
@@ -156,6 +157,18 @@ class UpstreamTargetRefused(UpstreamError):
 class MetadataUnavailable(MirrorError):
     """The metadata store cannot be reached. The caches work around it (fetch without
     a lease, keep records for later); a client sees it only where nothing else helps."""
+
+    code, status = "UNAVAILABLE", 503
+
+    def __init__(self, message: str, *, detail: Any = None):
+        super().__init__(message, detail=detail, headers={"Retry-After": "10"})
+
+
+class ObjectStoreUnavailable(MirrorError):
+    """The object store that holds committed blobs (S3) failed or cannot be reached.
+
+    Like a metadata outage, not an upstream failure: a miss is still fetched and
+    streamed to its clients, only not cached; a hit the store cannot give is a 503."""
 
     code, status = "UNAVAILABLE", 503
 

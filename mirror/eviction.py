@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
 
-from mirror.errors import MetadataUnavailable
+from mirror.errors import MetadataUnavailable, ObjectStoreUnavailable
 from mirror.metadata.base import BlobRecord, MetadataStore
 from mirror.oci import Digest
 from mirror.storage.blobstore import BlobStore, Reservation
@@ -78,26 +79,30 @@ class Evictor:
     async def reconcile(self) -> Reconciled:
         """Records for files that lack them; no records for files that are gone."""
         outcome = Reconciled()
-        on_disk = {str(d): stat for d, stat in await asyncio.to_thread(self._list_files)}
+        stored = {str(info.digest): info async for info in self._store.list_committed()}
         recorded = dict(await self._metadata.list_blobs())
-        for digest, stat in on_disk.items():
+        for digest, info in stored.items():
             if digest not in recorded:
-                when = stat.st_mtime
-                record = BlobRecord(size=stat.st_size, created_at=when, last_access=when)
+                when = info.modified
+                record = BlobRecord(size=info.size, created_at=when, last_access=when)
                 await self._metadata.put_blob(digest, record)
                 outcome.records_added += 1
         busy = self._in_use()
-        for digest in recorded.keys() - on_disk.keys():
-            if digest not in busy and self._store.size(Digest.parse(digest)) is None:
+        for digest in recorded.keys() - stored.keys():
+            if digest not in busy and await self._store.size(Digest.parse(digest)) is None:
                 await self._metadata.delete_blob(digest)
                 if self._on_removed is not None:
                     await self._on_removed(digest)
                 outcome.records_dropped += 1
-        await asyncio.to_thread(self._store.scan_usage)
+        await self._store.scan_usage()
         return outcome
 
-    def _list_files(self) -> list[tuple[Digest, os.stat_result]]:
-        return list(self._store.iter_digests())
+    async def _rescan(self) -> None:
+        """Count the store afresh: other processes (or replicas) commit and evict too."""
+        try:
+            await self._store.scan_usage()
+        except ObjectStoreUnavailable as exc:
+            log.warning("usage_scan_skipped", error=exc.message)
 
     async def reserve(self, size: int) -> Reservation | None:
         """Room for a write of `size` bytes, evicting first if it would cross the high
@@ -108,7 +113,7 @@ class Evictor:
             return reservation
         try:
             await self.evict(size)
-        except MetadataUnavailable as exc:
+        except (MetadataUnavailable, ObjectStoreUnavailable) as exc:
             # No LRU order without the store: nothing is evicted; it fits or it does not.
             log.warning("eviction_skipped", error=exc.message)
         reservation = await asyncio.to_thread(store.reserve, size, "max")
@@ -135,7 +140,7 @@ class Evictor:
                     break
                 if record.pinned or digest in busy:
                     continue
-                released = await asyncio.to_thread(store.delete, Digest.parse(digest))
+                released = await store.delete(Digest.parse(digest))
                 await self._metadata.delete_blob(digest)
                 if self._on_removed is not None:
                     await self._on_removed(digest)
@@ -169,7 +174,7 @@ class Evictor:
                 records_dropped=outcome.records_dropped,
                 usage=self._store.usage,
             )
-        except MetadataUnavailable as exc:
+        except (MetadataUnavailable, ObjectStoreUnavailable) as exc:
             log.warning("reconcile_skipped", error=exc.message)
         if not self._store.quota.bounded:
             return
@@ -190,10 +195,10 @@ class Evictor:
                 await asyncio.to_thread(self._store.heartbeat)
                 if time.monotonic() - last_scan > RESCAN_EVERY * interval:
                     last_scan = time.monotonic()
-                    await asyncio.to_thread(self._store.scan_usage)
+                    await self._rescan()
                 try:
                     await self.evict()
-                except MetadataUnavailable as exc:
+                except (MetadataUnavailable, ObjectStoreUnavailable) as exc:
                     log.warning("eviction_skipped", error=exc.message)
         finally:
             self._store.on_over_high = None
@@ -229,16 +234,20 @@ async def collect_garbage(
             report.bytes_freed += stat.st_size
             if not dry_run:
                 entry.unlink(missing_ok=True)
-    on_disk = {str(d): stat for d, stat in await asyncio.to_thread(list, store.iter_digests())}
-    recorded = dict(await metadata.list_blobs())
-    for digest in sorted(on_disk.keys() - recorded.keys()):
-        report.orphan_files.append(digest)
-        report.bytes_freed += on_disk[digest].st_size
+    for upload in await store.abandoned_uploads(temp_age, now):
+        report.temp_files.append(upload)
         if not dry_run:
-            store.delete(Digest.parse(digest))
+            await store.abort_upload(upload)
+    stored = {str(info.digest): info async for info in store.list_committed()}
+    recorded = dict(await metadata.list_blobs())
+    for digest in sorted(stored.keys() - recorded.keys()):
+        report.orphan_files.append(digest)
+        report.bytes_freed += stored[digest].size
+        if not dry_run:
+            await store.delete(Digest.parse(digest))
             if on_removed is not None:
                 await on_removed(digest)
-    for digest in sorted(recorded.keys() - on_disk.keys()):
+    for digest in sorted(recorded.keys() - stored.keys()):
         report.dangling_records.append(digest)
         if not dry_run:
             await metadata.delete_blob(digest)
@@ -260,20 +269,28 @@ class VerifyReport:
 
 
 async def verify_blobs(
-    store: BlobStore, metadata: MetadataStore, on_removed: Removed | None = None
+    store: BlobStore,
+    metadata: MetadataStore,
+    on_removed: Removed | None = None,
+    sample: float | None = None,
 ) -> VerifyReport:
-    """Re-hash every blob; move a corrupt one aside (to corrupt/) and drop its record,
-    so the next pull fetches a good copy."""
+    """Re-hash every blob, or a random `sample` of them (a fraction, 0 to 1); move a
+    corrupt one aside (to corrupt/) and drop its record, so the next pull fetches a
+    good copy."""
     report = VerifyReport()
-    for digest, stat in await asyncio.to_thread(list, store.iter_digests()):
+    stored = [info async for info in store.list_committed()]
+    if sample is not None and sample < 1:
+        stored = random.sample(stored, math.ceil(len(stored) * sample))
+    for info in stored:
         report.checked += 1
-        report.bytes_checked += stat.st_size
-        if await asyncio.to_thread(store.hash_matches, digest):
+        report.bytes_checked += info.size
+        if await store.hash_matches(info.digest):
             continue
-        moved = await asyncio.to_thread(store.move_aside, digest)
-        await metadata.delete_blob(str(digest))
+        moved = await store.move_aside(info.digest)
+        digest = str(info.digest)
+        await metadata.delete_blob(digest)
         if on_removed is not None:
-            await on_removed(str(digest))
-        report.corrupt.append((str(digest), str(moved)))
-        log.error("blob_corrupt", digest=str(digest), moved_to=str(moved))
+            await on_removed(digest)
+        report.corrupt.append((digest, str(moved)))
+        log.error("blob_corrupt", digest=digest, moved_to=str(moved))
     return report

@@ -13,7 +13,6 @@ state gauges are the answering worker's view of the shared storage and metadata.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -234,7 +233,7 @@ async def cache_stats(
 ) -> dict[str, Any]:
     """What `mirror stats` prints: usage, counts, hit ratio, busiest repositories, and in
     fleet mode the fleet."""
-    usage = await asyncio.to_thread(store.scan_usage)
+    usage = await store.scan_usage()
     blobs = await metadata.list_blobs()
     counts = await metadata.counters()
     hits = sum(

@@ -23,9 +23,8 @@ import structlog
 from prometheus_client.multiprocess import mark_process_dead
 
 from mirror.config import MirrorConfig
-from mirror.core import default_sweep
+from mirror.core import default_sweep, make_blob_store
 from mirror.metrics import MULTIPROCESS_ENV
-from mirror.storage.blobstore import BlobStore
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +42,7 @@ class Supervisor:
         self._env: dict[str, str] = dict(os.environ)
 
     def run(self) -> int:
-        swept = BlobStore(self._config.storage.root).prepare(default_sweep(self._config).older_than)
+        swept = make_blob_store(self._config).prepare(default_sweep(self._config).older_than)
         log.info("supervisor_started", workers=self._workers, temp_files_swept=swept)
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)

@@ -29,7 +29,7 @@ from mirror.config import load_config
 from mirror.core import TempSweep, open_core
 from mirror.errors import BundleError
 from mirror.metadata.embedded import EmbeddedMetadataStore
-from mirror.storage.blobstore import BlobStore
+from mirror.storage.blobstore import FilesystemBlobStore
 
 REGISTRY = "reg.test"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -320,7 +320,7 @@ class Site:
 
 def cache_state(root: Path) -> tuple[list[str], list[str], list[Any]]:
     """Blob files, temp files and every metadata record of a site."""
-    store = BlobStore(root)
+    store = FilesystemBlobStore(root)
     files = sorted(
         p.relative_to(root).as_posix() for p in store.blobs_dir.rglob("*") if p.is_file()
     )

@@ -39,7 +39,7 @@ from mirror.eviction import Evictor
 from mirror.metadata.base import BlobRecord
 from mirror.metadata.embedded import EmbeddedMetadataStore
 from mirror.oci import Digest
-from mirror.storage.blobstore import BlobStore, Quota
+from mirror.storage.blobstore import BlobStore, FilesystemBlobStore, Quota
 from mirror.storage.ledger import HOST, Ledger
 
 pytestmark = pytest.mark.slow  # starts registries, servers or processes
@@ -52,21 +52,21 @@ BLOB_SIZE = 2 * MIB
 # The reservation arithmetic, no sockets.
 
 
-def put(store: BlobStore, data: bytes) -> Digest:
+async def put(store: BlobStore, data: bytes) -> Digest:
     digest = Digest.parse(sha256_digest(data))
     reservation = store.reserve(len(data))
     assert reservation is not None
     writer = store.new_writer(digest, len(data), reservation)
     try:
         writer.write(data)
-        writer.commit()
+        await store.commit(writer)
     finally:
         writer.discard()
     return digest
 
 
-def store_at(root: Path, **quota: int | float) -> BlobStore:
-    store = BlobStore(root, Quota(**quota))  # type: ignore[arg-type]
+def store_at(root: Path, **quota: int | float) -> FilesystemBlobStore:
+    store = FilesystemBlobStore(root, Quota(**quota))  # type: ignore[arg-type]
     store.prepare()
     return store
 
@@ -91,12 +91,12 @@ def test_reservations_count_against_the_limit_until_committed_or_released(
     assert store.usage == 0
 
 
-def test_a_commit_turns_the_reservation_into_usage_and_a_discard_gives_it_back(
+async def test_a_commit_turns_the_reservation_into_usage_and_a_discard_gives_it_back(
     tmp_path: Path,
 ) -> None:
     store = store_at(tmp_path, max_size=4 * MIB)
     data = os.urandom(MIB)
-    put(store, data)
+    await put(store, data)
     assert store.usage == MIB
     assert store.excess(3 * MIB, "max") == 0
     assert store.excess(3 * MIB + 1, "max") == 1
@@ -108,17 +108,17 @@ def test_a_commit_turns_the_reservation_into_usage_and_a_discard_gives_it_back(
     writer.discard()
     assert list(store.tmp_dir.iterdir()) == []
     assert store.excess(3 * MIB, "max") == 0
-    assert store.delete(Digest.parse(sha256_digest(data))) == MIB
+    assert await store.delete(Digest.parse(sha256_digest(data))) == MIB
     assert store.usage == 0
 
 
-def test_processes_sharing_a_root_keep_one_account(tmp_path: Path) -> None:
+async def test_processes_sharing_a_root_keep_one_account(tmp_path: Path) -> None:
     one = store_at(tmp_path, max_size=10 * MIB)
-    other = BlobStore(tmp_path, Quota(max_size=10 * MIB))  # another process on the root
+    other = FilesystemBlobStore(tmp_path, Quota(max_size=10 * MIB))  # another process on the root
     held = one.reserve(6 * MIB)
     assert held is not None
     assert other.reserve(5 * MIB) is None
-    put(other, os.urandom(4 * MIB))
+    await put(other, os.urandom(4 * MIB))
     assert one.usage == other.usage == 4 * MIB
     assert one.reserve(1) is None  # 4 committed + 6 reserved = the limit
     one.release(held)
@@ -133,7 +133,7 @@ def dead_pid() -> int:
 
 def test_reservations_of_dead_or_silent_processes_are_dropped(tmp_path: Path) -> None:
     store = store_at(tmp_path, max_size=10 * MIB)
-    store.scan_usage()
+    store.scan_usage_blocking()
     ledger_file = tmp_path / "ledger.json"
     state = json.loads(ledger_file.read_text())
     now = time.time()
@@ -153,22 +153,22 @@ def test_reservations_of_dead_or_silent_processes_are_dropped(tmp_path: Path) ->
     assert set(Ledger(tmp_path).read().processes) == {"alive-elsewhere", store._ledger.owner}
 
 
-def test_a_lost_ledger_is_recounted_from_the_files(tmp_path: Path) -> None:
+async def test_a_lost_ledger_is_recounted_from_the_files(tmp_path: Path) -> None:
     store = store_at(tmp_path, max_size=3 * MIB)
-    put(store, os.urandom(2 * MIB))
+    await put(store, os.urandom(2 * MIB))
     (tmp_path / "ledger.json").write_text("{not json")
     assert store.reserve(2 * MIB) is None
     assert store.usage == 2 * MIB
 
 
-def test_a_manifest_that_does_not_fit_is_not_stored(tmp_path: Path) -> None:
+async def test_a_manifest_that_does_not_fit_is_not_stored(tmp_path: Path) -> None:
     store = store_at(tmp_path, max_size=100)
     body = b"{}" * 100
-    assert store.put_bytes(Digest.parse(sha256_digest(body)), body) is None
+    assert not await store.put_bytes(Digest.parse(sha256_digest(body)), body)
     assert store.usage == 0
     assert list(store.tmp_dir.iterdir()) == []
     small = b"{}"
-    assert store.put_bytes(Digest.parse(sha256_digest(small)), small) is not None
+    assert await store.put_bytes(Digest.parse(sha256_digest(small)), small)
 
 
 def test_min_free_floor_arithmetic() -> None:
@@ -191,7 +191,7 @@ async def test_a_reservation_evicts_the_least_recently_used_but_never_pinned_or_
     try:
         digests = []
         for age in range(3):
-            digest = put(store, os.urandom(2 * MIB))
+            digest = await put(store, os.urandom(2 * MIB))
             digests.append(str(digest))
             await metadata.put_blob(str(digest), BlobRecord(2 * MIB, age, age))
         pinned, in_use, oldest_free = digests[0], digests[1], digests[2]
@@ -202,9 +202,9 @@ async def test_a_reservation_evicts_the_least_recently_used_but_never_pinned_or_
         # 6 + 2 crosses 0.9 x 8: the only evictable blob goes, then 2 more fit.
         reservation = await evictor.reserve(2 * MIB)
         assert reservation is not None
-        assert store.size(Digest.parse(oldest_free)) is None
-        assert store.size(Digest.parse(pinned)) is not None
-        assert store.size(Digest.parse(in_use)) is not None
+        assert await store.size(Digest.parse(oldest_free)) is None
+        assert await store.size(Digest.parse(pinned)) is not None
+        assert await store.size(Digest.parse(in_use)) is not None
         # Now 4 committed + 2 reserved; 3 more cannot fit, and nothing can go.
         assert await evictor.reserve(3 * MIB) is None
         assert evictor.refused_blobs == 1

@@ -114,7 +114,7 @@ async def test_background_eviction_spares_pinned_blobs(
     for digest in digests[1:]:
         await fetch_and_wait(http, mirror, digest)
     high = 0.95 * 300 * KIB
-    await eventually(lambda: mirror.server.app[STORE].scan_usage() <= high, timeout=10)
+    await eventually(lambda: mirror.server.app[STORE].scan_usage_blocking() <= high, timeout=10)
     assert digests[0] in cached_digests(mirror)  # pinned: never evicted, though oldest
     assert mirror.server.app[EVICTOR].evicted_blobs >= 3
 
@@ -139,7 +139,7 @@ async def test_a_blob_evicted_while_read_still_reaches_its_client(
         await app[EVICTOR].evict()
         assert big_digest in cached_digests(mirror)
         # ...and when another process removes it anyway, the open file keeps serving.
-        app[STORE].delete(Digest.parse(big_digest))
+        await app[STORE].delete(Digest.parse(big_digest))
         assert big_digest not in cached_digests(mirror)
         rest = await response.read()
     assert first + rest == big

@@ -29,7 +29,7 @@ from mirror.oci import (
 )
 from mirror.policy import UpstreamPolicy
 from mirror.routing import Route
-from mirror.storage.blobstore import BlobStore
+from mirror.storage.blobstore import FilesystemBlobStore
 
 UPSTREAM = "hub"
 REPO = "team/app"
@@ -69,7 +69,7 @@ class World:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    store = BlobStore(tmp_path / "storage")
+    store = FilesystemBlobStore(tmp_path / "storage")
     store.prepare()
     metadata = EmbeddedMetadataStore(store.meta_dir)
     deferred = DeferredWrites(metadata)

@@ -261,8 +261,14 @@ async def blob(request: web.Request) -> web.StreamResponse:
     source = await services.blobs.open(route, digest)
     try:
         request[ACCESS_INFO].cache = source.cache_result
+        if source.redirect is not None:
+            # The object store serves it: a short-lived signed URL, as distribution does.
+            return web.Response(
+                status=307,
+                headers={"Location": source.redirect, "Docker-Content-Digest": str(digest)},
+            )
         byte_range = parse_range(request, source.size)
-        if source.file is not None and not_modified(request, str(digest)):
+        if source.stored is not None and not_modified(request, str(digest)):
             response = _blob_response(digest, source.cache_result)
             response.set_status(304)
             await response.prepare(request)
@@ -309,14 +315,18 @@ async def send_blob(
     if head:
         await response.write_eof()
         return response
+    file = None if source.stored is None else source.stored.file
     chunks = None
-    if source.file is None:
+    if source.stored is not None and file is None:
+        assert end is not None
+        chunks = source.stored.chunks(start, end, transport.CHUNK)
+    elif source.stored is None:
         assert source.download is not None
         chunks = source.download.iter_bytes(start, end, chunk=transport.CHUNK)
     await transport.send_blob_body(
         request,
         response,
-        file=source.file,
+        file=file,
         chunks=chunks,
         offset=start,
         count=None if end is None else end - start,

@@ -29,7 +29,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import structlog
 
@@ -40,10 +39,18 @@ from mirror.cache.fetch import BlobDownload, Reserve
 from mirror.cache.manifests import OFFLINE_MISS
 from mirror.cache.peers import Fleet, OpenedResponse
 from mirror.concurrency import TaskOwner, cancel_and_wait
-from mirror.errors import BlobUnknown, DigestMismatch, MirrorError, UpstreamUnavailable
+from mirror.errors import (
+    BlobUnknown,
+    DigestMismatch,
+    MetadataUnavailable,
+    MirrorError,
+    ObjectStoreUnavailable,
+    UpstreamUnavailable,
+)
 from mirror.metadata.base import BlobRecord, DownloadRecord
 from mirror.oci import Digest
 from mirror.routing import Route
+from mirror.storage.blobstore import StoredBlob
 from mirror.upstream.client import UpstreamClient
 
 log = structlog.get_logger(__name__)
@@ -60,12 +67,14 @@ class BlobSource:
     digest: Digest
     size: int | None
     cache_result: str  # "hit", "miss", or "peer" (a miss filled from a peer replica)
-    file: BinaryIO | None = None  # a committed blob, already open: eviction cannot pull it away
+    stored: StoredBlob | None = None  # a committed blob, already open: eviction cannot pull
+    # a local file away, and an object store's blob was checked to be there
     download: BlobDownload | None = None  # a download in progress
+    redirect: str | None = None  # a hit the client fetches from this URL (object store)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        if self.stored is not None:
+            self.stored.close()
         if self.download is not None:
             self.download.leave()
 
@@ -134,16 +143,19 @@ class BlobCache:
     async def open(self, route: Route, digest: Digest) -> BlobSource:
         """A source for the blob's bytes, fetching it if it is not here."""
         # Opened before it is served, so eviction cannot pull it away meanwhile.
-        committed = self._ctx.store.open_committed(digest)
-        if committed is not None:
-            file, size = committed
+        stored = await self._open_committed(digest)
+        if stored is not None:
             try:
                 await self._ctx.access.check(route, "blobs", digest)
             except BaseException:
-                file.close()
+                stored.close()
                 raise
             self._access_times.note(str(digest), time.time())
-            return BlobSource(digest, size, "hit", file=file)
+            redirect = await self._ctx.store.redirect_url(digest)
+            if redirect is not None:
+                stored.close()
+                return BlobSource(digest, stored.size, "hit", redirect=redirect)
+            return BlobSource(digest, stored.size, "hit", stored=stored)
         if self._ctx.offline:
             raise BlobUnknown(OFFLINE_MISS, detail={"digest": str(digest)})
         running = self._downloads.get(digest)
@@ -162,10 +174,9 @@ class BlobCache:
         running here; None otherwise. Never fetches and checks no access rule (a peer
         serves its fleet, not a client); the download's last byte still waits for its
         verification."""
-        committed = self._ctx.store.open_committed(digest)
-        if committed is not None:
-            file, size = committed
-            return BlobSource(digest, size, "hit", file=file)
+        stored = await self._open_committed(digest)
+        if stored is not None:
+            return BlobSource(digest, stored.size, "hit", stored=stored)
         running = self._downloads.get(digest)
         if running is None or running[0].error is not None or not running[0].joinable:
             return None
@@ -180,14 +191,14 @@ class BlobCache:
             assert source.size is not None
             return source.size, False
         await source.download.settled.wait()
-        size = self._ctx.store.size(digest)
+        size = await self._committed_size(digest)
         if size is None:
             raise source.download.error or BlobUnknown("blob could not be fetched")
         return size, True
 
     async def head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
         """The blob's size and the cache result, without fetching its bytes."""
-        size = self._ctx.store.size(digest)
+        size = await self._committed_size(digest)
         if size is not None:
             await self._ctx.access.check(route, "blobs", digest)
             return size, "hit"
@@ -202,6 +213,33 @@ class BlobCache:
         length = await self._ctx.access.confirm(route, "blobs", digest)
         await self._ctx.access.record(route, digest)
         return length, "pass-through"
+
+    async def _open_committed(self, digest: Digest) -> StoredBlob | None:
+        """The committed blob, opened; None if it is not in the store, or the store cannot
+        be reached (an object store's outage costs a fetch, never a pull). An object
+        store is told the size recorded for the blob: an object of another size is not it."""
+        store = self._ctx.store
+        try:
+            if store.local_blobs:
+                return await store.open_committed(digest)
+            return await store.open_committed(digest, await self._recorded_size(digest))
+        except ObjectStoreUnavailable as exc:
+            log.warning("blob_store_unavailable", digest=str(digest), error=exc.message)
+            return None
+
+    async def _committed_size(self, digest: Digest) -> int | None:
+        stored = await self._open_committed(digest)
+        if stored is None:
+            return None
+        stored.close()
+        return stored.size
+
+    async def _recorded_size(self, digest: Digest) -> int | None:
+        try:
+            record = await self._ctx.metadata.get_blob(str(digest))
+        except MetadataUnavailable:
+            return None
+        return None if record is None else record.size
 
     def _client(self, route: Route) -> UpstreamClient:
         return self._ctx.clients[route.upstream]

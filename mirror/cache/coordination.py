@@ -39,7 +39,7 @@ import structlog
 from mirror.cache.fetch import BlobDownload
 from mirror.cache.peers import Fleet
 from mirror.concurrency import cancel_and_wait
-from mirror.errors import MetadataUnavailable
+from mirror.errors import MetadataUnavailable, ObjectStoreUnavailable
 from mirror.metadata.base import DownloadRecord, MetadataStore
 from mirror.oci import Digest
 from mirror.storage.blobstore import BlobStore
@@ -184,7 +184,7 @@ class Coordinator:
             if peer is not None:
                 return Decision(Role.PEER, peer_url=peer)
             if await self.metadata.acquire_lease(lease, self.owner, self._lease_ttl):
-                if self._store.size(digest) is not None:
+                if await self._committed(digest):
                     await self.metadata.release_lease(lease, self.owner)
                     return Decision(Role.COMMITTED)
                 # A replica may have committed it between our look and the lease.
@@ -193,7 +193,7 @@ class Coordinator:
                     return Decision(Role.FETCH)
                 await self.metadata.release_lease(lease, self.owner)
                 return Decision(Role.PEER, peer_url=peer)
-            if self._store.size(digest) is not None:
+            if await self._committed(digest):
                 return Decision(Role.COMMITTED)
             holder = await self.metadata.get_download(str(digest))
             # A temp file we can see means a shared volume; a bare name keeps us in tmp/.
@@ -214,6 +214,12 @@ class Coordinator:
             # Otherwise wait for the holder's commit, or for its lease to lapse.
             await asyncio.sleep(delay)
             delay = min(delay * 2, WAIT_MAX)
+
+    async def _committed(self, digest: Digest) -> bool:
+        try:
+            return await self._store.size(digest) is not None
+        except ObjectStoreUnavailable:
+            return False  # an object store away: fetch (uncached) rather than fail
 
     async def _peer_holding(self, digest: Digest) -> str | None:
         return None if self.fleet is None else await self.fleet.holder(digest)

@@ -39,6 +39,7 @@ import structlog
 from mirror.errors import (
     BlobUnknown,
     MirrorError,
+    ObjectStoreUnavailable,
     StorageFull,
     UpstreamBadResponse,
     UpstreamUnavailable,
@@ -207,8 +208,7 @@ class BlobDownload:
             async with self._progress:
                 self._progress.notify_all()
             if writer is not None:
-                await asyncio.to_thread(writer.commit)
-                self.committed = True
+                await self._commit(writer)
             log.info(
                 "blob_fetched",
                 digest=str(self.digest),
@@ -251,38 +251,54 @@ class BlobDownload:
         self._started.set()
         next_check = time.monotonic() + FOLLOW_HOLDER_CHECK
         while True:
-            committed = self.store.size(self.digest)
-            if committed is not None:
-                self.size = self.written = committed
-                self.verified = self.committed = True
-                await self._finish()
-                return True
             try:
-                grown = os.stat(temp_path).st_size
+                grown: int | None = os.stat(temp_path).st_size
             except FileNotFoundError:
                 grown = None
+            # The temp file goes when the blob is committed (or the download failed);
+            # the holder is also asked now and then, in case it died with the file there.
+            if grown is None or time.monotonic() >= next_check:
+                if await self.adopt_committed():
+                    return True
+                if await holder_gone():
+                    if await self.adopt_committed():  # committed between the two looks
+                        return True
+                    await self.fail(UpstreamUnavailable("the process fetching this blob went away"))
+                    return False
+                next_check = time.monotonic() + FOLLOW_HOLDER_CHECK
             if grown is not None and grown > self.written:
                 self.written = grown
                 async with self._progress:
                     self._progress.notify_all()
-            if grown is None or time.monotonic() >= next_check:
-                if await holder_gone() and self.store.size(self.digest) is None:
-                    await self.fail(UpstreamUnavailable("the process fetching this blob went away"))
-                    return False
-                next_check = time.monotonic() + FOLLOW_HOLDER_CHECK
             await asyncio.sleep(FOLLOW_POLL)
 
     async def adopt_committed(self) -> bool:
-        """Another process committed this blob: readers follow the committed file. False
-        (and nothing changed) if it is gone again, evicted in between."""
-        size = self.store.size(self.digest)
+        """Another process committed this blob: readers read the committed blob. False
+        (and nothing changed) if it is gone again, evicted in between, or cannot be
+        reached now."""
+        try:
+            size = await self.store.size(self.digest)
+        except ObjectStoreUnavailable:
+            return False
         if size is None:
             return False
         self.size = self.written = size
-        self.temp_path = self.store.path(self.digest)
+        self.temp_path = self.store.local_path(self.digest)
         self.verified = self.committed = True
         await self._finish()
         return True
+
+    async def _commit(self, writer: BlobWriter) -> None:
+        """Make the verified temp file the committed blob. A store that fails now costs
+        only the caching: every reader still gets the verified bytes it came for."""
+        try:
+            await self.store.commit(writer)
+        except (OSError, ObjectStoreUnavailable) as exc:
+            log.warning(
+                "blob_not_cached", digest=str(self.digest), reason="store failed", error=str(exc)
+            )
+            return
+        self.committed = True
 
     async def fail(self, error: MirrorError) -> None:
         if self.error is None and not self.committed:
@@ -363,16 +379,12 @@ class BlobDownload:
             passing.read(start, 0)  # raises if those bytes are gone
             passing.positions[reader] = start
         else:
-            assert self.temp_path is not None
-            try:
-                fd = os.open(self.temp_path, os.O_RDONLY)
-            except FileNotFoundError:
-                # Renamed into blobs/ (perhaps a moment before `committed` is set: only a
-                # verified blob is ever renamed there), or deleted after a failure.
-                try:
-                    fd = os.open(self.store.path(self.digest), os.O_RDONLY)
-                except FileNotFoundError:
-                    raise self.error or UpstreamUnavailable("blob download failed") from None
+            fd = self._open_bytes()
+            if fd is None:
+                # Committed where no local file shows it (an object store): read it there.
+                async for data in self._committed_bytes(start, end, chunk):
+                    yield data
+                return
         try:
             position = start
             while end is None or position < end:
@@ -405,6 +417,33 @@ class BlobDownload:
             if passing is not None:
                 del passing.positions[reader]
                 self._reader_moved(passing)
+
+    def _open_bytes(self) -> int | None:
+        """A descriptor on the bytes readers follow: the temp file, or the committed file
+        it was renamed to (perhaps a moment before `committed` is set: only a verified
+        blob is ever renamed there). None when the blob is committed and not local."""
+        for path in (self.temp_path, self.store.local_path(self.digest)):
+            if path is None:
+                continue
+            try:
+                return os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+        if self.committed:
+            return None
+        raise self.error or UpstreamUnavailable("blob download failed")
+
+    async def _committed_bytes(
+        self, start: int, end: int | None, chunk: int
+    ) -> AsyncGenerator[bytes, None]:
+        blob = await self.store.open_committed(self.digest, self.size)
+        if blob is None:
+            raise UpstreamUnavailable("blob left the cache as it was committed")
+        try:
+            async for data in blob.chunks(start, blob.size if end is None else end, chunk):
+                yield data
+        finally:
+            blob.close()
 
 
 def _write_and_flush(writer: BlobWriter, data: bytes) -> None:

@@ -18,7 +18,6 @@ client listed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ from mirror.errors import (
     ManifestUnknown,
     MetadataUnavailable,
     MirrorError,
+    ObjectStoreUnavailable,
     TooManyRequests,
     UpstreamBadResponse,
     UpstreamUnavailable,
@@ -129,13 +129,22 @@ class ManifestCache:
             return await self._load_without_metadata(digest, cache_result)
         if record is None or record.media_type is None:
             return None
-        body = await asyncio.to_thread(self._ctx.store.read_bytes, Digest.parse(digest))
+        body = await self._stored_body(digest)
         if body is None:
             return None
         return Manifest(digest, record.media_type, len(body), body, cache_result)
 
+    async def _stored_body(self, digest: str) -> bytes | None:
+        """The manifest's bytes from the blob store; None if it lacks them or cannot be
+        reached (an object store's outage: the manifest is fetched again)."""
+        try:
+            return await self._ctx.store.read_bytes(Digest.parse(digest))
+        except ObjectStoreUnavailable as exc:
+            log.warning("manifest_store_unavailable", digest=digest, error=exc.message)
+            return None
+
     async def _load_without_metadata(self, digest: str, cache_result: str) -> Manifest | None:
-        body = await asyncio.to_thread(self._ctx.store.read_bytes, Digest.parse(digest))
+        body = await self._stored_body(digest)
         if body is None:
             return None
         try:
@@ -161,7 +170,8 @@ class ManifestCache:
             body = await response.read(MANIFEST_MAX_BYTES)
             media_type = _media_type_of(response, body)
             digest = _verified_digest(response, body, expected)
-        await asyncio.to_thread(self._ctx.store.put_bytes, digest, body)
+        # A manifest the store cannot take is still served; only the caching is lost.
+        await self._ctx.store.put_bytes(digest, body)
         now = self._clock()
         # Records the answer does not depend on: an outage only delays them.
         await self._ctx.deferred.put_blob(
@@ -249,7 +259,7 @@ class ManifestCache:
                 # By digest when we know it: the tag cannot move between HEAD and GET.
                 manifest = await self._fetch(route, str(announced or tag), announced)
         except (UpstreamUnavailable, TooManyRequests) as exc:
-            return self._stale_or_raise(route, tag, record, usable_for, exc)
+            return await self._stale_or_raise(route, tag, record, usable_for, exc)
         except MirrorError:
             raise
         await self._ctx.deferred.put_tag(
@@ -262,7 +272,7 @@ class ManifestCache:
         )
         return manifest
 
-    def _stale_or_raise(
+    async def _stale_or_raise(
         self,
         route: Route,
         tag: str,
@@ -273,7 +283,7 @@ class ManifestCache:
         # usable_for: the tag's TTL plus max_stale, counted from its last confirmation.
         if record is None or self._clock() - record.checked_at > usable_for:
             raise error
-        body = self._ctx.store.read_bytes(Digest.parse(record.digest))
+        body = await self._stored_body(record.digest)
         if body is None:
             raise error
         self.stale_answers[route.upstream] += 1

@@ -1,47 +1,52 @@
-"""Content-addressed files on local disk: the only writer into `blobs/`.
+"""Content-addressed blobs: the store interface, and its local-disk backend.
 
-The layout, version 1:
+`BlobStore` is what the cache sees, whatever holds the committed blobs. It owns a
+local root in every backend, for what is in flight and for the account of space:
 
     <root>/
     ├── layout-version              "1"
-    ├── blobs/<algorithm>/<2 hex>/<hex>   complete, verified, immutable
+    ├── blobs/<algorithm>/<2 hex>/<hex>   complete, verified, immutable (filesystem)
     ├── tmp/                        in-flight downloads; emptied at start
     ├── ledger.json, ledger.lock    the shared account of space (storage/ledger.py);
     │                               ledger.json.tmp while the lock holder rewrites it
     └── meta/                       the embedded metadata store (not ours)
 
-A file appears under `blobs/` only through `BlobWriter.commit`: the bytes were
-hashed while written, compared with the expected digest (and size), fsynced,
-then renamed with `os.replace`, and the directory fsynced. A crash at any
-moment leaves either no file or a complete verified one. The store knows
-nothing of registries; every method here blocks, so async callers run them in
-a thread.
+Every blob is written the same way: a `BlobWriter` in `tmp/` hashes what it is given,
+and `commit` checks it against the expected digest (and size) before the blob
+becomes committed. Where committed blobs live is the backend's: `FilesystemBlobStore`
+fsyncs and renames the temp file into `blobs/` (`os.replace`, then the directory
+fsynced), so a crash at any moment leaves either no file or a complete verified
+one; `S3BlobStore` (storage/s3store.py) uploads it to a bucket under the digest. The
+committed side is async (an object store is a network away); the local side
+(reservations, writers) blocks, and async callers run it in a thread.
 
 Space is a bound, not a wish: a write reserves its size before its first byte
 (`reserve`), and committed bytes plus every process's reservations are what is
-compared with the `Quota` (`max_size` and its watermarks, `min_free` of the
+compared with the `Quota` (`max_size` and its watermarks, `min_free` of the local
 filesystem). The account is the ledger every process under this root shares; a
-commit turns a reservation into usage, a failure releases it. Whether to evict
-to make room is the evictor's business (`excess` says how much); the store only
-refuses what does not fit.
+commit turns a reservation into usage, a failure releases it. Whether to evict to
+make room is the evictor's business (`excess` says how much); the store only refuses
+what does not fit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 import structlog
 
-from mirror.errors import DigestInvalid, DigestMismatch
+from mirror.errors import DigestInvalid, DigestMismatch, ObjectStoreUnavailable
 from mirror.oci import Digest
 from mirror.storage.ledger import HEARTBEAT, Ledger, LedgerState
 
@@ -103,8 +108,58 @@ class Reservation:
         self.released = False
 
 
-class BlobStore:
-    """Verified, content-addressed blobs under one root directory."""
+@dataclass(frozen=True, slots=True)
+class StoredInfo:
+    """One committed blob as a listing of the store sees it."""
+
+    digest: Digest
+    size: int
+    modified: float  # epoch seconds: when it was committed (or last rewritten)
+
+
+class StoredBlob(ABC):
+    """A committed blob opened for reading. Close it when done.
+
+    `file` is set when the bytes are in a local file (served with sendfile or pread);
+    otherwise `chunks` streams them from wherever the backend keeps them."""
+
+    size: int
+    file: BinaryIO | None = None
+
+    @abstractmethod
+    def chunks(self, start: int, end: int, chunk: int) -> AsyncGenerator[bytes, None]:
+        """Bytes [start, end) of the blob, up to `chunk` at a time."""
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class LocalBlob(StoredBlob):
+    """A committed blob in an open local file: eviction cannot pull it away meanwhile."""
+
+    def __init__(self, file: BinaryIO, size: int):
+        self.file = file
+        self.size = size
+
+    async def chunks(self, start: int, end: int, chunk: int) -> AsyncGenerator[bytes, None]:
+        assert self.file is not None
+        fd = self.file.fileno()
+        position = start
+        while position < end:
+            data = os.pread(fd, min(chunk, end - position), position)
+            if not data:
+                raise OSError(f"blob file ended at {position} of {end} bytes")
+            position += len(data)
+            yield data
+
+
+class BlobStore(ABC):
+    """Verified, content-addressed blobs, with a local root for what is in flight."""
+
+    # Whether a committed blob's bytes are in a local file (`local_path`): a shared
+    # volume's followers and `seed`/`export` can then use them directly.
+    local_blobs = True
 
     def __init__(self, root: Path, quota: Quota | None = None):
         quota = quota or Quota()
@@ -126,9 +181,24 @@ class BlobStore:
 
     @property
     def usage(self) -> int:
-        """Bytes under blobs/, as the shared ledger counts them."""
+        """Committed bytes, as the shared ledger counts them."""
         committed = self._ledger.read().committed
         return self._usage if committed is None else committed
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        """Connect to where committed blobs live (nothing to do on local disk)."""
+        return None
+
+    async def close(self) -> None:
+        """Let go of connections opened by `start`."""
+        return None
+
+    async def check_backend(self) -> None:
+        """Raise `ObjectStoreUnavailable` unless the committed blobs can be reached now
+        (readiness detail; local disk is always there)."""
+        return None
 
     # Space
 
@@ -192,8 +262,43 @@ class BlobStore:
     def _know_committed(self, state: LedgerState) -> None:
         """A ledger that lost count (new, or unreadable) is recounted, under its lock."""
         if state.committed is None:
-            state.committed = sum(stat.st_size for _, stat in self.iter_digests())
+            state.committed = self._count_committed()
         self._usage = state.committed
+
+    @abstractmethod
+    def _count_committed(self) -> int:
+        """Committed bytes, counted afresh (blocking; called under the ledger's lock)."""
+
+    def _set_committed(self, total: int) -> None:
+        """The committed bytes as a fresh count found them."""
+        with self._ledger.transaction() as state:
+            state.committed = total
+            self._usage = total
+
+    def _account_commit(self, writer: BlobWriter, added: bool) -> None:
+        """A writer's blob is committed: its bytes count (unless they were there already)
+        and its reservation is spent. Wakes eviction if that crossed the high watermark."""
+        with self._ledger.transaction() as state:
+            self._know_committed(state)
+            assert state.committed is not None
+            if added:
+                state.committed += writer.written
+            if writer.reservation is not None:
+                state.adjust(self._ledger.owner, -writer.reservation.size, time.time())
+                writer._forget_reservation()
+            self._usage = state.committed
+            over_high = self.quota.bounded and self._shortfall(state, 0, "high") > 0
+        if over_high and self.on_over_high is not None:
+            self.on_over_high()
+
+    def _account_removal(self, size: int) -> None:
+        with self._ledger.transaction() as state:
+            self._know_committed(state)
+            assert state.committed is not None
+            state.committed = max(state.committed - size, 0)
+            self._usage = state.committed
+
+    # The local root
 
     def prepare(self, sweep_older_than: float | None = 0.0) -> int:
         """Create the layout and sweep left-over temp files; return how many were swept.
@@ -239,32 +344,6 @@ class BlobStore:
         probe.write_bytes(b"")
         probe.unlink()
 
-    def path(self, digest: Digest) -> Path:
-        # Digest.parse has already restricted algorithm and hex to [a-z0-9], so this
-        # path cannot leave blobs/.
-        return self.blobs_dir / digest.algorithm / digest.hex[:2] / digest.hex
-
-    def size(self, digest: Digest) -> int | None:
-        """The size of a committed blob, or None if it is not here."""
-        try:
-            return self.path(digest).stat().st_size
-        except FileNotFoundError:
-            return None
-
-    def open_committed(self, digest: Digest) -> tuple[BinaryIO, int] | None:
-        """The committed blob opened for reading, with its size; None if not here."""
-        try:
-            file = open(self.path(digest), "rb")  # noqa: SIM115 - the caller owns it
-        except FileNotFoundError:
-            return None
-        return file, os.fstat(file.fileno()).st_size
-
-    def read_bytes(self, digest: Digest) -> bytes | None:
-        try:
-            return self.path(digest).read_bytes()
-        except FileNotFoundError:
-            return None
-
     def new_writer(
         self,
         digest: Digest,
@@ -280,35 +359,216 @@ class BlobStore:
                 self.release(reservation)
             raise
 
-    def put_bytes(self, digest: Digest, data: bytes) -> Path | None:
-        """Verify and commit a small blob (a manifest) held in memory. None if it could
-        not be stored (no room, or the disk failed): the caller still has the bytes, and
+    async def put_bytes(self, digest: Digest, data: bytes) -> bool:
+        """Verify and commit a small blob (a manifest) held in memory. False if it could
+        not be stored (no room, or the store failed): the caller still has the bytes, and
         serves them; only the caching is lost."""
-        reservation = self.reserve(len(data))
+        reservation = await asyncio.to_thread(self.reserve, len(data))
         if reservation is None:
             log.warning("blob_not_cached", digest=str(digest), bytes=len(data), reason="no room")
-            return None
+            return False
+        writer: BlobWriter | None = None
         try:
-            writer = self.new_writer(digest, len(data), reservation)
-        except OSError as exc:
+            writer = await asyncio.to_thread(self.new_writer, digest, len(data), reservation)
+            await asyncio.to_thread(writer.write, data)
+            await self.commit(writer)
+            return True
+        except (OSError, ObjectStoreUnavailable) as exc:
             log.warning(
                 "blob_not_cached", digest=str(digest), reason="write failed", error=str(exc)
             )
-            return None
-        try:
-            writer.write(data)
-            return writer.commit()
-        except OSError as exc:
-            log.warning(
-                "blob_not_cached", digest=str(digest), reason="write failed", error=str(exc)
-            )
-            return None
+            return False
         finally:
-            writer.discard()
+            if writer is not None:
+                await asyncio.to_thread(writer.discard)
 
-    def delete(self, digest: Digest) -> int:
-        """Remove a committed blob; return the bytes freed. Readers with the file open
-        keep reading it whole: the inode lives until they close it."""
+    # The committed blobs: the backend's
+
+    @abstractmethod
+    async def size(self, digest: Digest) -> int | None:
+        """The size of a committed blob, or None if it is not here."""
+
+    @abstractmethod
+    async def open_committed(
+        self, digest: Digest, expected_size: int | None = None
+    ) -> StoredBlob | None:
+        """The committed blob opened for reading; None if it is not here (or is not of
+        `expected_size`, when that is known: such an object is not the blob)."""
+
+    async def read_bytes(self, digest: Digest) -> bytes | None:
+        blob = await self.open_committed(digest)
+        if blob is None:
+            return None
+        try:
+            return b"".join([chunk async for chunk in blob.chunks(0, blob.size, 1024 * 1024)])
+        finally:
+            blob.close()
+
+    @abstractmethod
+    async def commit(self, writer: BlobWriter) -> bool:
+        """Verify the writer's bytes and make them the committed blob; True if they are
+        new here, False if the blob was committed already. Raises `DigestMismatch`,
+        OSError or `ObjectStoreUnavailable`, and then nothing is committed."""
+
+    @abstractmethod
+    async def delete(self, digest: Digest) -> int:
+        """Remove a committed blob; return the bytes freed. Readers that opened it before
+        keep reading it whole."""
+
+    @abstractmethod
+    async def move_aside(self, digest: Digest) -> str | None:
+        """Take a (corrupt) blob out of the cache; say where it was kept to inspect."""
+
+    async def hash_matches(self, digest: Digest) -> bool:
+        """Re-read a committed blob and check it still hashes to its name."""
+        blob = await self.open_committed(digest)
+        if blob is None:
+            return False
+        hasher = digest.hasher()
+        try:
+            async for chunk in blob.chunks(0, blob.size, 1024 * 1024):
+                await asyncio.to_thread(hasher.update, chunk)
+        finally:
+            blob.close()
+        return hasher.hexdigest() == digest.hex
+
+    @abstractmethod
+    def list_committed(self) -> AsyncIterator[StoredInfo]:
+        """Every committed blob, with its size and modification time."""
+
+    async def scan_usage(self) -> int:
+        """Count the committed bytes afresh and make that the shared count."""
+        total = 0
+        async for info in self.list_committed():
+            total += info.size
+        await asyncio.to_thread(self._set_committed, total)
+        return total
+
+    def local_path(self, digest: Digest) -> Path | None:
+        """Where the committed blob's bytes are on local disk (None: not local)."""
+        return None
+
+    async def abandoned_uploads(self, older_than: float, now: float) -> list[str]:
+        """Uploads to the backend started more than `older_than` seconds ago and never
+        finished (an object store's multipart uploads; none on local disk)."""
+        return []
+
+    async def abort_upload(self, name: str) -> None:
+        """Abort one of `abandoned_uploads`, freeing what it holds."""
+        return None
+
+    async def sweep_uploads(self, older_than: float | None) -> int:
+        """At start, as `prepare` sweeps tmp/: abort the backend's uploads idle for more
+        than `older_than` seconds (0: every one, this process is alone; None: none)."""
+        if older_than is None:
+            return 0
+        names = await self.abandoned_uploads(older_than, time.time())
+        for name in names:
+            await self.abort_upload(name)
+        return len(names)
+
+    @contextlib.asynccontextmanager
+    async def local_copy(self, digest: Digest) -> AsyncIterator[Path | None]:
+        """A local file with the committed blob's bytes while the block runs (None if the
+        blob is not here): the file itself on local disk, a temporary copy otherwise."""
+        path = self.local_path(digest)
+        if path is not None:
+            yield path if path.exists() else None
+            return
+        blob = await self.open_committed(digest)
+        if blob is None:
+            yield None
+            return
+        copy = self.tmp_dir / f"copy-{digest.hex[:16]}.{secrets.token_hex(8)}"
+        try:
+            with open(copy, "xb") as out:  # noqa: ASYNC230 - one local file, written in chunks
+                async for chunk in blob.chunks(0, blob.size, 1024 * 1024):
+                    await asyncio.to_thread(out.write, chunk)
+            yield copy
+        finally:
+            blob.close()
+            copy.unlink(missing_ok=True)
+
+    async def redirect_url(self, digest: Digest) -> str | None:
+        """A URL clients can fetch the committed blob from directly (None: serve it)."""
+        return None
+
+
+class FilesystemBlobStore(BlobStore):
+    """Committed blobs as files under `<root>/blobs/`."""
+
+    def path(self, digest: Digest) -> Path:
+        # Digest.parse has already restricted algorithm and hex to [a-z0-9], so this
+        # path cannot leave blobs/.
+        return self.blobs_dir / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def local_path(self, digest: Digest) -> Path:
+        return self.path(digest)
+
+    def _count_committed(self) -> int:
+        return sum(stat.st_size for _, stat in self.iter_digests())
+
+    async def size(self, digest: Digest) -> int | None:
+        # A stat of a file whose directory is in the page cache: not worth a thread hop.
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    async def open_committed(
+        self, digest: Digest, expected_size: int | None = None
+    ) -> StoredBlob | None:
+        try:
+            file = open(self.path(digest), "rb")  # noqa: SIM115, ASYNC230 - the caller owns it
+        except FileNotFoundError:
+            return None
+        size = os.fstat(file.fileno()).st_size
+        if expected_size is not None and size != expected_size:
+            # Only a verified file is ever renamed into blobs/; this one was changed since.
+            file.close()
+            log.warning("blob_wrong_size", digest=str(digest), size=size, expected=expected_size)
+            return None
+        return LocalBlob(file, size)
+
+    async def read_bytes(self, digest: Digest) -> bytes | None:
+        try:
+            return await asyncio.to_thread(self.path(digest).read_bytes)
+        except FileNotFoundError:
+            return None
+
+    async def commit(self, writer: BlobWriter) -> bool:
+        return await asyncio.to_thread(self._commit_file, writer)
+
+    def _commit_file(self, writer: BlobWriter) -> bool:
+        """Verify, fsync, and move into `blobs/`: only now is the blob in the cache. The
+        rename and the account change together, under the ledger's lock."""
+        writer.seal()
+        final = self.path(writer.digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with self._ledger.transaction() as state:
+            self._know_committed(state)
+            assert state.committed is not None
+            added = not final.exists()  # another process's copy is already counted
+            if added:
+                state.committed += writer.written
+            os.replace(writer.temp_path, final)
+            writer.committed = True
+            if writer.reservation is not None:
+                state.adjust(self._ledger.owner, -writer.reservation.size, time.time())
+                writer._forget_reservation()
+            self._usage = state.committed
+            over_high = self.quota.bounded and self._shortfall(state, 0, "high") > 0
+        _fsync_dir(final.parent)
+        if over_high and self.on_over_high is not None:
+            self.on_over_high()
+        return added
+
+    async def delete(self, digest: Digest) -> int:
+        return await asyncio.to_thread(self._delete_file, digest)
+
+    def _delete_file(self, digest: Digest) -> int:
+        # Readers with the file open keep reading it whole: the inode lives until they
+        # close it.
         path = self.path(digest)
         with self._ledger.transaction() as state:
             self._know_committed(state)
@@ -322,8 +582,11 @@ class BlobStore:
             self._usage = state.committed
         return size
 
-    def move_aside(self, digest: Digest) -> Path | None:
-        """Take a (corrupt) blob out of the cache, keeping it under corrupt/ to inspect."""
+    async def move_aside(self, digest: Digest) -> str | None:
+        return await asyncio.to_thread(self._move_file_aside, digest)
+
+    def _move_file_aside(self, digest: Digest) -> str | None:
+        """Keep a (corrupt) blob under corrupt/ to inspect, out of the cache."""
         self.corrupt_dir.mkdir(exist_ok=True)
         target = self.corrupt_dir / f"{digest.algorithm}-{digest.hex}"
         with self._ledger.transaction() as state:
@@ -336,23 +599,36 @@ class BlobStore:
                 return None
             state.committed = max(state.committed - size, 0)
             self._usage = state.committed
-        return target
+        return str(target)
 
-    def scan_usage(self) -> int:
+    async def hash_matches(self, digest: Digest) -> bool:
+        return await asyncio.to_thread(self._file_hash_matches, digest)
+
+    def _file_hash_matches(self, digest: Digest) -> bool:
+        hasher = digest.hasher()
+        try:
+            with open(self.path(digest), "rb") as file:
+                while chunk := file.read(1024 * 1024):
+                    hasher.update(chunk)
+        except FileNotFoundError:
+            return False
+        return hasher.hexdigest() == digest.hex
+
+    async def list_committed(self) -> AsyncIterator[StoredInfo]:
+        listed = await asyncio.to_thread(list, self.iter_digests())
+        for digest, stat in listed:
+            yield StoredInfo(digest, stat.st_size, stat.st_mtime)
+
+    async def scan_usage(self) -> int:
         """Walk blobs/ and set the shared count to the bytes it holds (under the lock,
         so no commit or delete slips between the walk and the count)."""
+        return await asyncio.to_thread(self.scan_usage_blocking)
+
+    def scan_usage_blocking(self) -> int:
         with self._ledger.transaction() as state:
             state.committed = None
             self._know_committed(state)
         return self._usage
-
-    def hash_matches(self, digest: Digest) -> bool:
-        """Re-read a committed blob and check it still hashes to its name."""
-        hasher = digest.hasher()
-        with open(self.path(digest), "rb") as file:
-            while chunk := file.read(1024 * 1024):
-                hasher.update(chunk)
-        return hasher.hexdigest() == digest.hex
 
     def iter_digests(self) -> Iterator[tuple[Digest, os.stat_result]]:
         """Every committed blob with its stat (size, mtime)."""
@@ -429,7 +705,7 @@ class BlobWriter:
         self._check = DigestCheck(digest, expected_size)
         self._file = open(self.temp_path, "xb")  # noqa: SIM115 - owned until commit/discard
         self.written = 0
-        self._committed = False
+        self.committed = False  # the temp file became the committed blob (renamed)
 
     def write(self, chunk: bytes) -> None:
         self._file.write(chunk)
@@ -447,32 +723,14 @@ class BlobWriter:
         """Raise `DigestMismatch` unless what was written hashes to the digest (and size)."""
         self._check.verify()
 
-    def commit(self) -> Path:
-        """Verify, fsync, and move into `blobs/`: only now is the blob in the cache. The
-        rename and the account change together, under the ledger's lock."""
+    def seal(self) -> None:
+        """Verify what was written, then fsync and close the temp file: its bytes are
+        the blob's, ready to be committed (`BlobStore.commit`)."""
         self.verify()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        final = self.store.path(self.digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        store = self.store
-        with store._ledger.transaction() as state:
-            store._know_committed(state)
-            assert state.committed is not None
-            if not final.exists():  # another process's copy is already counted
-                state.committed += self.written
-            os.replace(self.temp_path, final)
-            self._committed = True
-            if self.reservation is not None:
-                state.adjust(store._ledger.owner, -self.reservation.size, time.time())
-                self._forget_reservation()
-            store._usage = state.committed
-            over_high = store.quota.bounded and store._shortfall(state, 0, "high") > 0
-        _fsync_dir(final.parent)
-        if over_high and store.on_over_high is not None:
-            store.on_over_high()
-        return final
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
 
     def _forget_reservation(self) -> None:
         reservation, self.reservation = self.reservation, None
@@ -482,11 +740,11 @@ class BlobWriter:
                 self.store._reservations.discard(reservation)
 
     def discard(self) -> None:
-        """Close and delete the temp file unless it was committed, and give back the
-        reservation. Safe to call twice."""
+        """Close and delete the temp file unless it became the committed blob, and give
+        back the reservation. Safe to call twice."""
         if not self._file.closed:
             self._file.close()
-        if not self._committed:
+        if not self.committed:
             self.temp_path.unlink(missing_ok=True)
         if self.reservation is not None:
             reservation, self.reservation = self.reservation, None
