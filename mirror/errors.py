@@ -19,12 +19,14 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
     │   ├── UpstreamBadResponse    wrong digest, size or protocol      (502)
     │   │   └── DigestMismatch     bytes that do not hash to the digest (or size) asked for
     │   └── UpstreamTargetRefused  a realm or redirect the mirror must not follow (502)
-    └── MetadataUnavailable        the metadata store cannot be reached (503)
+    ├── MetadataUnavailable        the metadata store cannot be reached (503)
+    └── ObjectStoreUnavailable     the S3 object store cannot be reached or refuses (503)
 
 `MetadataUnavailable` is deliberately not an upstream failure: the upstream may be
 right there while Redis is down, and the caches answer the two differently (an
 upstream failure may be answered stale; a metadata outage is worked around, and the
-pull goes on uncoordinated).
+pull goes on uncoordinated). `ObjectStoreUnavailable` stands apart for the same reason:
+the object store is the cache's own storage, not the upstream.
 
 Two exceptions stay outside the tree on purpose, since no client is ever told them:
 `ConfigError` (`config.py`), which stops a command before anything is served, and
@@ -156,6 +158,16 @@ class UpstreamTargetRefused(UpstreamError):
 class MetadataUnavailable(MirrorError):
     """The metadata store cannot be reached. The caches work around it (fetch without
     a lease, keep records for later); a client sees it only where nothing else helps."""
+
+    code, status = "UNAVAILABLE", 503
+
+    def __init__(self, message: str, *, detail: Any = None):
+        super().__init__(message, detail=detail, headers={"Retry-After": "10"})
+
+
+class ObjectStoreUnavailable(MirrorError):
+    """The S3 object store cannot be reached, times out, or refuses a request (bad
+    credentials, missing bucket, 5xx). An absent key is not this: it is a None."""
 
     code, status = "UNAVAILABLE", 503
 
