@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from support.images import Image, push, push_with_token, standard_images
 from support.net import eventually
 from support.redis_server import RedisServer
 from support.registry import Registry
+from support.seaweedfs import SeaweedS3
 from support.tokenserver import TokenServer
 
 from mirror.api.services import SERVICES
@@ -51,7 +53,16 @@ STORAGE_ENTRIES = {
 # that uses one (itself or through another fixture) is an integration test, `slow`.
 # Tests that start such things in their own body are marked where they are written.
 SERVER_FIXTURES = frozenset(
-    {"upstream", "token_upstream", "redis_server", "make_mirror", "mirror", "aiohttp_server"}
+    {
+        "upstream",
+        "token_upstream",
+        "redis_server",
+        "s3_server",
+        "s3_bucket",
+        "make_mirror",
+        "mirror",
+        "aiohttp_server",
+    }
 )
 
 
@@ -138,6 +149,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     """One real redis-server for the session; tests keep apart by key prefix."""
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One real SeaweedFS S3 gateway for the session; tests keep apart by bucket."""
+    with SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: SeaweedS3) -> str:
+    """A fresh, empty bucket of this test's own on `s3_server`."""
+    name = f"test-{uuid.uuid4().hex[:20]}"
+    s3_server.make_bucket(name)
+    return name
 
 
 @dataclass
