@@ -5,7 +5,9 @@ One process runs master, volume server, filer and S3 gateway. Every port it open
 free loopback one chosen here, extra listeners (Iceberg, Lance, IAM, debug) are off, and
 telemetry is off: nothing leaves the machine. S3 requests are signed for real against an
 identities file (one admin identity). `kill` is SIGKILL, as in a crash; `start` again
-reuses the same ports and data directory, so objects survive a restart.
+reuses the same ports and data directory, so objects survive a restart. Its local
+sockets go to the work directory, except the gRPC ones weed always puts in /tmp, which
+are removed at stop.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from .net import LOOPBACK, Service, free_port, port_open, wait_until
 
 ACCESS_KEY = "mirror-test-access"
 SECRET_KEY = "mirror-test-secret-0123456789"
-STOP_GRACE = 5
+# weed 4.x does not finish a SIGTERM or SIGINT shutdown within 8 s (measured), and a
+# test gains nothing from waiting: a short grace, then SIGKILL.
+STOP_GRACE = 1
 PROBE_BUCKET = "readiness-probe"
 # The gateway answers a signed request only once master, volume and filer are up.
 START_TIMEOUT = 60
@@ -100,6 +104,11 @@ class SeaweedS3(Service):
         shutil.rmtree(master / f"m{self._ports['master.port']}", ignore_errors=True)
         master.mkdir(exist_ok=True)
         config = self._write_identities()
+        # Read from the working directory: every bucket is a collection, and the default
+        # grows 7 volumes for each; one per bucket keeps a session's many buckets small.
+        (self.workdir / "master.toml").write_text(
+            "[master.volume_growth]\ncopy_1 = 1\n", encoding="utf-8"
+        )
         argv = [
             weed_binary(),
             # glog writes to the system temp directory unless told otherwise.
@@ -116,26 +125,22 @@ class SeaweedS3(Service):
             "-volume.preStopSeconds=0",
             # Small volumes, grown on demand: a test cluster, not a data centre.
             "-master.volumeSizeLimitMB=64",
-            "-volume.max=100",
+            "-volume.max=1000",
             "-filer",
             "-s3",
             f"-s3.port={self.port}",
             f"-s3.config={config}",
+            # Its local sockets default to /tmp; these two can be kept private.
+            f"-s3.localSocket={self.workdir / 's3.sock'}",
+            f"-filer.localSocket={self.workdir / 'filer.sock'}",
             "-s3.iam=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
         ]
         began = time.monotonic()
-        # weed puts its local gRPC sockets in the temp directory: keep them private.
-        sockets = self.workdir / "tmp"
-        sockets.mkdir(exist_ok=True)
         log = open(self.workdir / "weed.log", "ab")  # noqa: SIM115 - the process owns it
         self._process = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-            env={**os.environ, "TMPDIR": str(sockets)},
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
         )
         log.close()
         try:
@@ -188,9 +193,16 @@ class SeaweedS3(Service):
     def make_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
 
+    def _remove_grpc_sockets(self) -> None:
+        """weed always adds a Unix socket per gRPC port at /tmp/seaweedfs-<role>-grpc-
+        <port>.sock, and a killed weed leaves them behind: remove ours."""
+        for name, port in self._ports.items():
+            if name.endswith(".grpc"):
+                role = name.split(".")[0]
+                Path(f"/tmp/seaweedfs-{role}-grpc-{port}.sock").unlink(missing_ok=True)
+
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL if weed has not exited within a few seconds (its
-        graceful shutdown can take longer than a test should wait)."""
+        """SIGTERM, then SIGKILL if weed has not exited after STOP_GRACE."""
         process = self._process
         if process is None:
             return
@@ -200,6 +212,7 @@ class SeaweedS3(Service):
         except subprocess.TimeoutExpired:
             self.kill()
         self._process = None
+        self._remove_grpc_sockets()
 
     def kill(self) -> None:
         """SIGKILL: no clean shutdown, as in a crash."""
@@ -207,6 +220,7 @@ class SeaweedS3(Service):
         if process is not None:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+            self._remove_grpc_sockets()
 
     def restart(self) -> None:
         """Start again on the same ports and data directory (after `kill` or `stop`)."""
