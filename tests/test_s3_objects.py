@@ -21,6 +21,8 @@ from mirror.config import S3Config
 from mirror.errors import ObjectStoreUnavailable
 from mirror.storage.s3 import S3Objects
 
+pytestmark = pytest.mark.slow  # every test talks to a server on a socket
+
 MiB = 1024 * 1024
 # A dead server must fail a request within this many seconds.
 FAILURE_BOUND = 15
@@ -205,6 +207,38 @@ async def test_abandoned_multipart_upload_is_listed_and_aborted(
     assert await objects.head("uploads/left") is None
 
 
+async def test_cancelled_upload_is_aborted(
+    objects: S3Objects,
+    s3_server: SeaweedS3,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = tmp_path / "big"
+    path.write_bytes(os.urandom(11 * MiB))
+    release, reading = threading.Event(), threading.Event()
+    read_part = s3_module._read_part
+
+    def held_read(path: Path, offset: int, length: int) -> bytes:
+        reading.set()
+        release.wait(timeout=30)
+        return read_part(path, offset, length)
+
+    monkeypatch.setattr(s3_module, "_read_part", held_read)
+    upload = asyncio.create_task(objects.put_file("blobs/cancelled", path, 11 * MiB))
+    # Parts are being read: the upload exists and its id is known to put_file. (A
+    # cancellation before CreateMultipartUpload answers cannot abort; the sweep can.)
+    await eventually(reading.is_set, timeout=10)
+    client = s3_server.client()
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+    upload.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await upload
+    assert await objects.list_uploads() == []
+    assert await objects.head("blobs/cancelled") is None
+
+
 async def test_server_killed_mid_upload_fails_fast_and_leaves_no_object(
     make_objects: ObjectsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -218,19 +252,18 @@ async def test_server_killed_mid_upload_fails_fast_and_leaves_no_object(
         path.write_bytes(data)
         # Hold every part's read until the server is dead, so the kill lands mid-upload
         # (after CreateMultipartUpload, before any UploadPart), whatever the timing.
-        server_dead = threading.Event()
+        server_dead, reading = threading.Event(), threading.Event()
         read_part = s3_module._read_part
 
         def held_read(path: Path, offset: int, length: int) -> bytes:
+            reading.set()
             assert server_dead.wait(timeout=30)
             return read_part(path, offset, length)
 
         monkeypatch.setattr(s3_module, "_read_part", held_read)
         upload = asyncio.create_task(objects.put_file("blobs/big", path, len(data)))
-        await eventually(
-            lambda: bool(server.client().list_multipart_uploads(Bucket="doomed").get("Uploads")),
-            timeout=10,
-        )
+        await eventually(reading.is_set, timeout=10)
+        assert server.client().list_multipart_uploads(Bucket="doomed").get("Uploads")
         server.kill()
         server_dead.set()
         began = time.monotonic()

@@ -300,7 +300,9 @@ class S3Objects:
         """Upload the first `size` bytes of the file at `path`: one PutObject below
         `multipart_chunk`, else a multipart upload whose parts are read from the file as
         they go (at most `UPLOAD_CONCURRENCY` chunks in memory). On any failure or
-        cancellation the upload is aborted, so no object appears."""
+        cancellation the upload is aborted, so no object appears. (One cancelled while
+        CreateMultipartUpload is in flight has no id to abort: `abort_stale_uploads`
+        sweeps it.)"""
         chunk = int(self.settings.multipart_chunk)
         if size < chunk:
             data = await asyncio.to_thread(_read_part, path, 0, size)
