@@ -214,7 +214,100 @@ class UpstreamConfig(_Section):
         return self.username, secret
 
 
+# S3 refuses multipart parts below this size (all but the last).
+S3_MIN_PART = 5 * 1024 * 1024
+
+
+class S3Config(_Section):
+    """An S3-compatible bucket holding the blobs (`storage.backend: s3`). The secret key
+    is read like upstream passwords: inline, from a file, or from a variable; without
+    access_key, credentials come from the standard AWS chain."""
+
+    # None: the AWS endpoint for the region.
+    endpoint: str | None = None
+    bucket: str
+    region: str = "us-east-1"
+    prefix: str = ""
+    path_style: bool = False
+    multipart_chunk: ByteSize = ByteSize(16 * 1024 * 1024)
+    redirect: bool = False
+    redirect_expiry: Duration = 1200.0
+    create_bucket: bool = False
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    secret_key_file: Path | None = None
+    secret_key_env: str | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else _plain_http_url(value)
+
+    @field_validator("bucket")
+    @classmethod
+    def _check_bucket(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", value):
+            raise ValueError("must be 3-63 characters: lower-case letters, digits, '.', '-'")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        return f"{value}/" if value else ""
+
+    @field_validator("multipart_chunk")
+    @classmethod
+    def _check_chunk(cls, value: ByteSize) -> ByteSize:
+        if value < S3_MIN_PART:
+            raise ValueError("must be at least 5MiB: S3 refuses smaller multipart parts")
+        return value
+
+    @field_validator("redirect_expiry")
+    @classmethod
+    def _check_expiry(cls, value: float) -> float:
+        # SigV4 presigned URLs live at most 7 days.
+        if not 1 <= value <= 7 * 86400:
+            raise ValueError("must be between 1s and 7d")
+        return value
+
+    @model_validator(mode="after")
+    def _check_credentials(self) -> S3Config:
+        sources = _one_source(
+            secret_key=self.secret_key,
+            secret_key_file=self.secret_key_file,
+            secret_key_env=self.secret_key_env,
+        )
+        if sources and not self.access_key:
+            raise ValueError(f"{sources[0]} needs access_key")
+        if self.access_key and not sources:
+            raise ValueError("access_key needs secret_key, secret_key_file or secret_key_env")
+        if self.secret_key_file is not None and not os.access(self.secret_key_file, os.R_OK):
+            raise ValueError(f"secret_key_file {self.secret_key_file} is not readable")
+        if self.secret_key_env is not None and self.secret_key_env not in os.environ:
+            raise ValueError(f"secret_key_env: ${self.secret_key_env} is not set")
+        return self
+
+    def credentials(self) -> tuple[str, str] | None:
+        """The access key and secret, read now (a file or variable may be rotated);
+        None: the standard AWS credential chain."""
+        if not self.access_key:
+            return None
+        if self.secret_key_file is not None:
+            secret = self.secret_key_file.read_text(encoding="utf-8").strip()
+        elif self.secret_key_env is not None:
+            secret = os.environ.get(self.secret_key_env, "")
+        else:
+            assert self.secret_key is not None
+            secret = self.secret_key.get_secret_value()
+        return self.access_key, secret
+
+
 class StorageConfig(_Section):
+    # filesystem: blobs under root. s3: blobs in storage.s3's bucket; root keeps temp
+    # files and the embedded metadata only.
+    backend: Literal["filesystem", "s3"] = "filesystem"
+    s3: S3Config | None = None
     root: Path = Path("/var/lib/mirror")
     max_size: ByteSize | None = None
     high_watermark: float = Field(default=0.95, gt=0, le=1)
@@ -227,6 +320,12 @@ class StorageConfig(_Section):
     def _check_watermarks(self) -> StorageConfig:
         if self.low_watermark >= self.high_watermark:
             raise ValueError("low_watermark must be below high_watermark")
+        return self
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> StorageConfig:
+        if self.backend == "s3" and self.s3 is None:
+            raise ValueError("backend s3 needs the storage.s3 section (at least its bucket)")
         return self
 
     @property

@@ -78,6 +78,11 @@ def storage_quota(config: MirrorConfig) -> Quota:
 
 def make_blob_store(config: MirrorConfig, quota: Quota | None = None) -> BlobStore:
     """The blob store `storage.backend` names, rooted at `storage.root` (call `start`)."""
+    if config.storage.backend == "s3":
+        from mirror.storage.s3store import S3BlobStore
+
+        assert config.storage.s3 is not None  # the config requires it with backend s3
+        return S3BlobStore(config.storage.root, config.storage.s3, quota)
     return FilesystemBlobStore(config.storage.root, quota)
 
 

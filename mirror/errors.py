@@ -20,12 +20,13 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
     │   │   └── DigestMismatch     bytes that do not hash to the digest (or size) asked for
     │   └── UpstreamTargetRefused  a realm or redirect the mirror must not follow (502)
     ├── MetadataUnavailable        the metadata store cannot be reached (503)
-    └── ObjectStoreUnavailable     the object store (S3) holding blobs failed (503)
+    └── ObjectStoreUnavailable     the S3 object store cannot be reached or refuses (503)
 
 `MetadataUnavailable` is deliberately not an upstream failure: the upstream may be
 right there while Redis is down, and the caches answer the two differently (an
 upstream failure may be answered stale; a metadata outage is worked around, and the
-pull goes on uncoordinated).
+pull goes on uncoordinated). `ObjectStoreUnavailable` stands apart for the same reason:
+the object store is the cache's own storage, not the upstream.
 
 Two exceptions stay outside the tree on purpose, since no client is ever told them:
 `ConfigError` (`config.py`), which stops a command before anything is served, and
@@ -165,10 +166,11 @@ class MetadataUnavailable(MirrorError):
 
 
 class ObjectStoreUnavailable(MirrorError):
-    """The object store that holds committed blobs (S3) failed or cannot be reached.
+    """The S3 object store cannot be reached, times out, or refuses a request (bad
+    credentials, missing bucket, 5xx). An absent key is not this: it is a None.
 
     Like a metadata outage, not an upstream failure: a miss is still fetched and
-    streamed to its clients, only not cached; a hit the store cannot give is a 503."""
+    streamed to its clients, only not cached."""
 
     code, status = "UNAVAILABLE", 503
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,13 @@ from support.images import Image, push, push_with_token, standard_images
 from support.net import eventually
 from support.redis_server import RedisServer
 from support.registry import Registry
+from support.seaweedfs import SeaweedS3
 from support.tokenserver import TokenServer
 
 from mirror.api.services import SERVICES
 from mirror.app import create_app
 from mirror.config import MirrorConfig, load_config
+from mirror.logging import AccessLogger
 from mirror.server import MirrorRunner
 
 PUSHER, PUSHER_PASSWORD = "pusher", "pusher-secret"
@@ -51,7 +54,17 @@ STORAGE_ENTRIES = {
 # that uses one (itself or through another fixture) is an integration test, `slow`.
 # Tests that start such things in their own body are marked where they are written.
 SERVER_FIXTURES = frozenset(
-    {"upstream", "token_upstream", "redis_server", "make_mirror", "mirror", "aiohttp_server"}
+    {
+        "upstream",
+        "token_upstream",
+        "redis_server",
+        "s3_server",
+        "s3_bucket",
+        "s3_storage",
+        "make_mirror",
+        "mirror",
+        "aiohttp_server",
+    }
 )
 
 
@@ -140,6 +153,42 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One real SeaweedFS S3 gateway for the session; tests keep apart by bucket."""
+    with SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: SeaweedS3) -> str:
+    """A fresh, empty bucket of this test's own on `s3_server`."""
+    name = f"test-{uuid.uuid4().hex[:20]}"
+    s3_server.make_bucket(name)
+    return name
+
+
+def s3_storage_settings(server: SeaweedS3, bucket: str, **s3: Any) -> dict[str, Any]:
+    """`storage` settings that put a mirror's blobs in `bucket` on `server`."""
+    return {
+        "backend": "s3",
+        "s3": {
+            "endpoint": server.endpoint,
+            "bucket": bucket,
+            "path_style": True,
+            "access_key": server.access_key,
+            "secret_key": server.secret_key,
+            **s3,
+        },
+    }
+
+
+@pytest.fixture
+def s3_storage(s3_server: SeaweedS3, s3_bucket: str) -> dict[str, Any]:
+    """`storage` settings for a mirror on this test's own bucket."""
+    return s3_storage_settings(s3_server, s3_bucket)
+
+
 @dataclass
 class Mirror:
     server: TestServer
@@ -174,9 +223,11 @@ MirrorFactory = Callable[..., Awaitable[Mirror]]
 
 
 class MirrorTestServer(TestServer):
-    """An in-process server with the connection layer `mirror serve` uses."""
+    """An in-process server with the connection layer and access lines `mirror serve`
+    uses."""
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        kwargs.setdefault("access_log_class", AccessLogger)
         return MirrorRunner(self.app, **kwargs)
 
 

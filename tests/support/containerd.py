@@ -82,6 +82,10 @@ class Containerd(Service):
             "images", "pull", "--hosts-dir", str(hosts_dir), "--snapshotter", "native", reference
         )
 
+    def remove(self, reference: str) -> None:
+        """Forget the image and, once garbage-collected, its content: a pull fetches again."""
+        self.ctr("images", "rm", "--sync", reference)
+
     def image_digest(self, reference: str) -> str:
         for line in self.ctr("images", "list").stdout.splitlines()[1:]:
             fields = line.split()
