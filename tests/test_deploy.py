@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel
 from support.cli import containerd_hosts, mirror_cli
 
-from mirror.config import MirrorConfig, StorageConfig
+from mirror.config import MirrorConfig
 
 pytestmark = pytest.mark.slow  # starts registries, servers or processes
 
@@ -30,9 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
 COMPOSE_WHEEL = "docker-compose==1.29.2"  # ships the Compose specification's JSON schema
-# The S3 blob store is built on another branch (issue 14): until it is merged, this
-# build's config model has no storage.backend, and the S3 configurations are skipped.
-S3_IN_MODEL = "backend" in StorageConfig.model_fields
 
 
 def run(*argv: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -271,14 +268,8 @@ def pod_environment(text: str, tmp_path: Path) -> dict[str, str]:
     return environment
 
 
-def uses_s3(text: str) -> bool:
-    return ((yaml.safe_load(text) or {}).get("storage") or {}).get("backend") == "s3"
-
-
 @pytest.mark.parametrize(("name", "text"), list(shipped_configs()), ids=lambda v: str(v)[:60])
 def test_shipped_mirror_configs_pass_check_config(name: str, text: str, tmp_path: Path) -> None:
-    if uses_s3(text) and not S3_IN_MODEL:
-        pytest.skip("this build's config model has no S3 backend yet")
     path = tmp_path / "mirror.yaml"
     path.write_text(text)
     result = mirror_cli("check-config", "--config", path, env=pod_environment(text, tmp_path))
@@ -476,8 +467,6 @@ def readme_keys() -> set[str]:
 def test_every_config_key_is_documented_and_every_documented_key_exists() -> None:
     in_model = model_keys(MirrorConfig)
     in_readme = readme_keys()
-    if not S3_IN_MODEL:
-        in_readme = {k for k in in_readme if not k.startswith(("storage.backend", "storage.s3."))}
     assert in_model - in_readme == set(), "in the config model but not in the README"
     assert in_readme - in_model == set(), "in the README but not in the config model"
     example = (ROOT / "config.example.yaml").read_text()
