@@ -70,8 +70,11 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+    # The JSON renderer writes `exc_info` as a bare `true`: render the traceback first
+    # (the console renderer prints it itself, and objects to a pre-rendered one).
+    tracebacks = [structlog.processors.format_exc_info] if use_json else []
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, *tracebacks, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),

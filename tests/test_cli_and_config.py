@@ -8,6 +8,8 @@ and writes one JSON access line per request, with no credential in any line.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -410,3 +412,22 @@ def test_podman_marks_every_http_location_insecure(
     if fallback == "upstream":
         assert registries["tls.test"]["location"] == "tls.test"
         assert registries["tls.test"]["insecure"] is False
+
+
+def test_json_log_lines_carry_the_traceback_of_a_logged_exception() -> None:
+    # In a child process: logging is configured once per process, for the whole of it.
+    program = (
+        "import structlog\n"
+        "from mirror.logging import configure_logging\n"
+        "configure_logging('info', 'json')\n"
+        "try:\n"
+        "    raise KeyError('ContentLength')\n"
+        "except KeyError:\n"
+        "    structlog.get_logger('t').exception('unhandled_error')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=30, check=True
+    )
+    line = json.loads(result.stderr.strip().splitlines()[-1])
+    assert line["event"] == "unhandled_error"
+    assert "KeyError: 'ContentLength'" in line["exception"]
