@@ -76,6 +76,37 @@ async def test_skopeo_pulls_every_image_through_the_bucket_and_again_without_the
     assert mirror.temp_files() == []
 
 
+async def test_hits_stream_from_the_bucket_whole_by_range_and_by_head(
+    make_mirror: MirrorFactory,
+    upstream: Upstream,
+    s3_storage: dict[str, Any],
+    http: aiohttp.ClientSession,
+) -> None:
+    mirror = await s3_mirror(make_mirror, upstream, s3_storage)
+    image = upstream.images["oci"]
+    digest, data = max(image.blobs.items(), key=lambda item: len(item[1]))
+    url = f"{mirror.url}/v2/{Upstream.repo('oci')}/blobs/{digest}"
+    async with http.get(url) as response:  # the miss: fetched, uploaded, recorded
+        assert await response.read() == data
+    await mirror.settled()
+    mark = upstream.registry.mark()
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert response.headers["X-Cache"].startswith("HIT")
+        assert await response.read() == data
+    async with http.get(url, headers={"Range": "bytes=100-4195"}) as response:
+        assert response.status == 206
+        assert response.headers["Content-Range"] == f"bytes 100-4195/{len(data)}"
+        assert await response.read() == data[100:4196]
+    async with http.get(url, headers={"Range": "bytes=-10"}) as response:
+        assert response.status == 206
+        assert await response.read() == data[-10:]
+    async with http.head(url) as response:
+        assert response.status == 200
+        assert response.content_length == len(data)
+    assert upstream.registry.requests(path_contains="/blobs/", since=mark) == []
+
+
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
     with Containerd(tmp_path_factory.mktemp("ctd")) as daemon:
