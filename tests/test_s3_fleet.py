@@ -339,7 +339,16 @@ async def test_the_object_store_killed_mid_upload_costs_only_the_caching(
             assert blob_key(digest_of(big)) not in bucket_keys(own_s3, bucket)
             assert not await records.recorded(digest_of(big))
 
-            # Back: the next pull of the big blob completes and caches it.
+            # Back: once the mirror's readiness probe sees the bucket again (a failure
+            # makes it skip the bucket for a few seconds), the next pull caches the blob.
+            async def bucket_ok() -> bool:
+                async with session.get(f"{mirror.url}/readyz") as answer:
+                    return bool((await answer.json())["checks"].get("object_store") == "ok")
+
+            deadline = time.monotonic() + 30
+            while not await bucket_ok():
+                assert time.monotonic() < deadline, "the mirror never saw the bucket again"
+                await asyncio.sleep(0.2)
             assert await get(session, big) == big
             await await_cached(own_s3, bucket, records, digest_of(big))
             before = fetched(big)()

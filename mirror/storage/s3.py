@@ -266,7 +266,11 @@ class S3Objects:
         response = await self._maybe_absent(
             "HeadObject", key, self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         )
-        return None if response is None else int(response["ContentLength"])
+        if response is None:
+            return None
+        if "ContentLength" not in response:
+            raise ObjectStoreUnavailable("object store sent no Content-Length", detail={"key": key})
+        return int(response["ContentLength"])
 
     async def open_range(
         self, key: str, start: int = 0, end: int | None = None

@@ -24,8 +24,10 @@ and streams without caching, never failing a pull the upstream can answer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 
@@ -39,6 +41,11 @@ log = structlog.get_logger(__name__)
 
 # How an abandoned multipart upload is named to `gc` (and found again to abort it).
 _UPLOAD_SEPARATOR = "?uploadId="
+# After a failure, the bucket is taken for down this long: requests meanwhile go
+# straight to the upstream instead of each waiting out the client's timeouts first.
+OUTAGE_HOLD = 5.0
+
+T = TypeVar("T")
 
 
 class S3Blob(StoredBlob):
@@ -82,6 +89,7 @@ class S3BlobStore(BlobStore):
         # The committed bytes at the last listing: what a ledger that lost count starts
         # from until the next one.
         self._listed = 0
+        self._down_until = 0.0  # monotonic time until which the bucket is taken for down
 
     async def start(self) -> None:
         await self._objects.start()
@@ -90,7 +98,21 @@ class S3BlobStore(BlobStore):
         await self._objects.close()
 
     async def check_backend(self) -> None:
-        await self._objects.check()
+        await self._objects.check()  # a real probe, whatever the last failure said
+        self._down_until = 0.0
+
+    async def _call(self, operation: Coroutine[Any, Any, T]) -> T:
+        """Run one bucket operation, unless a recent failure says the bucket is down."""
+        if time.monotonic() < self._down_until:
+            operation.close()
+            raise ObjectStoreUnavailable("the object store failed moments ago; not asked again")
+        try:
+            return await operation
+        except ObjectStoreUnavailable as exc:
+            if time.monotonic() >= self._down_until:
+                log.warning("object_store_down", error=exc.message, hold=OUTAGE_HOLD)
+            self._down_until = time.monotonic() + OUTAGE_HOLD
+            raise
 
     def key(self, digest: Digest) -> str:
         # Digest.parse has restricted algorithm and hex to [a-z0-9]: the key stays
@@ -108,13 +130,13 @@ class S3BlobStore(BlobStore):
         return self._listed
 
     async def size(self, digest: Digest) -> int | None:
-        return await self._objects.head(self.key(digest))
+        return await self._call(self._objects.head(self.key(digest)))
 
     async def open_committed(
         self, digest: Digest, expected_size: int | None = None
     ) -> StoredBlob | None:
         key = self.key(digest)
-        size = await self._objects.head(key)
+        size = await self._call(self._objects.head(key))
         if size is None:
             return None
         if expected_size is not None and size != expected_size:
@@ -125,15 +147,15 @@ class S3BlobStore(BlobStore):
         return S3Blob(self._objects, key, size)
 
     async def read_bytes(self, digest: Digest) -> bytes | None:
-        return await self._objects.get_bytes(self.key(digest))
+        return await self._call(self._objects.get_bytes(self.key(digest)))
 
     async def commit(self, writer: BlobWriter) -> bool:
         await asyncio.to_thread(writer.seal)
         key = self.key(writer.digest)
         # Another replica may have uploaded it meanwhile: the same bytes, so keep theirs.
-        added = await self._objects.head(key) != writer.written
+        added = await self._call(self._objects.head(key)) != writer.written
         if added:
-            await self._objects.put_file(key, writer.temp_path, writer.written)
+            await self._call(self._objects.put_file(key, writer.temp_path, writer.written))
         await asyncio.to_thread(self._account_commit, writer, added)
         return added
 
