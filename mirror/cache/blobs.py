@@ -58,6 +58,8 @@ log = structlog.get_logger(__name__)
 SHUTDOWN_GRACE = 10.0
 # How often a blob another process committed may vanish (evicted) before we adopt it.
 ADOPT_ATTEMPTS = 3
+# Seeding a blob a peer is putting into a shared store: how often to look for it there.
+COMMIT_POLL = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,7 @@ class BlobCache:
         self._ctx = context
         self._fleet = fleet
         self._coordinator = Coordinator(context.store, context.metadata, lease_ttl, fleet)
+        self._lease_ttl = lease_ttl
         self._access_times = AccessTimes(context.metadata)
         self._downloads: dict[Digest, tuple[BlobDownload, Route]] = {}
         self._tasks = TaskOwner("blob-downloads")
@@ -192,9 +195,20 @@ class BlobCache:
             return source.size, False
         await source.download.settled.wait()
         size = await self._committed_size(digest)
+        if size is None and not source.download.keep:
+            # A peer's download into the store the fleet shares: its commit is the copy.
+            size = await self._await_committed(digest)
         if size is None:
             raise source.download.error or BlobUnknown("blob could not be fetched")
         return size, True
+
+    async def _await_committed(self, digest: Digest) -> int | None:
+        deadline = time.monotonic() + self._lease_ttl
+        while (size := await self._committed_size(digest)) is None:
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(COMMIT_POLL)
+        return size
 
     async def head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
         """The blob's size and the cache result, without fetching its bytes."""
@@ -320,8 +334,14 @@ class BlobCache:
             await fleet.leave_out(peer_url, digest, "unavailable", f"status {response.status}")
             return False
         download.source = "peer"
+        # On a store the fleet shares (a bucket), the peer's own commit is the one copy:
+        # its bytes pass through here without a second upload.
+        download.keep = self._ctx.store.local_blobs
         await download.run(OpenedResponse(response), route.repository)
-        if download.committed:
+        if not download.keep and download.verified:
+            fleet.count("ok")
+            log.info("blob_streamed_from_peer", digest=str(digest), peer=peer_url)
+        elif download.committed:
             fleet.count("ok")
             log.info("blob_filled_from_peer", digest=str(digest), peer=peer_url)
             now = time.time()
@@ -347,9 +367,10 @@ class BlobCache:
                     BlobRecord(size=download.written, created_at=now, last_access=now),
                 )
                 await self._ctx.access.record(route, download.digest)
-                if self._fleet is not None:
+                if self._fleet is not None and self._ctx.store.local_blobs:
                     # Recorded before the lease goes: a replica that finds neither the
-                    # lease nor a holder would fetch the blob again.
+                    # lease nor a holder would fetch the blob again. (A shared store is
+                    # every replica's: nobody need fill from us.)
                     await self._fleet.committed(download.digest)
 
     async def _follow(self, download: BlobDownload, holder: DownloadRecord, route: Route) -> None:

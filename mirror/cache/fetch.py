@@ -135,6 +135,8 @@ class BlobDownload:
         self.temp_path: Path | None = None
         # Where the bytes come from ("upstream" or "peer"), for the access log and metrics.
         self.source = "upstream"
+        # False: pass the bytes through without storing them (someone else stores them).
+        self.keep = True
         self._started = asyncio.Event()
         self._progress = asyncio.Condition()
         self._finished = False
@@ -313,7 +315,11 @@ class BlobDownload:
 
     async def _open_writer(self) -> BlobWriter | None:
         """A temp file with room reserved for the blob, or None (and a pass-through) if
-        it cannot fit. An unknown size reserves nothing: it is counted when committed."""
+        it cannot fit or is not to be kept. An unknown size reserves nothing: it is
+        counted when committed."""
+        if not self.keep:
+            self._pass = _PassThrough(DigestCheck(self.digest, self.size))
+            return None
         if self.size is None:
             return await asyncio.to_thread(self.store.new_writer, self.digest, None)
         if self._reserve is not None:
