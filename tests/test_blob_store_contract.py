@@ -20,12 +20,15 @@ import pytest
 from support.seaweedfs import SeaweedS3
 
 from mirror.config import S3Config
-from mirror.errors import DigestMismatch
+from mirror.errors import DigestMismatch, ObjectStoreUnavailable
 from mirror.oci import Digest
 from mirror.storage.blobstore import BlobStore, FilesystemBlobStore, StoredInfo
 from mirror.storage.s3store import S3BlobStore
 
 KIB = 1024
+# How a read of a committed blob fails: local disk raises OSError, an object store
+# `ObjectStoreUnavailable` (which the transport turns into an aborted connection).
+READ_FAILED = (OSError, ObjectStoreUnavailable)
 
 
 def digest_of(data: bytes) -> Digest:
@@ -322,3 +325,43 @@ async def test_sweep_uploads_at_start(backend: Backend) -> None:
     assert len(await store.abandoned_uploads(0, float("inf"))) == 2
     assert await store.sweep_uploads(0) == 2
     assert await store.abandoned_uploads(0, float("inf")) == []
+
+
+async def test_a_blob_that_shrinks_while_open_is_never_read_short(backend: Backend) -> None:
+    store = backend.store
+    data = os.urandom(200 * KIB)
+    digest = digest_of(data)
+    await commit_bytes(store, data)
+    blob = await store.open_committed(digest, expected_size=len(data))
+    assert blob is not None
+    try:
+        # Truncated behind the store's back after it was opened: a reader must fail
+        # (its client's connection is then aborted), never end early as if whole.
+        backend.overwrite(digest, data[: 50 * KIB])
+        with pytest.raises(READ_FAILED):
+            async for _ in blob.chunks(0, blob.size, 64 * KIB):
+                pass
+    finally:
+        blob.close()
+
+
+async def test_a_blob_deleted_while_open(backend: Backend) -> None:
+    store = backend.store
+    data = os.urandom(100 * KIB)
+    digest = digest_of(data)
+    await commit_bytes(store, data)
+    blob = await store.open_committed(digest)
+    assert blob is not None
+    try:
+        assert await store.delete(digest) == len(data)
+        if store.local_blobs:
+            # Local disk: the open file outlives its name, and is read whole.
+            assert b"".join([c async for c in blob.chunks(0, blob.size, 16 * KIB)]) == data
+        else:
+            # S3 only: an opened blob is a HEAD, its bytes are fetched when read; once
+            # the object is gone, reading fails (never a short, clean end).
+            with pytest.raises(ObjectStoreUnavailable):
+                async for _ in blob.chunks(0, blob.size, 16 * KIB):
+                    pass
+    finally:
+        blob.close()

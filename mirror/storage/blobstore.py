@@ -413,7 +413,8 @@ class BlobStore(ABC):
     @abstractmethod
     async def delete(self, digest: Digest) -> int:
         """Remove a committed blob; return the bytes freed. Readers that opened it before
-        keep reading it whole."""
+        keep reading it whole on local disk; on an object store their reads fail (an
+        aborted transfer, never a short one)."""
 
     @abstractmethod
     async def move_aside(self, digest: Digest) -> str | None:
