@@ -365,3 +365,18 @@ async def test_a_blob_deleted_while_open(backend: Backend) -> None:
                     pass
     finally:
         blob.close()
+
+
+async def test_a_copy_of_the_wrong_size_is_replaced_and_counted_once(backend: Backend) -> None:
+    store = backend.store
+    data = os.urandom(80 * KIB)
+    digest = digest_of(data)
+    await commit_bytes(store, data)
+    backend.overwrite(digest, data[: 30 * KIB])  # changed behind the store's back
+    assert await store.scan_usage() == 30 * KIB
+    assert await store.open_committed(digest, expected_size=len(data)) is None
+    # Fetched again and committed over it: the blob is back, counted at its own size.
+    assert await commit_bytes(store, data) is True
+    assert await store.read_bytes(digest) == data
+    assert store.usage == len(data)
+    assert await store.scan_usage() == len(data)

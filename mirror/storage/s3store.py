@@ -148,10 +148,13 @@ class S3BlobStore(BlobStore):
         await asyncio.to_thread(writer.seal)
         key = self.key(writer.digest)
         # Another replica may have uploaded it meanwhile: the same bytes, so keep theirs.
-        added = await self._objects.head(key) != writer.written
+        # An object of another size is not the blob: it is overwritten, and its count
+        # replaced.
+        existing = await self._objects.head(key)
+        added = existing != writer.written
         if added:
             await self._objects.put_file(key, writer.temp_path, writer.written)
-        await asyncio.to_thread(self._account_commit, writer, added)
+        await asyncio.to_thread(self._account_commit, writer, added, existing or 0)
         return added
 
     async def delete(self, digest: Digest) -> int:
