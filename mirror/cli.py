@@ -236,8 +236,12 @@ def _on_store(
     """Open the storage and the metadata alone, run `work` on them, close them.
 
     For the commands that only read or tidy what is stored (gc, verify, stats): they
-    need no upstream session and must not start the caches' background work."""
+    need no upstream session and must not start the caches' background work. Only
+    warnings are logged (to stderr): stdout is the command's report, which scripts read
+    (`stats --json`), and an object store logs its connection at info."""
     from mirror.core import make_blob_store, open_metadata
+
+    configure_logging("warning", config.log.format)
 
     async def run() -> int:
         store = make_blob_store(config)

@@ -275,14 +275,15 @@ class BlobStore(ABC):
             state.committed = total
             self._usage = total
 
-    def _account_commit(self, writer: BlobWriter, added: bool) -> None:
-        """A writer's blob is committed: its bytes count (unless they were there already)
-        and its reservation is spent. Wakes eviction if that crossed the high watermark."""
+    def _account_commit(self, writer: BlobWriter, added: bool, replaced: int = 0) -> None:
+        """A writer's blob is committed: its bytes count (unless they were there already;
+        in place of the `replaced` bytes of a wrong-sized copy it overwrote) and its
+        reservation is spent. Wakes eviction if that crossed the high watermark."""
         with self._ledger.transaction() as state:
             self._know_committed(state)
             assert state.committed is not None
             if added:
-                state.committed += writer.written
+                state.committed = max(state.committed + writer.written - replaced, 0)
             if writer.reservation is not None:
                 state.adjust(self._ledger.owner, -writer.reservation.size, time.time())
                 writer._forget_reservation()
@@ -413,7 +414,8 @@ class BlobStore(ABC):
     @abstractmethod
     async def delete(self, digest: Digest) -> int:
         """Remove a committed blob; return the bytes freed. Readers that opened it before
-        keep reading it whole."""
+        keep reading it whole on local disk; on an object store their reads fail (an
+        aborted transfer, never a short one)."""
 
     @abstractmethod
     async def move_aside(self, digest: Digest) -> str | None:
@@ -548,9 +550,15 @@ class FilesystemBlobStore(BlobStore):
         with self._ledger.transaction() as state:
             self._know_committed(state)
             assert state.committed is not None
-            added = not final.exists()  # another process's copy is already counted
+            # Another process's copy is already counted; a copy of the wrong size (changed
+            # since it was committed) is overwritten, and its count replaced.
+            try:
+                existing: int | None = final.stat().st_size
+            except FileNotFoundError:
+                existing = None
+            added = existing != writer.written
             if added:
-                state.committed += writer.written
+                state.committed = max(state.committed + writer.written - (existing or 0), 0)
             os.replace(writer.temp_path, final)
             writer.committed = True
             if writer.reservation is not None:

@@ -59,12 +59,29 @@ class S3Blob(StoredBlob):
     async def chunks(self, start: int, end: int, chunk: int) -> AsyncGenerator[bytes, None]:
         if start >= end:
             return
+        # A reader must fail rather than end early: its client would take a short body
+        # for a whole one. The object may have gone, or been replaced by other bytes,
+        # since the HEAD that opened it (S3 serves the part of a range it has).
         body = await self._objects.open_range(self._key, start, end)
         if body is None:
-            raise FileNotFoundError(f"object {self._key} went away")
+            raise ObjectStoreUnavailable(
+                "blob object went away while it was read", detail={"key": self._key}
+            )
+        received = 0
         async with body:
+            if body.size != self.size:
+                raise ObjectStoreUnavailable(
+                    "blob object changed size while it was read",
+                    detail={"key": self._key, "size": body.size, "expected": self.size},
+                )
             async for data in body.iter_chunks(chunk):
+                received += len(data)
                 yield data
+        if received != end - start:
+            raise ObjectStoreUnavailable(
+                "blob object ended early",
+                detail={"key": self._key, "received": received, "expected": end - start},
+            )
 
 
 class S3BlobStore(BlobStore):
@@ -153,10 +170,13 @@ class S3BlobStore(BlobStore):
         await asyncio.to_thread(writer.seal)
         key = self.key(writer.digest)
         # Another replica may have uploaded it meanwhile: the same bytes, so keep theirs.
-        added = await self._call(self._objects.head(key)) != writer.written
+        # An object of another size is not the blob: it is overwritten, and its count
+        # replaced.
+        existing = await self._call(self._objects.head(key))
+        added = existing != writer.written
         if added:
             await self._call(self._objects.put_file(key, writer.temp_path, writer.written))
-        await asyncio.to_thread(self._account_commit, writer, added)
+        await asyncio.to_thread(self._account_commit, writer, added, existing or 0)
         return added
 
     async def delete(self, digest: Digest) -> int:
