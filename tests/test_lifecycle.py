@@ -18,7 +18,14 @@ from aiohttp.test_utils import TestServer
 from conftest import Mirror, MirrorFactory
 from prometheus_client.parser import text_string_to_metric_families
 from support.cli import mirror_cli
-from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
+from support.fake_upstream import (
+    FakeUpstream,
+    digest_of,
+    fake_with_blobs,
+    get_ok,
+    serve,
+    stall_after,
+)
 from support.mirror_process import MirrorProcess
 from support.net import eventually
 
@@ -38,23 +45,6 @@ def blob_path(digest: str) -> str:
     return f"/v2/{REPO}/blobs/{digest}"
 
 
-async def fake_with_blobs(
-    aiohttp_server: ServerFactory, blobs: list[bytes]
-) -> tuple[FakeUpstream, str]:
-    fake = FakeUpstream()
-    for data in blobs:
-        for method in ("GET", "HEAD"):
-            fake.on(method, blob_path(digest_of(data)), serve(data))
-    server = await aiohttp_server(fake.app(), host="127.0.0.1")
-    return fake, str(server.make_url("")).rstrip("/")
-
-
-async def get(http: aiohttp.ClientSession, url: str) -> bytes:
-    async with http.get(url) as response:
-        assert response.status == 200, url
-        return await response.read()
-
-
 def cached_digests(mirror: Mirror) -> set[str]:
     return {f"sha256:{path.name}" for path in mirror.blob_files()}
 
@@ -62,7 +52,7 @@ def cached_digests(mirror: Mirror) -> set[str]:
 async def fetch_and_wait(http: aiohttp.ClientSession, mirror: Mirror, digest: str) -> None:
     """GET a blob and wait until it is committed and recorded (the client's last byte
     comes before the fsync and the record)."""
-    await get(http, mirror.url + blob_path(digest))
+    await get_ok(http, mirror.url + blob_path(digest))
     blobs = mirror.server.app[SERVICES].blobs
     await eventually(lambda: digest in cached_digests(mirror) and blobs.downloads_in_flight == 0)
 
@@ -72,7 +62,7 @@ async def test_size_limit_keeps_the_most_recently_used(
 ) -> None:
     blobs = [os.urandom(100 * KIB) for _ in range(8)]
     digests = [digest_of(data) for data in blobs]
-    _, url = await fake_with_blobs(aiohttp_server, blobs)
+    _, url = await fake_with_blobs(aiohttp_server, blobs, REPO)
     # Room for all eight while they are fetched; the limit is lowered below (as an
     # operator does to free space) and the evictor run when the test chooses.
     storage = {"max_size": 1000 * KIB, "high_watermark": 0.9, "low_watermark": 0.7}
@@ -83,7 +73,7 @@ async def test_size_limit_keeps_the_most_recently_used(
         await fetch_and_wait(http, mirror, digest)
     # Used again, so these two are now the most recent; 8 was fetched last.
     for index in (1, 3):
-        await get(http, mirror.url + blob_path(digests[index]))
+        await get_ok(http, mirror.url + blob_path(digests[index]))
 
     app = mirror.server.app
     app[STORE].quota = dataclasses.replace(app[STORE].quota, max_size=500 * KIB)
@@ -94,7 +84,7 @@ async def test_size_limit_keeps_the_most_recently_used(
     remaining = {digest for digest, _ in await app[METADATA].list_blobs()}
     assert remaining == {digests[1], digests[3], digests[7]}
     # An evicted blob is simply fetched again.
-    assert await get(http, mirror.url + blob_path(digests[0])) == blobs[0]
+    assert await get_ok(http, mirror.url + blob_path(digests[0])) == blobs[0]
 
 
 async def test_background_eviction_spares_pinned_blobs(
@@ -102,7 +92,7 @@ async def test_background_eviction_spares_pinned_blobs(
 ) -> None:
     blobs = [os.urandom(100 * KIB) for _ in range(6)]
     digests = [digest_of(data) for data in blobs]
-    _, url = await fake_with_blobs(aiohttp_server, blobs)
+    _, url = await fake_with_blobs(aiohttp_server, blobs, REPO)
     mirror = await make_mirror(
         {"fake": {"url": url}}, storage={"max_size": 300 * KIB, "eviction_interval": "0.1s"}
     )
@@ -124,7 +114,7 @@ async def test_a_blob_evicted_while_read_still_reaches_its_client(
 ) -> None:
     big = os.urandom(24 * 1024 * KIB)
     small = os.urandom(64 * KIB)
-    _, url = await fake_with_blobs(aiohttp_server, [big, small])
+    _, url = await fake_with_blobs(aiohttp_server, [big, small], REPO)
     mirror = await make_mirror(
         {"fake": {"url": url}},
         storage={"max_size": 32 * 1024 * KIB, "eviction_interval": "1h"},
@@ -174,7 +164,7 @@ async def test_restart_after_sigkill_mid_download(
             with restarted:
                 assert restarted.temp_files() == []  # the partial download was swept
                 assert committed() == []  # and never became a blob
-                assert await get(http, restarted.url + blob_path(digest)) == blob
+                assert await get_ok(http, restarted.url + blob_path(digest)) == blob
                 await eventually(lambda: len(committed()) == 1)
             assert committed()[0].read_bytes() == blob
     finally:
@@ -195,7 +185,7 @@ async def test_verify_finds_a_flipped_byte_and_the_next_pull_heals(
     tmp_path: Path,
 ) -> None:
     blobs = [os.urandom(200 * KIB) for _ in range(3)]
-    fake, url = await fake_with_blobs(aiohttp_server, blobs)
+    fake, url = await fake_with_blobs(aiohttp_server, blobs, REPO)
     mirror = await make_mirror({"fake": {"url": url}})
     for data in blobs:
         await fetch_and_wait(http, mirror, digest_of(data))
@@ -215,7 +205,7 @@ async def test_verify_finds_a_flipped_byte_and_the_next_pull_heals(
     assert not path.exists()
     assert (mirror.root / "corrupt" / f"sha256-{victim[7:]}").exists()
 
-    assert await get(http, mirror.url + blob_path(victim)) == blobs[1]
+    assert await get_ok(http, mirror.url + blob_path(victim)) == blobs[1]
     assert fake.count("GET", blob_path(victim)) == 2
     await eventually(lambda: path.exists())
     assert path.read_bytes() == blobs[1]
@@ -228,7 +218,7 @@ async def test_gc_removes_what_nothing_uses(
     tmp_path: Path,
 ) -> None:
     kept = os.urandom(50 * KIB)
-    _, url = await fake_with_blobs(aiohttp_server, [kept])
+    _, url = await fake_with_blobs(aiohttp_server, [kept], REPO)
     mirror = await make_mirror({"fake": {"url": url, "tag_ttl": "1m", "max_stale": "1h"}})
     await fetch_and_wait(http, mirror, digest_of(kept))
     metadata = mirror.server.app[METADATA]
@@ -294,10 +284,10 @@ async def test_metrics_and_stats_match_the_traffic(
     mirror = await make_mirror({"fake": {"url": str(server.make_url("")).rstrip("/")}})
 
     for _ in range(2):
-        await get(http, f"{mirror.url}/v2/{REPO}/manifests/v1")  # a miss, then a hit
+        await get_ok(http, f"{mirror.url}/v2/{REPO}/manifests/v1")  # a miss, then a hit
     await fetch_and_wait(http, mirror, digest_of(layer))  # a miss
     for _ in range(2):
-        await get(http, mirror.url + blob_path(digest_of(layer)))  # two hits
+        await get_ok(http, mirror.url + blob_path(digest_of(layer)))  # two hits
 
     async with http.get(f"{mirror.url}/metrics") as response:
         assert response.status == 200

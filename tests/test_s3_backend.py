@@ -192,3 +192,30 @@ async def test_redirected_hits_are_fetched_from_the_bucket_by_skopeo(
     async with http.get(location, headers={"Range": "bytes=1-4"}) as response:
         assert response.status == 206
         assert await response.read() == image.blobs[digest][1:5]
+
+
+async def test_without_keys_in_the_config_the_standard_aws_chain_is_used(
+    make_mirror: MirrorFactory,
+    upstream: Upstream,
+    s3_server: SeaweedS3,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conftest import s3_storage_settings
+
+    storage = s3_storage_settings(s3_server, s3_bucket)
+    del storage["s3"]["access_key"], storage["s3"]["secret_key"]
+    # The chain's first link: the environment (as a pod's AWS_* variables would be).
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    mirror = await s3_mirror(make_mirror, upstream, storage)
+    pulled = await pull_dir(mirror.host, "oci", tmp_path / "pulled")
+    assert pulled["manifest.json"] == upstream.images["oci"].manifest
+    await mirror.settled()
+    keys = bucket_keys(s3_server, s3_bucket)
+    assert {
+        f"blobs/sha256/{d.removeprefix('sha256:')}" for d in upstream.images["oci"].blobs
+    } <= keys

@@ -22,7 +22,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 from conftest import TAG, Mirror, MirrorFactory, Upstream, s3_storage_settings
 from support.cli import mirror_cli
-from support.fake_upstream import FakeUpstream, digest_of, serve
+from support.fake_upstream import digest_of, fake_with_blobs, get_ok
 from support.net import eventually
 from support.seaweedfs import SeaweedS3
 from support.skopeo import skopeo_copy_async
@@ -59,23 +59,6 @@ def open_uploads(server: SeaweedS3, bucket: str) -> list[str]:
     return [upload["UploadId"] for upload in listing.get("Uploads", [])]
 
 
-async def fake_with_blobs(
-    aiohttp_server: ServerFactory, blobs: list[bytes]
-) -> tuple[FakeUpstream, str]:
-    fake = FakeUpstream()
-    for data in blobs:
-        for method in ("GET", "HEAD"):
-            fake.on(method, blob_path(digest_of(data)), serve(data))
-    server = await aiohttp_server(fake.app(), host="127.0.0.1")
-    return fake, str(server.make_url("")).rstrip("/")
-
-
-async def get(http: aiohttp.ClientSession, url: str) -> bytes:
-    async with http.get(url) as response:
-        assert response.status == 200, url
-        return await response.read()
-
-
 @dataclasses.dataclass
 class BucketMirror:
     mirror: Mirror
@@ -89,7 +72,7 @@ class BucketMirror:
     async def fetch_and_wait(self, http: aiohttp.ClientSession, digest: str) -> None:
         """GET a blob and wait until it is uploaded and recorded (the client's last byte
         comes before the upload and the record)."""
-        await get(http, self.mirror.url + blob_path(digest))
+        await get_ok(http, self.mirror.url + blob_path(digest))
         await self.mirror.settled()
         metadata = self.mirror.server.app[METADATA]
         assert await metadata.get_blob(digest) is not None
@@ -127,7 +110,7 @@ async def test_eviction_keeps_the_bucket_under_its_limit_by_lru_sparing_pinned(
 ) -> None:
     blobs = [os.urandom(100 * KIB) for _ in range(8)]
     digests = [digest_of(data) for data in blobs]
-    _, url = await fake_with_blobs(aiohttp_server, blobs)
+    _, url = await fake_with_blobs(aiohttp_server, blobs, REPO)
     # Room for all eight while they are fetched; the limit is lowered below, and the
     # evictor run when the test chooses.
     site = await bucket_mirror(
@@ -149,7 +132,7 @@ async def test_eviction_keeps_the_bucket_under_its_limit_by_lru_sparing_pinned(
     assert record is not None
     await app[METADATA].put_blob(digests[0], dataclasses.replace(record, pinned=True))
     for index in (1, 3):
-        await get(http, site.mirror.url + blob_path(digests[index]))
+        await get_ok(http, site.mirror.url + blob_path(digests[index]))
 
     app[STORE].quota = dataclasses.replace(app[STORE].quota, max_size=500 * KIB)
     freed = await app[EVICTOR].evict()
@@ -160,7 +143,7 @@ async def test_eviction_keeps_the_bucket_under_its_limit_by_lru_sparing_pinned(
     assert app[STORE].usage <= 0.9 * 500 * KIB
     assert await app[STORE].scan_usage() == 3 * 100 * KIB
     # An evicted blob is simply fetched again.
-    assert await get(http, site.mirror.url + blob_path(digests[2])) == blobs[2]
+    assert await get_ok(http, site.mirror.url + blob_path(digests[2])) == blobs[2]
 
 
 async def test_verify_finds_an_overwritten_object_and_the_next_pull_heals(
@@ -172,7 +155,7 @@ async def test_verify_finds_an_overwritten_object_and_the_next_pull_heals(
     tmp_path: Path,
 ) -> None:
     blobs = [os.urandom(200 * KIB) for _ in range(4)]
-    fake, url = await fake_with_blobs(aiohttp_server, blobs)
+    fake, url = await fake_with_blobs(aiohttp_server, blobs, REPO)
     site = await bucket_mirror(make_mirror, url, s3_server, s3_bucket)
     for data in blobs:
         await site.fetch_and_wait(http, digest_of(data))
@@ -195,7 +178,7 @@ async def test_verify_finds_an_overwritten_object_and_the_next_pull_heals(
     assert kept == {f"corrupt/sha256-{victim.removeprefix('sha256:')}": len(blobs[1])}
     assert await site.mirror.server.app[METADATA].get_blob(victim) is None
 
-    assert await get(http, site.mirror.url + blob_path(victim)) == blobs[1]
+    assert await get_ok(http, site.mirror.url + blob_path(victim)) == blobs[1]
     assert fake.count("GET", blob_path(victim)) == 2
     await site.mirror.settled()
     await eventually(lambda: blob_key(victim) in site.objects())
@@ -216,7 +199,7 @@ async def test_gc_aborts_abandoned_uploads_and_removes_orphans_and_stats_count_t
     tmp_path: Path,
 ) -> None:
     kept = os.urandom(50 * KIB)
-    _, url = await fake_with_blobs(aiohttp_server, [kept])
+    _, url = await fake_with_blobs(aiohttp_server, [kept], REPO)
     site = await bucket_mirror(make_mirror, url, s3_server, s3_bucket)
     await site.fetch_and_wait(http, digest_of(kept))
     client = s3_server.client()

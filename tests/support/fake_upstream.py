@@ -11,8 +11,11 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 Behaviour = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -121,3 +124,23 @@ def drop_connection() -> Behaviour:
         return web.Response()
 
     return behaviour
+
+
+async def fake_with_blobs(
+    start_server: Callable[..., Awaitable[TestServer]], blobs: list[bytes], repository: str
+) -> tuple[FakeUpstream, str]:
+    """A fake upstream serving `blobs` (GET and HEAD) in `repository`, started with
+    pytest-aiohttp's `aiohttp_server`; returns it and its URL."""
+    fake = FakeUpstream()
+    for data in blobs:
+        for method in ("GET", "HEAD"):
+            fake.on(method, f"/v2/{repository}/blobs/{digest_of(data)}", serve(data))
+    server = await start_server(fake.app(), host="127.0.0.1")
+    return fake, str(server.make_url("")).rstrip("/")
+
+
+async def get_ok(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> bytes:
+    """GET `url`, which must answer 200; its body."""
+    async with http.get(url, **kwargs) as response:
+        assert response.status == 200, url
+        return await response.read()
