@@ -148,7 +148,7 @@ def measure_blob(
         message=f"{backend.name}: blob not committed after {COMMIT_TIMEOUT} s",
     )
     figures["peak RSS cold blob MiB"] = peak_rss_mib(mirror.pid)
-    # The first read of each kind leaves the object in the store's page cache too.
+    # An untimed first hit: every backend then reads the blob from a warm page cache.
     read_streams(url, 1, size)
     for count, label in ((1, "1 stream"), (streams, f"{streams} streams")):
         os.sync()
