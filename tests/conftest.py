@@ -170,17 +170,7 @@ def s3_bucket(s3_server: SeaweedS3) -> str:
 
 def s3_storage_settings(server: SeaweedS3, bucket: str, **s3: Any) -> dict[str, Any]:
     """`storage` settings that put a mirror's blobs in `bucket` on `server`."""
-    return {
-        "backend": "s3",
-        "s3": {
-            "endpoint": server.endpoint,
-            "bucket": bucket,
-            "path_style": True,
-            "access_key": server.access_key,
-            "secret_key": server.secret_key,
-            **s3,
-        },
-    }
+    return server.storage_settings(bucket, **s3)
 
 
 @pytest.fixture

@@ -193,6 +193,21 @@ class SeaweedS3(Service):
     def make_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
 
+    def storage_settings(self, bucket: str, **s3: Any) -> dict[str, Any]:
+        """A mirror's `storage` settings (beside `root`) that put its blobs in `bucket`
+        here; `s3` adds or overrides `storage.s3` keys."""
+        return {
+            "backend": "s3",
+            "s3": {
+                "endpoint": self.endpoint,
+                "bucket": bucket,
+                "path_style": True,
+                "access_key": self.access_key,
+                "secret_key": self.secret_key,
+                **s3,
+            },
+        }
+
     def _remove_grpc_sockets(self) -> None:
         """weed always adds a Unix socket per gRPC port at /tmp/seaweedfs-<role>-grpc-
         <port>.sock, and a killed weed leaves them behind: remove ours."""
