@@ -217,14 +217,14 @@ async def test_cancelled_upload_is_aborted(
     path = tmp_path / "big"
     path.write_bytes(os.urandom(11 * MiB))
     release, reading = threading.Event(), threading.Event()
-    read_part = s3_module._read_part
+    open_part = s3_module._open_part
 
-    def held_read(path: Path, offset: int, length: int) -> bytes:
+    def held_open(path: Path, offset: int, length: int) -> s3_module.FilePart:
         reading.set()
         release.wait(timeout=30)
-        return read_part(path, offset, length)
+        return open_part(path, offset, length)
 
-    monkeypatch.setattr(s3_module, "_read_part", held_read)
+    monkeypatch.setattr(s3_module, "_open_part", held_open)
     upload = asyncio.create_task(objects.put_file("blobs/cancelled", path, 11 * MiB))
     # Parts are being read: the upload exists and its id is known to put_file. (A
     # cancellation before CreateMultipartUpload answers cannot abort; the sweep can.)
@@ -253,14 +253,14 @@ async def test_server_killed_mid_upload_fails_fast_and_leaves_no_object(
         # Hold every part's read until the server is dead, so the kill lands mid-upload
         # (after CreateMultipartUpload, before any UploadPart), whatever the timing.
         server_dead, reading = threading.Event(), threading.Event()
-        read_part = s3_module._read_part
+        open_part = s3_module._open_part
 
-        def held_read(path: Path, offset: int, length: int) -> bytes:
+        def held_open(path: Path, offset: int, length: int) -> s3_module.FilePart:
             reading.set()
             assert server_dead.wait(timeout=30)
-            return read_part(path, offset, length)
+            return open_part(path, offset, length)
 
-        monkeypatch.setattr(s3_module, "_read_part", held_read)
+        monkeypatch.setattr(s3_module, "_open_part", held_open)
         upload = asyncio.create_task(objects.put_file("blobs/big", path, len(data)))
         await eventually(reading.is_set, timeout=10)
         assert server.client().list_multipart_uploads(Bucket="doomed").get("Uploads")
@@ -276,7 +276,7 @@ async def test_server_killed_mid_upload_fails_fast_and_leaves_no_object(
             await objects.check()
         assert time.monotonic() - began < FAILURE_BOUND
 
-        monkeypatch.setattr(s3_module, "_read_part", read_part)
+        monkeypatch.setattr(s3_module, "_open_part", open_part)
         server.restart()
         assert await objects.head("blobs/big") is None
         # The abort could not reach a dead server; the sweep finds what it left.
