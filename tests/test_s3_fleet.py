@@ -30,7 +30,7 @@ from conftest import TAG, ServerFactory, s3_storage_settings
 from support.fake_upstream import FakeUpstream, digest_of, serve
 from support.images import OCI_MANIFEST, Image, oci_image, push
 from support.mirror_process import MirrorProcess
-from support.net import eventually, free_port, http_request
+from support.net import eventually, eventually_async, free_port, http_request
 from support.redis_server import RedisServer
 from support.registry import Registry
 from support.seaweedfs import SeaweedS3
@@ -113,10 +113,7 @@ async def await_cached(server: SeaweedS3, bucket: str, records: Records, digest:
     """Committed: the object is in the bucket and the record in Redis (a moment after
     the client got its last byte)."""
     await eventually(lambda: blob_key(digest) in bucket_keys(server, bucket), timeout=20)
-    deadline = time.monotonic() + 10
-    while not await records.recorded(digest):
-        assert time.monotonic() < deadline, f"no record of {digest}"
-        await asyncio.sleep(0.05)
+    await eventually_async(lambda: records.recorded(digest), message=f"no record of {digest}")
 
 
 @pytest.fixture
@@ -345,10 +342,7 @@ async def test_the_object_store_killed_mid_upload_costs_only_the_caching(
                 async with session.get(f"{mirror.url}/readyz") as answer:
                     return bool((await answer.json())["checks"].get("object_store") == "ok")
 
-            deadline = time.monotonic() + 30
-            while not await bucket_ok():
-                assert time.monotonic() < deadline, "the mirror never saw the bucket again"
-                await asyncio.sleep(0.2)
+            await eventually_async(bucket_ok, 30, "the mirror never saw the bucket again")
             assert await get(session, big) == big
             await await_cached(own_s3, bucket, records, digest_of(big))
             before = fetched(big)()

@@ -15,7 +15,7 @@ import subprocess
 import time
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.message import Message
 from types import TracebackType
@@ -122,6 +122,20 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10, message
     """`wait_until` for async tests: polls in a worker thread so the event loop (and the
     in-process mirror on it) keeps running while we wait."""
     await asyncio.to_thread(wait_until, predicate, timeout, 0.02, message)
+
+
+async def eventually_async(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 10, message: str = ""
+) -> None:
+    """`eventually` for a predicate that is itself async (it asks something over the
+    test's own event loop): polled on the loop, with the same bound."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() >= deadline:
+            if await predicate():
+                return
+            raise TimeoutError(message or f"condition not met within {timeout} s: {predicate!r}")
+        await asyncio.sleep(0.02)
 
 
 class Service(ABC):
