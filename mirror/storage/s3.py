@@ -18,7 +18,6 @@ import asyncio
 import builtins
 import io
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
@@ -312,7 +311,7 @@ class S3Objects:
         `multipart_chunk`, else a multipart upload whose parts are streamed from the file
         (`UPLOAD_CONCURRENCY` at once). On any failure or cancellation the upload is
         aborted, so no object appears. (One cancelled while CreateMultipartUpload is in
-        flight has no id to abort: `abort_stale_uploads` sweeps it.)"""
+        flight has no id to abort: `BlobStore.sweep_uploads` and `mirror gc` find it.)"""
         chunk = int(self.settings.multipart_chunk)
         if size < chunk:
             data = await asyncio.to_thread(_read_part, path, 0, size)
@@ -372,7 +371,7 @@ class S3Objects:
         return [task.result() for task in tasks]
 
     async def _abort_quietly(self, key: str, upload_id: str) -> None:
-        """Best effort: a dead store cannot abort; `abort_stale_uploads` sweeps later."""
+        """Best effort: a dead store cannot abort; `mirror gc` and the start-up sweep find it."""
         try:
             async with asyncio.timeout(ABORT_TIMEOUT):
                 await self.abort_upload(key, upload_id)
@@ -433,19 +432,6 @@ class S3Objects:
                 Bucket=self.bucket, Key=self._key(key), UploadId=upload_id
             ),
         )
-
-    async def abort_stale_uploads(self, prefix: str, older_than_seconds: float) -> int:
-        """Abort the uploads under `prefix` started more than `older_than_seconds` ago
-        (left by a crashed process: S3 keeps and bills their parts); how many."""
-        cutoff = time.time() - older_than_seconds
-        aborted = 0
-        for upload in await self.list_uploads(prefix):
-            if upload.initiated < cutoff:
-                await self.abort_upload(upload.key, upload.upload_id)
-                aborted += 1
-        if aborted:
-            log.info("s3_stale_uploads_aborted", prefix=prefix, count=aborted)
-        return aborted
 
     async def presign_get(
         self, key: str, expires: float, *, content_type: str | None = None
