@@ -118,6 +118,11 @@ class FailoverClient(UpstreamClient):
     def fallback_labels(self) -> Sequence[str]:
         return list(self._fallbacks)
 
+    @property
+    def primary_paused(self) -> bool:
+        """True while the upstream is skipped after a 429."""
+        return self._clock() < self._primary_paused_until
+
     async def open(
         self,
         method: str,
