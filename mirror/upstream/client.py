@@ -1,7 +1,10 @@
 """Talking to one upstream registry over its own pooled aiohttp session (guard.py).
 
 `UpstreamClient.open` sends a request for `/v2/<repository>/<path>` and returns
-an `UpstreamResponse` once the status line and headers are in. Along the way it:
+an `UpstreamResponse` once the status line and headers are in. The repository is
+the client-facing name; an upstream reached through a path of its own (a Harbor
+proxy project, an ECR pull-through rule) gets its `repository_prefix` in front, in
+the URL and in token scopes alike. Along the way it:
 - answers auth challenges (see `auth.py`), once per hop, with a fresh token
   when the cached one was refused;
 - follows 301/302/303/307/308 itself (at most 10 hops), so that credentials

@@ -23,11 +23,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import structlog
 
-from mirror.errors import DigestInvalid, DigestMismatch, TooManyRequests, UpstreamUnavailable
+from mirror.errors import (
+    DigestInvalid,
+    DigestMismatch,
+    MirrorError,
+    TooManyRequests,
+    UpstreamUnavailable,
+)
 from mirror.headers import bounded_int
 from mirror.oci import Digest, looks_like_digest
 from mirror.upstream.client import UpstreamClient, UpstreamResponse, UpstreamSettings
@@ -115,10 +121,6 @@ class FailoverClient(UpstreamClient):
         self._quarantined_until: dict[str, float] = {}
 
     @property
-    def fallback_labels(self) -> Sequence[str]:
-        return list(self._fallbacks)
-
-    @property
     def primary_paused(self) -> bool:
         """True while the upstream is skipped after a 429."""
         return self._clock() < self._primary_paused_until
@@ -182,7 +184,8 @@ class FailoverClient(UpstreamClient):
                 continue
             try:
                 response = await client.open(method, repository, path, headers=headers)
-            except UpstreamUnavailable as exc:
+            except MirrorError as exc:
+                # Unreachable, refused by the guard, a broken reply: the next one may do.
                 self._count(label, "failed")
                 log.info(
                     "upstream_fallback_failed",
