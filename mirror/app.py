@@ -57,6 +57,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         config,
         sweep=app[SWEEP_TEMP],
         observe=app[METRICS].observe_upstream,
+        observe_fallback=app[METRICS].observe_fallback,
         network=app.get(NETWORK),
     ) as core:
         blobs, manifests, store, metadata = core.blobs, core.manifests, core.store, core.metadata

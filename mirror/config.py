@@ -25,7 +25,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -49,6 +49,7 @@ from pydantic_settings import (
 )
 
 from mirror.metadata.redis_url import parse_redis_url
+from mirror.oci import is_repository_name
 
 _DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)(ms|s|m|h|d|w))", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -146,10 +147,57 @@ class TagRule(_Section):
         return self
 
 
+def _repository_prefix(value: str) -> str:
+    """Repository path components (`dockerhub-proxy`, `docker/library`), no outer slashes."""
+    if not value or not is_repository_name(value):
+        raise ValueError(
+            "must be repository path components such as dockerhub-proxy or docker/library"
+        )
+    return value
+
+
+class FallbackConfig(_Section):
+    """Another source of an upstream's content, asked anonymously when it fails. A plain
+    URL is accepted too: its path becomes the repository prefix
+    (`https://public.ecr.aws/docker/library`)."""
+
+    url: str
+    repository_prefix: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        parts = urlsplit(value)
+        return {
+            "url": urlunsplit((parts.scheme, parts.netloc, "", parts.query, parts.fragment)),
+            "repository_prefix": parts.path.strip("/"),
+        }
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return _plain_http_url(value)
+
+    @field_validator("repository_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        return _repository_prefix(value) if value else value
+
+    @property
+    def label(self) -> str:
+        """How logs and metrics name this fallback: host and prefix, never credentials."""
+        return "/".join(filter(None, (urlsplit(self.url).netloc, self.repository_prefix)))
+
+
 class UpstreamConfig(_Section):
     """One upstream registry."""
 
     url: str
+    # The upstream's own name for a repository is `<prefix>/<client-facing name>`.
+    repository_prefix: str = ""
+    fallbacks: tuple[FallbackConfig, ...] = ()
     aliases: tuple[str, ...] = ()
     username: str | None = None
     password: SecretStr | None = None
@@ -171,6 +219,11 @@ class UpstreamConfig(_Section):
     @classmethod
     def _check_url(cls, value: str) -> str:
         return _plain_http_url(value)
+
+    @field_validator("repository_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        return _repository_prefix(value) if value else value
 
     @model_validator(mode="after")
     def _check_credentials(self) -> UpstreamConfig:

@@ -29,6 +29,7 @@ from mirror.policy import UpstreamPolicy
 from mirror.routing import Router, UpstreamNames
 from mirror.storage.blobstore import BlobStore, FilesystemBlobStore, Quota
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
+from mirror.upstream.failover import FailoverClient, ObserveFallback
 from mirror.upstream.guard import NetworkOverrides, UpstreamNetwork
 from mirror.upstream.tokens import TokenCache
 
@@ -110,6 +111,11 @@ class MirrorCore:
     fleet: Fleet | None = None  # fleet mode: this replica's membership
 
 
+def _anonymous() -> None:
+    """Fallbacks are asked without credentials: the upstream's are not theirs."""
+    return None
+
+
 @contextlib.asynccontextmanager
 async def open_core(
     config: MirrorConfig,
@@ -117,6 +123,7 @@ async def open_core(
     sweep: TempSweep | None = None,
     observe: Callable[[str, str, int, float], None] | None = None,
     network: NetworkOverrides | None = None,
+    observe_fallback: ObserveFallback | None = None,
 ) -> AsyncIterator[MirrorCore]:
     sweep = sweep or default_sweep(config)
     store = make_blob_store(config, storage_quota(config))
@@ -139,8 +146,14 @@ async def open_core(
     # Shared through the store: a fleet on one Redis (or workers on one host) asks each
     # token server once.
     tokens = TokenCache(metadata)
-    clients = {
-        name: UpstreamClient(
+    # A fallback is a configured upstream too: its own session and guard, no credentials.
+    fallback_networks = {
+        (name, fallback.label): UpstreamNetwork(name, fallback.url, network)
+        for name, upstream in config.upstreams.items()
+        for fallback in upstream.fallbacks
+    }
+    clients: dict[str, UpstreamClient] = {
+        name: FailoverClient(
             UpstreamSettings(
                 name=name,
                 url=upstream.url,
@@ -148,10 +161,29 @@ async def open_core(
                 connect_timeout=upstream.connect_timeout,
                 read_timeout=upstream.read_timeout,
                 offline=config.offline,
+                repository_prefix=upstream.repository_prefix,
             ),
             networks[name],
             tokens,
+            {
+                fallback.label: UpstreamClient(
+                    UpstreamSettings(
+                        name=f"{name} fallback {fallback.label}",
+                        url=fallback.url,
+                        credentials=_anonymous,
+                        connect_timeout=upstream.connect_timeout,
+                        read_timeout=upstream.read_timeout,
+                        offline=config.offline,
+                        repository_prefix=fallback.repository_prefix,
+                    ),
+                    fallback_networks[name, fallback.label],
+                    tokens,
+                    observe=observe,
+                )
+                for fallback in upstream.fallbacks
+            },
             observe=observe,
+            observe_fallback=observe_fallback,
         )
         for name, upstream in config.upstreams.items()
     }
@@ -200,7 +232,7 @@ async def open_core(
             # Last chance for records that waited out an outage (a seed run, say).
             with contextlib.suppress(MetadataUnavailable):
                 await deferred.replay()
-        for upstream_network in networks.values():
+        for upstream_network in [*networks.values(), *fallback_networks.values()]:
             await upstream_network.close()
         await tokens.close()
         await metadata.close()

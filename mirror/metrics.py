@@ -141,6 +141,13 @@ class Metrics:
             ["upstream", "method", "status"],
             registry=self.registry,
         )
+        self.upstream_fallbacks = Counter(
+            "mirror_upstream_fallbacks",
+            "Requests a fallback answered for its failing upstream, by outcome"
+            " (served, failed, mismatch)",
+            ["upstream", "fallback", "outcome"],
+            registry=self.registry,
+        )
         self.upstream_seconds = Histogram(
             "mirror_upstream_request_seconds",
             "Time to an upstream's response headers",
@@ -192,6 +199,9 @@ class Metrics:
     def observe_upstream(self, upstream: str, method: str, status: int, seconds: float) -> None:
         self.upstream_requests.labels(upstream, method, str(status)).inc()
         self.upstream_seconds.labels(upstream).observe(seconds)
+
+    def observe_fallback(self, upstream: str, fallback: str, outcome: str) -> None:
+        self.upstream_fallbacks.labels(upstream, fallback, outcome).inc()
 
     def render(self) -> tuple[bytes, str]:
         directory = os.environ.get(MULTIPROCESS_ENV)

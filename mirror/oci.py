@@ -96,6 +96,11 @@ class Reference:
         return self.tag if self.tag is not None else str(self.digest)
 
 
+def is_repository_name(name: str) -> bool:
+    """True for repository path components joined by slashes (`library/alpine`)."""
+    return len(name) <= NAME_MAX_LENGTH and _NAME_RE.fullmatch(name) is not None
+
+
 def validate_name(name: str) -> str:
     """Return `name` if it is a valid repository name, else raise NAME_INVALID."""
     if len(name) > NAME_MAX_LENGTH or not _NAME_RE.fullmatch(name):

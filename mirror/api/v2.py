@@ -205,7 +205,12 @@ async def _send_manifest(
 
 
 def _x_cache(cache_result: str) -> str:
-    return {"hit": "HIT", "stale": "STALE", "revalidated": "HIT"}.get(cache_result, "MISS")
+    return {
+        "hit": "HIT",
+        "stale": "STALE",
+        "revalidated": "HIT",
+        "fallback": "MISS (fallback)",
+    }.get(cache_result, "MISS")
 
 
 # Blobs

@@ -18,6 +18,7 @@ client listed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -73,7 +74,8 @@ class Manifest:
     media_type: str
     size: int
     body: bytes | None
-    cache_result: str  # hit, miss, revalidated, stale, pass-through
+    # hit, miss, revalidated, stale, pass-through, fallback (a tag resolved by a fallback)
+    cache_result: str
 
 
 class ManifestCache:
@@ -241,6 +243,7 @@ class ManifestCache:
             ) as response:
                 raise_for_upstream_status(response, ManifestUnknown)
                 announced = _announced_digest(response)
+                fallback = response.fallback
                 head_type = bare_media_type(response.headers.get("Content-Type"))
                 head_size = response.content_length
             manifest = None
@@ -258,6 +261,17 @@ class ManifestCache:
             if manifest is None:
                 # By digest when we know it: the tag cannot move between HEAD and GET.
                 manifest = await self._fetch(route, str(announced or tag), announced)
+            if fallback is not None:
+                # The digest is the fallback's word, not the upstream's: say so.
+                log.warning(
+                    "manifest_from_fallback",
+                    upstream=route.upstream,
+                    repository=route.repository,
+                    tag=tag,
+                    fallback=fallback,
+                    digest=manifest.digest,
+                )
+                manifest = dataclasses.replace(manifest, cache_result="fallback")
         except (UpstreamUnavailable, TooManyRequests) as exc:
             return await self._stale_or_raise(route, tag, record, usable_for, exc)
         except MirrorError:

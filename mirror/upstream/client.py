@@ -1,7 +1,10 @@
 """Talking to one upstream registry over its own pooled aiohttp session (guard.py).
 
 `UpstreamClient.open` sends a request for `/v2/<repository>/<path>` and returns
-an `UpstreamResponse` once the status line and headers are in. Along the way it:
+an `UpstreamResponse` once the status line and headers are in. The repository is
+the client-facing name; an upstream reached through a path of its own (a Harbor
+proxy project, an ECR pull-through rule) gets its `repository_prefix` in front, in
+the URL and in token scopes alike. Along the way it:
 - answers auth challenges (see `auth.py`), once per hop, with a fresh token
   when the cached one was refused;
 - follows 301/302/303/307/308 itself (at most 10 hops), so that credentials
@@ -50,6 +53,8 @@ class UpstreamSettings:
     connect_timeout: float
     read_timeout: float
     offline: bool = False  # never contact this upstream (air-gapped serving)
+    # The upstream's own repository names are `<prefix>/<client-facing name>`.
+    repository_prefix: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,8 @@ class UpstreamResponse:
         self.headers: CIMultiDictProxy[str] = response.headers
         self.url = str(response.url)
         self.redirected_elsewhere = redirected_elsewhere
+        # Set when a failover source answered instead of the upstream (failover.py).
+        self.fallback: str | None = None
 
     @property
     def content_length(self) -> int | None:
@@ -192,8 +199,13 @@ class UpstreamClient:
         )
         self.rate_limit: RateLimit | None = None
 
+    def upstream_repository(self, repository: str) -> str:
+        """The upstream's name for a client-facing repository (its prefix put in front)."""
+        prefix = self.settings.repository_prefix
+        return f"{prefix}/{repository}" if prefix else repository
+
     def url_for(self, repository: str, path: str) -> str:
-        return f"{self._base}/v2/{repository}/{path}"
+        return f"{self._base}/v2/{self.upstream_repository(repository)}/{path}"
 
     async def open(
         self,
@@ -292,7 +304,9 @@ class UpstreamClient:
         # Byte-exact bodies: never let anything in between compress them for us.
         request_headers["Accept-Encoding"] = "identity"
         request_headers["User-Agent"] = USER_AGENT
-        authorization = await self._auth.header_for(url, repository, refresh=refresh_token)
+        # Token scopes name the repository as the upstream knows it.
+        upstream_repository = self.upstream_repository(repository)
+        authorization = await self._auth.header_for(url, upstream_repository, refresh=refresh_token)
         if authorization:
             request_headers["Authorization"] = authorization
         started = time.monotonic()
@@ -318,6 +332,8 @@ class UpstreamClient:
             "upstream_request",
             upstream=self.name,
             method=method,
+            repository=repository,
+            upstream_repository=upstream_repository,
             url=redact_url(url),
             status=response.status,
             seconds=round(time.monotonic() - started, 4),

@@ -28,6 +28,8 @@ def digest_of(data: bytes) -> str:
 class FakeUpstream:
     behaviours: dict[tuple[str, str], list[Behaviour]] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    # The answer to any request without a behaviour of its own (None: 404).
+    otherwise: Behaviour | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -44,6 +46,8 @@ class FakeUpstream:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
         queue = self.behaviours.get((request.method, request.path))
+        if not queue and self.otherwise is not None:
+            return await self.otherwise(request)
         if not queue:
             return web.json_response({"errors": [{"code": "NAME_UNKNOWN"}]}, status=404)
         behaviour = queue.pop(0) if len(queue) > 1 else queue[0]

@@ -166,11 +166,14 @@ class Registry(Service):
         workdir: Path,
         *,
         token_auth: TokenAuthSettings | None = None,
+        proxy_remote: str | None = None,
         binary: str | None = None,
         startup_timeout: float = 15,
     ) -> None:
         self.workdir = Path(workdir)
         self.token_auth = token_auth
+        # Pull-through mode: a real middle tier in front of another registry.
+        self.proxy_remote = proxy_remote
         self.binary = binary or find_registry_binary()
         self.startup_timeout = startup_timeout
         self.port = free_port()
@@ -210,6 +213,8 @@ class Registry(Service):
                     "rootcertbundle": str(self.token_auth.rootcertbundle),
                 }
             }
+        if self.proxy_remote is not None:
+            cfg["proxy"] = {"remoteurl": self.proxy_remote}
         return cfg
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class CannedResponse:
         self.status = status
         self.headers = CIMultiDictProxy(CIMultiDict(headers))
         self._body = body
+        self.fallback: str | None = None  # as the upstream itself answered
 
     @property
     def content_length(self) -> int | None:
