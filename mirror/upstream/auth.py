@@ -128,9 +128,10 @@ class Authenticator:
         try:
             token = await self._token(challenge, scope, credentials, refresh=refresh)
         except UpstreamCredentialsRefused:
-            if credentials is None or not await self.renew_credentials(origin):
+            if credentials is None or not self._credentials.refreshable:
                 raise UpstreamBadResponse("upstream token server refused the credentials") from None
-            credentials = await self._credentials.get()
+            # New ones, or UpstreamCredentialsUnavailable: the miss fails saying why.
+            credentials = await self._renew()
             token = await self._token(challenge, scope, credentials, refresh=True)
         return f"Bearer {token}"
 
@@ -139,12 +140,15 @@ class Authenticator:
         is something new to try. A failure is the source's to log and count."""
         if not self._is_upstream(origin) or not self._credentials.refreshable:
             return False
-        log.info("upstream_credentials_refused", upstream=self._name)
         try:
-            await self._credentials.get(refresh=True)
+            await self._renew()
         except UpstreamCredentialsUnavailable:
             return False
         return True
+
+    async def _renew(self) -> tuple[str, str] | None:
+        log.info("upstream_credentials_refused", upstream=self._name)
+        return await self._credentials.get(refresh=True)
 
     async def _token(
         self,

@@ -45,11 +45,14 @@ DEFAULT_GCP_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 # Tokens are replaced this share of their lifetime early, at least 5 min, at most half.
 REFRESH_SHARE = 0.1
 REFRESH_MARGIN = 300.0
+# After a failed renewal while the old credential is still valid: how long it is used
+# before the next try (not one helper run or API call per request).
+RETRY_AFTER = 30.0
 
 
 def refresh_after(lifetime: float) -> float:
     """Seconds after issue at which a token valid for `lifetime` seconds is replaced:
-    12 h ECR tokens at 10.8 h, 1 h Google tokens at 55 min, a 10 s test token at 5 s."""
+    12 h ECR tokens at 10.8 h, 1 h Google tokens at 54 min, a 10 s test token at 5 s."""
     margin = min(max(lifetime * REFRESH_SHARE, REFRESH_MARGIN), lifetime / 2)
     return max(lifetime - margin, 0.0)
 
@@ -63,13 +66,7 @@ class CredentialState:
     last_error_at: float | None = None
     expires_at: float | None = None
     errors: int = 0
-
-    @property
-    def failing(self) -> bool:
-        """The last attempt failed."""
-        return self.last_error_at is not None and (
-            self.last_success is None or self.last_error_at >= self.last_success
-        )
+    failing: bool = False  # the last attempt failed
 
 
 class CredentialSource(Protocol):
@@ -135,13 +132,19 @@ class _RefreshingSource:
             credentials, refresh_at, expires_at = await self._fetch()
         except UpstreamCredentialsUnavailable as exc:
             self._failed(exc.message)
-            still_valid = self._expires_at is None or self._clock() < self._expires_at
+            now = self._clock()
+            still_valid = self._expires_at is None or now < self._expires_at
             if self._cached is not None and still_valid and self._refresh_at > 0:
-                return self._cached  # the old one lives a while yet: use it
+                # Not refused, and it lives a while yet: use it, and try again later.
+                self._refresh_at = now + RETRY_AFTER
+                if self._expires_at is not None:
+                    self._refresh_at = min(self._refresh_at, self._expires_at)
+                return self._cached
             raise
         self._cached, self._refresh_at, self._expires_at = credentials, refresh_at, expires_at
         self.state.last_success = self._clock()
         self.state.expires_at = expires_at
+        self.state.failing = False
         log.info(
             "upstream_credentials_renewed",
             upstream=self._upstream,
@@ -153,6 +156,7 @@ class _RefreshingSource:
 
     def _failed(self, reason: str) -> None:
         self.state.errors += 1
+        self.state.failing = True
         self.state.last_error = reason
         self.state.last_error_at = self._clock()
         log.warning(
