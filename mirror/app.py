@@ -90,6 +90,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                 metadata_writes_pending=lambda: core.deferred.pending,
                 uncoordinated_fetches=lambda: blobs.uncoordinated_fetches,
                 peer_fills=lambda: {} if fleet is None else fleet.fills,
+                credential_errors=lambda: {
+                    n: c.settings.credentials.state.errors for n, c in core.clients.items()
+                },
             )
         )
         app[DEFERRED] = core.deferred
@@ -194,11 +197,12 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    """Ready: storage is writable. The metadata store and an object store are reported,
-    but their outage leaves the mirror ready (degraded): pulls go on without them, and
+    """Ready: storage is writable. The metadata store, an object store and upstream
+    credential sources are reported, but their outage leaves the mirror ready
+    (degraded): pulls go on without them (or from the cache), and
     taking every replica out of its Service would turn a Redis outage into an outage."""
     checks: dict[str, str] = {}
-    degraded: dict[str, str] = {}
+    degraded: dict[str, object] = {}
     try:
         await asyncio.to_thread(request.app[STORE].check_writable)
         checks["storage"] = "ok"
@@ -222,6 +226,14 @@ async def _readyz(request: web.Request) -> web.Response:
             "pulls are fetched without coordination; "
             f"{request.app[DEFERRED].pending} records wait for the store"
         )
+    # A credential source that fails leaves what is cached servable: degraded, not down.
+    credentials = {
+        name: f"credentials failing: {state.last_error}; cached content is still served"
+        for name, client in request.app[UPSTREAMS].items()
+        if (state := client.settings.credentials.state).failing
+    }
+    if credentials:
+        degraded["credentials"] = credentials
     ready = checks["storage"] == "ok"
     body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": checks}
     if degraded:

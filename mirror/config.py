@@ -191,6 +191,74 @@ class FallbackConfig(_Section):
         return "/".join(filter(None, (urlsplit(self.url).netloc, self.repository_prefix)))
 
 
+class HelperCredentialsConfig(_Section):
+    """`docker-credential-<helper> get`, re-run every `lifetime` and when refused."""
+
+    helper: str
+    lifetime: Duration = 3600.0
+    timeout: Duration = 30.0
+
+    @field_validator("helper")
+    @classmethod
+    def _check_helper(cls, value: str) -> str:
+        # Becomes a program name looked up on PATH: no path separators, no options.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError("must be a helper name like 'ecr-login' (docker-credential-NAME)")
+        return value
+
+    @field_validator("lifetime", "timeout")
+    @classmethod
+    def _check_positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be more than 0s")
+        return value
+
+
+class EcrSettings(_Section):
+    region: str
+    registry_id: str
+    # None: the AWS endpoint for the region; set for VPC endpoints (and tests).
+    endpoint: str | None = None
+
+    @field_validator("registry_id")
+    @classmethod
+    def _check_registry_id(cls, value: str) -> str:
+        if not re.fullmatch(r"\d{12}", value):
+            raise ValueError("must be the 12-digit AWS account ID (quote it in YAML)")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _check_region(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", value):
+            raise ValueError("must be an AWS region like 'us-east-1'")
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else _plain_http_url(value)
+
+
+class EcrCredentialsConfig(_Section):
+    """ECR GetAuthorizationToken with the standard AWS chain (env, files, web identity)."""
+
+    ecr: EcrSettings
+
+
+class GcpSettings(_Section):
+    scopes: tuple[str, ...] = ("https://www.googleapis.com/auth/cloud-platform",)
+
+
+class GcpCredentialsConfig(_Section):
+    """An OAuth access token from google-auth's default chain, as `oauth2accesstoken`."""
+
+    gcp: GcpSettings
+
+
+CredentialsConfig = HelperCredentialsConfig | EcrCredentialsConfig | GcpCredentialsConfig
+
+
 class UpstreamConfig(_Section):
     """One upstream registry."""
 
@@ -203,6 +271,8 @@ class UpstreamConfig(_Section):
     password: SecretStr | None = None
     password_file: Path | None = None
     password_env: str | None = None
+    # Exclusive with username/password: a helper, ECR or Google's default chain.
+    credentials: CredentialsConfig | None = None
     tag_ttl: Duration = 600.0
     tag_rules: tuple[TagRule, ...] = ()
     allow: tuple[str, ...] = ()
@@ -232,6 +302,8 @@ class UpstreamConfig(_Section):
             password_file=self.password_file,
             password_env=self.password_env,
         )
+        if self.credentials is not None and (self.username or sources):
+            raise ValueError("credentials: set either credentials or username/password, not both")
         if sources and not self.username:
             raise ValueError(f"{sources[0]} needs a username")
         if self.username and not sources:
@@ -253,7 +325,11 @@ class UpstreamConfig(_Section):
             return self.docker_hub
         return urlsplit(self.url).hostname in DOCKER_HUB_HOSTS
 
-    def credentials(self) -> tuple[str, str] | None:
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.username) or self.credentials is not None
+
+    def static_credentials(self) -> tuple[str, str] | None:
         """The username and password, read now: a file or variable may be rotated."""
         if not self.username:
             return None

@@ -20,7 +20,13 @@ from mirror.cache.listings import Listings
 from mirror.cache.manifests import ManifestCache
 from mirror.cache.peers import Fleet
 from mirror.cache.provenance import ContentAccess
-from mirror.config import MirrorConfig
+from mirror.config import (
+    EcrCredentialsConfig,
+    GcpCredentialsConfig,
+    HelperCredentialsConfig,
+    MirrorConfig,
+    UpstreamConfig,
+)
 from mirror.errors import MetadataUnavailable, ObjectStoreUnavailable
 from mirror.metadata.base import MetadataStore
 from mirror.metadata.deferred import DeferredWrites
@@ -29,6 +35,14 @@ from mirror.policy import UpstreamPolicy
 from mirror.routing import Router, UpstreamNames
 from mirror.storage.blobstore import BlobStore, FilesystemBlobStore, Quota
 from mirror.upstream.client import UpstreamClient, UpstreamSettings
+from mirror.upstream.credentials import (
+    CredentialSource,
+    EcrCredentials,
+    GcpCredentials,
+    HelperCredentials,
+    StaticCredentials,
+    helper_server,
+)
 from mirror.upstream.failover import FailoverClient, ObserveFallback
 from mirror.upstream.guard import NetworkOverrides, UpstreamNetwork
 from mirror.upstream.tokens import TokenCache
@@ -111,9 +125,22 @@ class MirrorCore:
     fleet: Fleet | None = None  # fleet mode: this replica's membership
 
 
-def _anonymous() -> None:
-    """Fallbacks are asked without credentials: the upstream's are not theirs."""
-    return None
+def credential_source(name: str, upstream: UpstreamConfig) -> CredentialSource:
+    """The source `upstreams.<name>` names: static username/password unless
+    `credentials` says a helper, ECR or Google."""
+    chosen = upstream.credentials
+    if isinstance(chosen, HelperCredentialsConfig):
+        return HelperCredentials(
+            name, chosen.helper, helper_server(upstream.url), chosen.lifetime, chosen.timeout
+        )
+    if isinstance(chosen, EcrCredentialsConfig):
+        ecr = chosen.ecr
+        return EcrCredentials(
+            name, ecr.region, ecr.registry_id, ecr.endpoint, upstream.connect_timeout
+        )
+    if isinstance(chosen, GcpCredentialsConfig):
+        return GcpCredentials(name, chosen.gcp.scopes)
+    return StaticCredentials(upstream.static_credentials)
 
 
 @contextlib.asynccontextmanager
@@ -157,7 +184,7 @@ async def open_core(
             UpstreamSettings(
                 name=name,
                 url=upstream.url,
-                credentials=upstream.credentials,
+                credentials=credential_source(name, upstream),
                 connect_timeout=upstream.connect_timeout,
                 read_timeout=upstream.read_timeout,
                 offline=config.offline,
@@ -170,7 +197,8 @@ async def open_core(
                     UpstreamSettings(
                         name=f"{name} fallback {fallback.label}",
                         url=fallback.url,
-                        credentials=_anonymous,
+                        # Asked anonymously: the upstream's credentials are not theirs.
+                        credentials=StaticCredentials(lambda: None),
                         connect_timeout=upstream.connect_timeout,
                         read_timeout=upstream.read_timeout,
                         offline=config.offline,
@@ -189,7 +217,7 @@ async def open_core(
     }
     policies = {name: UpstreamPolicy.from_config(u) for name, u in config.upstreams.items()}
     credentialed = frozenset(
-        name for name, upstream in config.upstreams.items() if upstream.username
+        name for name, upstream in config.upstreams.items() if upstream.has_credentials
     )
     deferred = DeferredWrites(metadata)
     access = ContentAccess(metadata, deferred, clients, credentialed)
@@ -232,6 +260,8 @@ async def open_core(
             # Last chance for records that waited out an outage (a seed run, say).
             with contextlib.suppress(MetadataUnavailable):
                 await deferred.replay()
+        for client in clients.values():
+            await client.settings.credentials.close()
         for upstream_network in [*networks.values(), *fallback_networks.values()]:
             await upstream_network.close()
         await tokens.close()

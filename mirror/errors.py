@@ -17,8 +17,10 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
     ├── UpstreamError              upstream unreachable, 5xx, or broken reply
     │   ├── UpstreamUnavailable    connection refused, timeout, 5xx  (503)
     │   ├── UpstreamBadResponse    wrong digest, size or protocol      (502)
-    │   │   └── DigestMismatch     bytes that do not hash to the digest (or size) asked for
-    │   └── UpstreamTargetRefused  a realm or redirect the mirror must not follow (502)
+    │   │   ├── DigestMismatch     bytes that do not hash to the digest (or size) asked for
+    │   │   └── UpstreamCredentialsRefused  the token server refused our credentials
+    │   ├── UpstreamTargetRefused  a realm or redirect the mirror must not follow (502)
+    │   └── UpstreamCredentialsUnavailable  a credential source (helper, ECR, GCP) failed (503)
     ├── MetadataUnavailable        the metadata store cannot be reached (503)
     └── ObjectStoreUnavailable     the S3 object store cannot be reached or refuses (503)
 
@@ -148,11 +150,23 @@ class DigestMismatch(UpstreamBadResponse):
     """Bytes received did not hash to the digest (or size) they were fetched for."""
 
 
+class UpstreamCredentialsRefused(UpstreamBadResponse):
+    """The token server refused the credentials we sent (401/403): they may have been
+    rotated, and a source that can renew them is asked once before this is told."""
+
+
 class UpstreamTargetRefused(UpstreamError):
     """The upstream named a token realm or redirect the mirror will not follow: an
     address more internal than the upstream's own, or credentials over plain HTTP."""
 
     code, status = "UNAVAILABLE", 502
+
+
+class UpstreamCredentialsUnavailable(UpstreamError):
+    """An upstream's credentials could not be had: its helper failed, or ECR or Google
+    refused or could not be reached. The message never carries a secret."""
+
+    code, status = "UNAVAILABLE", 503
 
 
 class MetadataUnavailable(MirrorError):

@@ -4,11 +4,12 @@ Events are counted as they happen (requests by upstream, kind and cache result; 
 sent from the cache, from a peer replica's copy or straight from the upstream; upstream
 requests by status and their latency). State is read when scraped, from the objects that
 own it (in-flight downloads, cache bytes and limit, evictions, stale answers, peer fills
-by outcome, Docker Hub rate-limit allowance), so no module below the HTTP layer knows
-Prometheus exists. Each app has its own registry. With `--workers`, the event counters are
-summed across the workers (prometheus_client's multiprocess files, under the directory
-the supervisor sets), so any worker's `/metrics` reports the whole server's counts; the
-state gauges are the answering worker's view of the shared storage and metadata.
+by outcome, Docker Hub rate-limit allowance, credential failures by upstream), so no
+module below the HTTP layer knows Prometheus exists. Each app has its own registry. With
+`--workers`, the event counters are summed across the workers (prometheus_client's
+multiprocess files, under the directory the supervisor sets), so any worker's `/metrics`
+reports the whole server's counts; the state gauges are the answering worker's view of
+the shared storage and metadata.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class StateSources:
     uncoordinated_fetches: Callable[[], int] = lambda: 0
     not_cached: Callable[[], int] = lambda: 0  # blobs streamed without caching: no room
     peer_fills: Callable[[], Mapping[str, int]] = dict  # by outcome, in fleet mode
+    credential_errors: Callable[[], Mapping[str, int]] = dict  # by upstream
 
 
 class _StateCollector(Collector):
@@ -95,6 +97,14 @@ class _StateCollector(Collector):
         for outcome, count in s.peer_fills().items():
             fills.add_metric([outcome], count)
         yield fills
+        credential_errors = CounterMetricFamily(
+            "mirror_upstream_credential_errors",
+            "Failures to get an upstream's credentials (helper, ECR, Google)",
+            labels=["upstream"],
+        )
+        for upstream, count in s.credential_errors().items():
+            credential_errors.add_metric([upstream], count)
+        yield credential_errors
         remaining = GaugeMetricFamily(
             "mirror_upstream_ratelimit_remaining",
             "Pulls left in the upstream's rate-limit window, as it last said",

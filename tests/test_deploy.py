@@ -429,24 +429,27 @@ def model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         annotation = field.annotation
-        nested = _model_in(annotation)
+        nested = _models_in(annotation)
         if name == "upstreams":
             keys |= model_keys(_upstream_model(), "upstreams.<name>.")
-        elif nested is not None and name not in ("tag_rules", "rules"):
-            keys |= model_keys(nested, f"{key}.")
+        elif nested and name not in ("tag_rules", "rules"):
+            for model in nested:
+                keys |= model_keys(model, f"{key}.")
         else:
             keys.add(key)
     return keys
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    # An optional section (`S3Config | None`): its keys are documented one by one.
-    for member in getattr(annotation, "__args__", ()):
-        if isinstance(member, type) and issubclass(member, BaseModel):
-            return member
-    return None
+        return [annotation]
+    # An optional section (`S3Config | None`) or a tagged union (`credentials`): the keys
+    # of each member are documented one by one.
+    return [
+        member
+        for member in getattr(annotation, "__args__", ())
+        if isinstance(member, type) and issubclass(member, BaseModel)
+    ]
 
 
 def _upstream_model() -> type[BaseModel]:

@@ -107,8 +107,8 @@ def test_password_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         load_config(None, upstreams={"ghcr.io": settings})
     monkeypatch.setenv("GHCR_TOKEN", "from-env")
     config = load_config(None, upstreams={"ghcr.io": settings})
-    assert config.upstreams["ghcr.io"].credentials() == ("bot", "from-env")
+    assert config.upstreams["ghcr.io"].static_credentials() == ("bot", "from-env")
     monkeypatch.setenv("GHCR_TOKEN", "rotated")
-    assert config.upstreams["ghcr.io"].credentials() == ("bot", "rotated")
+    assert config.upstreams["ghcr.io"].static_credentials() == ("bot", "rotated")
     with pytest.raises(ConfigError, match="not"):
         load_config(None, upstreams={"ghcr.io": {**settings, "password": "x"}})

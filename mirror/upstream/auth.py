@@ -6,6 +6,11 @@ with the upstream's credentials, and cache the token until `expires_in`
 (default 60 s) minus a margin. Challenges are remembered per origin so the
 next request carries a token up front instead of paying a 401 round trip.
 
+Credentials come from the upstream's `CredentialSource` (`credentials.py`). When they
+are refused (the token server says 401, or the registry refuses a fresh token), a source
+that can renew them (helper, ECR, Google) is asked once more with `refresh=True`, and
+the request is tried once with what it gives.
+
 Credentials are only ever offered to the configured upstream's own origin and
 the token realm it names; a redirect target gets an anonymous token at most. Every
 realm passes the upstream's `TargetGuard` first (see `guard.py`), and credentials
@@ -19,14 +24,19 @@ import re
 import time
 from base64 import b64encode
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 import structlog
 
 from mirror.concurrency import SingleFlight
-from mirror.errors import UpstreamBadResponse, UpstreamUnavailable
+from mirror.errors import (
+    UpstreamBadResponse,
+    UpstreamCredentialsRefused,
+    UpstreamCredentialsUnavailable,
+    UpstreamUnavailable,
+)
+from mirror.upstream.credentials import CredentialSource
 from mirror.upstream.guard import TargetGuard
 from mirror.upstream.tokens import TokenCache
 
@@ -77,7 +87,7 @@ class Authenticator:
         self,
         upstream_name: str,
         upstream_origin: str,
-        credentials: Any,
+        credentials: CredentialSource,
         session: aiohttp.ClientSession,
         tokens: TokenCache,
         timeout: aiohttp.ClientTimeout,
@@ -85,7 +95,7 @@ class Authenticator:
     ):
         self._name = upstream_name
         self._origin = upstream_origin
-        self._credentials = credentials  # callable returning (user, password) or None
+        self._credentials = credentials
         self._session = session
         self._tokens = tokens
         self._timeout = timeout
@@ -109,14 +119,36 @@ class Authenticator:
         if challenge is None:
             return None
         own = self._is_upstream(origin)
-        credentials = self._credentials() if own else None
+        credentials = await self._credentials.get() if own else None
         if challenge.scheme == "basic":
             return basic_header(credentials) if credentials else None
         # Our own upstream is asked for the repository's pull scope; a redirect target
         # names the scope it wants in its challenge (its paths differ from ours).
         scope = f"repository:{repository}:pull" if own else challenge.scope
-        token = await self._token(challenge, scope, credentials, refresh=refresh)
+        try:
+            token = await self._token(challenge, scope, credentials, refresh=refresh)
+        except UpstreamCredentialsRefused:
+            if credentials is None or not self._credentials.refreshable:
+                raise UpstreamBadResponse("upstream token server refused the credentials") from None
+            # New ones, or UpstreamCredentialsUnavailable: the miss fails saying why.
+            credentials = await self._renew()
+            token = await self._token(challenge, scope, credentials, refresh=True)
         return f"Bearer {token}"
+
+    async def renew_credentials(self, origin: str) -> bool:
+        """Ask the source for new credentials after a refusal by `origin`; whether there
+        is something new to try. A failure is the source's to log and count."""
+        if not self._is_upstream(origin) or not self._credentials.refreshable:
+            return False
+        try:
+            await self._renew()
+        except UpstreamCredentialsUnavailable:
+            return False
+        return True
+
+    async def _renew(self) -> tuple[str, str] | None:
+        log.info("upstream_credentials_refused", upstream=self._name)
+        return await self._credentials.get(refresh=True)
 
     async def _token(
         self,
@@ -169,7 +201,12 @@ class Authenticator:
                         scope=scope,
                         status=response.status,
                     )
-                    raise UpstreamBadResponse(
+                    refused = (
+                        UpstreamCredentialsRefused
+                        if credentials and response.status in (401, 403)
+                        else UpstreamBadResponse
+                    )
+                    raise refused(
                         "upstream token server refused the request",
                         detail={"status": response.status},
                     )

@@ -33,6 +33,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from mirror.errors import OfflineMiss, UpstreamBadResponse, UpstreamUnavailable
 from mirror.upstream.auth import Authenticator, origin_of
+from mirror.upstream.credentials import CredentialSource
 from mirror.upstream.guard import UpstreamNetwork
 from mirror.upstream.tokens import TokenCache
 
@@ -49,7 +50,7 @@ class UpstreamSettings:
 
     name: str
     url: str
-    credentials: Callable[[], tuple[str, str] | None]
+    credentials: CredentialSource
     connect_timeout: float
     read_timeout: float
     offline: bool = False  # never contact this upstream (air-gapped serving)
@@ -286,8 +287,26 @@ class UpstreamClient:
             method, url, repository, headers, refresh_token=sent_credentials
         )
         if response.status != 401 or sent_credentials:
-            return response
+            return await self._renewing_credentials(method, url, repository, headers, response)
         # ...unless it is refused too: then one fresh token, and that is the answer.
+        response.release()
+        response = await self._send(method, url, repository, headers, refresh_token=True)
+        return await self._renewing_credentials(method, url, repository, headers, response)
+
+    async def _renewing_credentials(
+        self,
+        method: str,
+        url: str,
+        repository: str,
+        headers: Mapping[str, str] | None,
+        response: aiohttp.ClientResponse,
+    ) -> aiohttp.ClientResponse:
+        """Refused with a fresh token (or Basic): the credential itself may have been
+        rotated. Sources that can (helper, ECR, Google) are asked anew, once."""
+        if response.status != 401 or "Authorization" not in response.request_info.headers:
+            return response
+        if not await self._auth.renew_credentials(origin_of(url)):
+            return response
         response.release()
         return await self._send(method, url, repository, headers, refresh_token=True)
 
