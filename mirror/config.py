@@ -120,12 +120,29 @@ def _plain_http_url(value: str) -> str:
     return value.rstrip("/")
 
 
-def _one_source(**sources: object) -> list[str]:
-    """The names of the secret's sources that are set; more than one is an error."""
+def _check_secret(
+    key: str, inline: SecretStr | None, file: Path | None, env: str | None
+) -> list[str]:
+    """One secret, given inline (`key`), in a file (`key_file`) or in an environment
+    variable (`key_env`): at most one of them, readable now. The names of those set."""
+    sources = {key: inline, f"{key}_file": file, f"{key}_env": env}
     given = [name for name, value in sources.items() if value is not None]
     if len(given) > 1:
         raise ValueError(f"set one of {', '.join(sources)}, not {given}")
+    if file is not None and not os.access(file, os.R_OK):
+        raise ValueError(f"{key}_file {file} is not readable")
+    if env is not None and env not in os.environ:
+        raise ValueError(f"{key}_env: ${env} is not set")
     return given
+
+
+def _read_secret(inline: SecretStr | None, file: Path | None, env: str | None) -> str:
+    """The secret `_check_secret` accepted, read now: a file or variable may be rotated."""
+    if file is not None:
+        return file.read_text(encoding="utf-8").strip()
+    if env is not None:
+        return os.environ.get(env, "")
+    return inline.get_secret_value() if inline is not None else ""
 
 
 class _Section(BaseModel):
@@ -297,21 +314,13 @@ class UpstreamConfig(_Section):
 
     @model_validator(mode="after")
     def _check_credentials(self) -> UpstreamConfig:
-        sources = _one_source(
-            password=self.password,
-            password_file=self.password_file,
-            password_env=self.password_env,
-        )
+        sources = _check_secret("password", self.password, self.password_file, self.password_env)
         if self.credentials is not None and (self.username or sources):
             raise ValueError("credentials: set either credentials or username/password, not both")
         if sources and not self.username:
             raise ValueError(f"{sources[0]} needs a username")
         if self.username and not sources:
             raise ValueError("username needs password, password_file or password_env")
-        if self.password_file is not None and not os.access(self.password_file, os.R_OK):
-            raise ValueError(f"password_file {self.password_file} is not readable")
-        if self.password_env is not None and self.password_env not in os.environ:
-            raise ValueError(f"password_env: ${self.password_env} is not set")
         return self
 
     @property
@@ -333,14 +342,7 @@ class UpstreamConfig(_Section):
         """The username and password, read now: a file or variable may be rotated."""
         if not self.username:
             return None
-        if self.password_file is not None:
-            secret = self.password_file.read_text(encoding="utf-8").strip()
-        elif self.password_env is not None:
-            secret = os.environ.get(self.password_env, "")
-        else:
-            assert self.password is not None
-            secret = self.password.get_secret_value()
-        return self.username, secret
+        return self.username, _read_secret(self.password, self.password_file, self.password_env)
 
 
 # S3 refuses multipart parts below this size (all but the last).
@@ -402,19 +404,13 @@ class S3Config(_Section):
 
     @model_validator(mode="after")
     def _check_credentials(self) -> S3Config:
-        sources = _one_source(
-            secret_key=self.secret_key,
-            secret_key_file=self.secret_key_file,
-            secret_key_env=self.secret_key_env,
+        sources = _check_secret(
+            "secret_key", self.secret_key, self.secret_key_file, self.secret_key_env
         )
         if sources and not self.access_key:
             raise ValueError(f"{sources[0]} needs access_key")
         if self.access_key and not sources:
             raise ValueError("access_key needs secret_key, secret_key_file or secret_key_env")
-        if self.secret_key_file is not None and not os.access(self.secret_key_file, os.R_OK):
-            raise ValueError(f"secret_key_file {self.secret_key_file} is not readable")
-        if self.secret_key_env is not None and self.secret_key_env not in os.environ:
-            raise ValueError(f"secret_key_env: ${self.secret_key_env} is not set")
         return self
 
     def credentials(self) -> tuple[str, str] | None:
@@ -422,14 +418,9 @@ class S3Config(_Section):
         None: the standard AWS credential chain."""
         if not self.access_key:
             return None
-        if self.secret_key_file is not None:
-            secret = self.secret_key_file.read_text(encoding="utf-8").strip()
-        elif self.secret_key_env is not None:
-            secret = os.environ.get(self.secret_key_env, "")
-        else:
-            assert self.secret_key is not None
-            secret = self.secret_key.get_secret_value()
-        return self.access_key, secret
+        return self.access_key, _read_secret(
+            self.secret_key, self.secret_key_file, self.secret_key_env
+        )
 
 
 class StorageConfig(_Section):
@@ -516,17 +507,11 @@ class ClusterConfig(_Section):
 
     @model_validator(mode="after")
     def _check_cluster(self) -> ClusterConfig:
-        sources = _one_source(
-            secret=self.secret, secret_file=self.secret_file, secret_env=self.secret_env
-        )
+        sources = _check_secret("secret", self.secret, self.secret_file, self.secret_env)
         if self.listen is None:
             return self
         if not sources:
             raise ValueError("listen needs secret, secret_file or secret_env")
-        if self.secret_file is not None and not os.access(self.secret_file, os.R_OK):
-            raise ValueError(f"secret_file {self.secret_file} is not readable")
-        if self.secret_env is not None and self.secret_env not in os.environ:
-            raise ValueError(f"secret_env: ${self.secret_env} is not set")
         if len(self.secret_value()) < CLUSTER_SECRET_MIN:
             raise ValueError(f"{sources[0]} must be at least {CLUSTER_SECRET_MIN} characters")
         if self.advertise_url is None and _binds_every_address(self.listen):
@@ -547,14 +532,10 @@ class ClusterConfig(_Section):
 
     def secret_value(self) -> str:
         """The shared secret, read now: a file or variable may be rotated ("" if none)."""
-        if self.secret_file is not None:
-            try:
-                return self.secret_file.read_text(encoding="utf-8").strip()
-            except OSError:
-                return ""  # refuses every peer request until the file is back
-        if self.secret_env is not None:
-            return os.environ.get(self.secret_env, "")
-        return self.secret.get_secret_value() if self.secret is not None else ""
+        try:
+            return _read_secret(self.secret, self.secret_file, self.secret_env)
+        except OSError:
+            return ""  # refuses every peer request until the file is back
 
 
 def _binds_every_address(listen: str) -> bool:
