@@ -19,6 +19,9 @@ the recipe's registry does: ghcr.io and quay.io answer authorised blob GETs with
 a CDN host that serves the bytes under a signed query and refuses credentials;
 registry.k8s.io redirects manifest and blob requests to its backend registry, under
 another path.
+
+Last, a registry that checks token expiry to the second and is slow to answer one
+manifest: the token expires in the middle of a pull, and the pull still succeeds.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import PUSHER, PUSHER_PASSWORD, TAG, MirrorFactory, ServerFactory
 from support.containerd import Containerd
-from support.images import Image, docker_image, oci_image, push, push_with_token
+from support.images import Image, docker_image, oci_image, oci_index, push, push_with_token
 from support.registry import Registry
 from support.skopeo import skopeo_copy_async
 from support.tokenserver import TokenServer
@@ -303,14 +306,12 @@ RELAYED_RESPONSE_HEADERS = (
 )
 
 
-class BlobRedirectFront:
-    """ghcr.io and quay.io: the registry answers every request itself, except that an
-    authorised blob GET is a 307 to the CDN."""
+class Front:
+    """Relays requests to a real registry; subclasses change what a real registry
+    cannot be configured to do."""
 
-    def __init__(self, backend: str, cdn: Cdn) -> None:
+    def __init__(self, backend: str) -> None:
         self.backend = backend
-        self.cdn = cdn
-        self.redirected: list[str] = []
 
     async def relay(self, request: web.Request, method: str | None = None) -> web.Response:
         headers = {k: request.headers[k] for k in RELAYED_REQUEST_HEADERS if k in request.headers}
@@ -333,6 +334,24 @@ class BlobRedirectFront:
         return web.Response(status=upstream.status, body=body, headers=kept)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        return await self.relay(request)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+
+class BlobRedirectFront(Front):
+    """ghcr.io and quay.io: the registry answers every request itself, except that an
+    authorised blob GET is a 307 to the CDN."""
+
+    def __init__(self, backend: str, cdn: Cdn) -> None:
+        super().__init__(backend)
+        self.cdn = cdn
+        self.redirected: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.method == "GET" and "/blobs/sha256:" in request.path:
             # Authorise first, as the real registries do: the backend's answer to a HEAD
             # with the same credentials decides.
@@ -344,11 +363,6 @@ class BlobRedirectFront:
             self.redirected.append(digest)
             raise web.HTTPTemporaryRedirect(self.cdn.signed_url(digest))
         return await self.relay(request)
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
 
 
 class K8sFront:
@@ -460,9 +474,11 @@ def hosts_dir(tmp_path: Path, host: str, mirror_url: str) -> Path:
 
 
 def expected_dir(image: Image) -> dict[str, bytes]:
-    """What skopeo's dir: transport holds for `image`: its manifest and blobs, by name."""
+    """What `skopeo copy --all` to dir: holds for `image`: manifests and blobs, by name."""
     files = {"manifest.json": image.manifest}
-    files.update({digest.split(":", 1)[1]: data for digest, data in image.blobs.items()})
+    for child in image.children:
+        files[f"{child.digest.split(':', 1)[1]}.manifest.json"] = child.manifest
+    files.update({digest.split(":", 1)[1]: data for digest, data in image.all_blobs().items()})
     return files
 
 
@@ -529,3 +545,84 @@ async def test_recipe_pulls_through_the_mirror_with_skopeo_and_containerd(
         assert len(ecr["calls"]) == 1
     if grants is not None:
         assert grants == ["urn:ietf:params:oauth:grant-type:jwt-bearer"]
+
+
+# A token that expires in the middle of a pull
+
+
+class StrictExpiryFront(Front):
+    """A registry that checks a token's `exp` to the second (distribution allows a minute
+    of leeway, Docker Hub does not), and is slow to answer one manifest: the request
+    after it carries a token that has just expired."""
+
+    def __init__(self, backend: str, tokens: TokenServer, slow_path: str) -> None:
+        super().__init__(backend)
+        self.tokens = tokens
+        self.slow_path = slow_path
+        self.refused_expired: list[str] = []
+
+    def _expiry(self, request: web.Request) -> float | None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme != "Bearer" or not token:
+            return None
+        return float(self.tokens.decode(token)["exp"])
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        expiry = self._expiry(request)
+        if expiry is not None and expiry < time.time():
+            self.refused_expired.append(f"{request.method} {request.path}")
+            name = request.path.removeprefix("/v2/").split("/manifests/")[0].split("/blobs/")[0]
+            challenge = (
+                f'Bearer realm="{self.tokens.realm}",service="{self.tokens.service}",'
+                f'scope="repository:{name}:pull"'
+            )
+            return web.json_response(
+                {"errors": [{"code": "UNAUTHORIZED", "message": "token expired"}]},
+                status=401,
+                headers={"WWW-Authenticate": challenge},
+            )
+        if request.path == self.slow_path and expiry is not None:
+            # Answered only once the token it came with has expired: the slowness of a
+            # big manifest or a congested registry, made certain.
+            await asyncio.sleep(max(0.0, expiry + 0.2 - time.time()))
+        return await self.relay(request)
+
+
+async def test_a_token_expiring_mid_pull_is_renewed_without_failing_the_pull(
+    make_mirror: MirrorFactory, aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    image = oci_index(
+        [
+            oci_image([3 * KIB, 1 * KIB], seed=9100, platform=("linux", "amd64")),
+            oci_image([3 * KIB, 1 * KIB], seed=9101, platform=("linux", "arm64")),
+        ]
+    )
+    amd64 = image.children[0]
+    # Tokens say they last 300 s, as Docker Hub's do, but the JWT inside expires in 2 s.
+    with (
+        TokenServer(
+            users={PUSHER: PUSHER_PASSWORD}, jwt_lifetime=2, workdir=tmp_path / "tokens"
+        ) as tokens,
+        Registry(tmp_path / "registry", token_auth=tokens.registry_settings()) as registry,
+    ):
+        push_with_token(
+            registry.url, "library/busybox", image, TAG, tokens, PUSHER, PUSHER_PASSWORD
+        )
+        front = StrictExpiryFront(
+            registry.url, tokens, f"/v2/library/busybox/manifests/{amd64.digest}"
+        )
+        server = await serve(aiohttp_server, front.app())
+        url = str(server.make_url("")).rstrip("/")
+        mirror = await make_mirror({"docker.io": {"url": url, "docker_hub": True}})
+        issued_before = tokens.issued_count
+
+        dest = tmp_path / "pulled"
+        await skopeo_copy_async(f"docker://{mirror.host}/busybox:{TAG}", f"dir:{dest}")
+
+        pulled = tree_bytes(dest)
+        pulled.pop("version", None)
+        assert pulled == expected_dir(image)
+        # The expired token was refused upstream, a new one fetched, and the request
+        # answered with it; skopeo saw no failure.
+        assert front.refused_expired, "no request carried an expired token"
+        assert tokens.issued_count - issued_before >= 2
