@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from aiohttp.web_runner import BaseRunner
+from support.cloud import moto_ecr_server
 from support.fake_upstream import FakeUpstream, digest_of, serve, stall_after
 from support.images import Image, push, push_with_token, standard_images
 from support.net import eventually
@@ -283,3 +284,10 @@ async def mirror(make_mirror: MirrorFactory, upstream: Upstream) -> Mirror:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
+
+
+@pytest.fixture
+def moto_ecr(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """ECR's GetAuthorizationToken on moto's server (support/cloud.py)."""
+    with moto_ecr_server(monkeypatch, tmp_path) as issued:
+        yield issued

@@ -42,12 +42,12 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import PUSHER, PUSHER_PASSWORD, TAG, MirrorFactory, ServerFactory
+from support.cloud import service_account_key
 from support.containerd import Containerd
 from support.images import Image, docker_image, oci_image, oci_index, push, push_with_token
 from support.registry import Registry
 from support.skopeo import skopeo_copy_async
 from support.tokenserver import TokenServer
-from test_credentials import moto_ecr, service_account_key  # noqa: F401 (moto_ecr: a fixture)
 from test_pull_through import tree_bytes
 
 pytestmark = pytest.mark.slow  # starts registries, servers and containerd
