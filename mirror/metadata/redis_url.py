@@ -184,8 +184,10 @@ def open_redis(url: str, **options: Any) -> RedisHandle:
     sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
     if parsed.sentinel_password is not None:
         sentinel_options["password"] = parsed.sentinel_password
-    # redis-py leaves Sentinel.__init__ unannotated.
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # Older redis-py releases leave Sentinel.__init__ unannotated; calling it through Any
+    # type-checks the same on every release we accept.
+    sentinel_class: Any = Sentinel
+    sentinel: Sentinel = sentinel_class(
         list(parsed.sentinels), sentinel_kwargs=sentinel_options, **options
     )
     client: aioredis.Redis = sentinel.master_for(
