@@ -1,12 +1,13 @@
 """Warm request throughput with `mirror serve --workers 1` and `--workers 2`.
 
 Pushes a small image to a local distribution registry, starts the mirror (embedded
-metadata store, shared by the workers), warms it, then drives two warm endpoints with
-wrk (Debian package `wrk`) for a fixed time each: a manifest by tag within its TTL, and
-a small blob. Prints requests per second, latency, and the ratio of 2 workers over 1.
-Loopback only; every process it starts is stopped at the end.
+metadata store, shared by the workers), warms it, then drives three warm endpoints
+with wrk (Debian package `wrk`) for a fixed time each: a manifest by tag within its
+TTL, the same manifest by digest, and a small blob. For each number of connections
+(16 and 32 unless told) it prints requests per second, latency, and the ratio of 2
+workers over 1. Loopback only; every process it starts is stopped at the end.
 
-    .venv/bin/python bench/throughput.py [--seconds 5] [--connections 32]
+    .venv/bin/python bench/throughput.py [--seconds 5] [--connections 16 32] [--workers 1 2]
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def wrk(url: str, seconds: int, connections: int, header: str | None) -> tuple[f
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk", file=sys.stderr)
@@ -55,11 +57,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     image = oci_image([2048, 4096], seed=77)
     blob = image.layer_digests[0]
-    results: dict[int, dict[str, tuple[float, str]]] = {}
+    # results[connections][workers][endpoint] = (requests per second, latency)
+    results: dict[int, dict[int, dict[str, tuple[float, str]]]] = {c: {} for c in args.connections}
     try:
         with Registry(work / "registry") as registry:
             push(registry.url, REPO, image, TAG)
-            for workers in (1, 2):
+            for workers in args.workers:
                 mirror = MirrorProcess(
                     work / f"mirror-{workers}",
                     {"local": {"url": registry.url, "tag_ttl": "1h"}},
@@ -68,37 +71,51 @@ def main() -> int:
                     extra_args=("--workers", str(workers)),
                 )
                 with mirror:
-                    manifest_url = f"{mirror.url}/v2/{REPO}/manifests/{TAG}"
-                    blob_url = f"{mirror.url}/v2/{REPO}/blobs/{blob}"
-                    # Warm both, through every worker the kernel picks.
-                    for _ in range(8):
-                        assert (
-                            http_request("GET", manifest_url, headers={"Accept": ACCEPT}).status
-                            == 200
-                        )
-                        assert http_request("GET", blob_url).status == 200
-                    results[workers] = {
-                        "manifest by tag": wrk(
-                            manifest_url, args.seconds, args.connections, f"Accept: {ACCEPT}"
+                    base = f"{mirror.url}/v2/{REPO}"
+                    endpoints = {
+                        "manifest by tag": (f"{base}/manifests/{TAG}", f"Accept: {ACCEPT}"),
+                        "manifest by digest": (
+                            f"{base}/manifests/{image.digest}",
+                            f"Accept: {ACCEPT}",
                         ),
-                        "small blob": wrk(blob_url, args.seconds, args.connections, None),
+                        "small blob": (f"{base}/blobs/{blob}", None),
                     }
+                    # Warm each, through every worker the kernel picks.
+                    for _ in range(8):
+                        for url, header in endpoints.values():
+                            headers = dict([header.split(": ", 1)]) if header else None
+                            assert http_request("GET", url, headers=headers).status == 200
+                    for connections in args.connections:
+                        results[connections][workers] = {
+                            name: wrk(url, args.seconds, connections, header)
+                            for name, (url, header) in endpoints.items()
+                        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(
-        f"\nwrk -t1 -c{args.connections} -d{args.seconds}s "
-        "on this machine (2 cores, shared with wrk)"
-    )
-    print(
-        f"{'endpoint':<18}{'1 worker req/s':>16}{'2 workers req/s':>17}{'ratio':>8}   latency 1 / 2"
-    )
-    for endpoint in results[1]:
-        one, two = results[1][endpoint], results[2][endpoint]
+    for connections, by_workers in results.items():
         print(
-            f"{endpoint:<18}{one[0]:>16.0f}{two[0]:>17.0f}{two[0] / one[0]:>7.2f}x"
-            f"   {one[1]} / {two[1]}"
+            f"\nwrk -t1 -c{connections} -d{args.seconds}s "
+            "on this machine (2 cores, shared with wrk)"
         )
+        counts = list(by_workers)
+        print(
+            f"{'endpoint':<20}"
+            + "".join(f"{f'{n} worker(s) req/s':>20}" for n in counts)
+            + (f"{'ratio':>8}" if len(counts) == 2 else "")
+            + "   latency "
+            + " / ".join(str(n) for n in counts)
+        )
+        for endpoint in by_workers[counts[0]]:
+            runs = [by_workers[n][endpoint] for n in counts]
+            ratio = f"{runs[1][0] / runs[0][0]:>7.2f}x" if len(runs) == 2 else ""
+            print(
+                f"{endpoint:<20}"
+                + "".join(f"{rate:>20.0f}" for rate, _ in runs)
+                + ratio
+                + "   "
+                + " / ".join(latency for _, latency in runs)
+            )
     return 0
 
 
