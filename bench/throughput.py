@@ -50,6 +50,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    # server.event_loop; unset: the mirror's default.
+    parser.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"])
+    # log.level: warning leaves the access line out; info measures it too.
+    parser.add_argument("--log-level", default="warning", choices=["info", "warning"])
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk", file=sys.stderr)
@@ -67,8 +71,9 @@ def main() -> int:
                     work / f"mirror-{workers}",
                     {"local": {"url": registry.url, "tag_ttl": "1h"}},
                     port=free_port(),
-                    log_level="warning",
+                    log_level=args.log_level,
                     extra_args=("--workers", str(workers)),
+                    **({"server": {"event_loop": args.event_loop}} if args.event_loop else {}),
                 )
                 with mirror:
                     base = f"{mirror.url}/v2/{REPO}"

@@ -607,6 +607,9 @@ class TlsConfig(_Section):
 class ServerConfig(_Section):
     # Keep-alive connections idle this long are closed.
     idle_timeout: Duration = 60.0
+    # The event loop `serve` runs on: uvloop when it can be imported (auto), uvloop
+    # (asyncio's own, with a warning, if it cannot be), or asyncio's own.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 
 class LogConfig(_Section):

@@ -131,6 +131,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.pending: collections.Counter[str] = collections.Counter()
+        # Labelled children by label values: `labels()` on every request costs more than
+        # the count itself.
+        self._request_counts: dict[tuple[str, str, str], Counter] = {}
+        self._served_counts: dict[str, Counter] = {}
         self._state: _StateCollector | None = None
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -178,7 +182,11 @@ class Metrics:
         cache: str | None,
         body_bytes: int,
     ) -> None:
-        self.requests.labels(upstream or "", kind, cache or "none").inc()
+        labels = (upstream or "", kind, cache or "none")
+        requests = self._request_counts.get(labels)
+        if requests is None:
+            requests = self._request_counts[labels] = self.requests.labels(*labels)
+        requests.inc()
         if kind not in ("blob", "manifest"):
             return
         self.pending[f"requests:{kind}:{cache or 'none'}"] += 1
@@ -190,7 +198,10 @@ class Metrics:
                 if cache == "peer"
                 else "upstream"
             )
-            self.served_bytes.labels(source).inc(body_bytes)
+            served = self._served_counts.get(source)
+            if served is None:
+                served = self._served_counts[source] = self.served_bytes.labels(source)
+            served.inc(body_bytes)
             self.pending[f"bytes:{source}"] += body_bytes
         if kind == "manifest" and upstream and repository:
             self.pending[f"pulls:{upstream}/{repository}"] += 1

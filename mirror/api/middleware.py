@@ -9,7 +9,8 @@ last guard before the wire. Turning errors into OCI JSON is `api/errors.py`'s.
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import secrets
 
 import structlog
 from aiohttp import web
@@ -30,9 +31,24 @@ API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
+class RequestIds:
+    """Request ids: 32 hex digits like a UUID's, unique across processes and nodes (a
+    random half per process), without a uuid4's urandom call on every request."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+_request_ids = RequestIds()
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = uuid.uuid4().hex
+    request_id = _request_ids()
     info = AccessInfo(request_id=request_id)
     request[ACCESS_INFO] = info
     structlog.contextvars.bind_contextvars(request_id=request_id)
