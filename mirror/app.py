@@ -76,7 +76,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             metadata,
             blobs.in_use,
             blobs.flush_access,
-            on_removed=_removal(manifests, fleet),
+            on_removed=eviction_listener(manifests, fleet),
         )
         blobs.reserve_space = evictor.reserve  # downloads make room before their first byte
         app[EVICTOR] = evictor
@@ -118,7 +118,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await background.close()
 
 
-def _removal(manifests: ManifestCache, fleet: Fleet | None) -> Removed:
+def eviction_listener(manifests: ManifestCache, fleet: Fleet | None) -> Removed:
     """What hears of each blob eviction removes: the manifest memory, and in fleet mode
     the holder record."""
 
