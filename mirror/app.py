@@ -111,6 +111,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             upstreams=sorted(config.upstreams),
             offline=config.offline,
             temp_files_swept=core.swept,
+            # uvloop or asyncio (server.event_loop)
+            event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
         try:
             yield
