@@ -27,32 +27,27 @@ _SECRET_KEYS = re.compile(r"pass(word)?|secret|token|authorization|credential", 
 _SECRET_VALUES = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 
 
-@functools.lru_cache(maxsize=1024)
-def _secret_key(key: str) -> bool:
-    # Keys are the code's own names, a small set: each is matched once, not per line.
-    return key != "event" and _SECRET_KEYS.search(key) is not None
+@functools.lru_cache(maxsize=256)
+def _secret_keys(keys: tuple[str, ...]) -> tuple[str, ...]:
+    # A line's keys are the code's own names, in a few shapes: each shape is matched
+    # once (the case-insensitive patterns cost microseconds per search).
+    return tuple(key for key in keys if key != "event" and _SECRET_KEYS.search(key))
 
 
 def mask_credentials(
     _logger: Any, _method: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    # Every line passes here (two per pull): one search over all keys and one over all
-    # text values tell the common line, with nothing to mask, in two regex calls. Neither
-    # pattern can match across the newline that joins them, except a value ending in
-    # "Bearer" before one that starts like a token: then the exact check below decides.
-    if (
-        _SECRET_KEYS.search("\n".join(event)) is None
-        and _SECRET_VALUES.search("\n".join(v for v in event.values() if isinstance(v, str)))
-        is None
-    ):
-        return event
-    for key, value in event.items():
-        if value is None:
-            continue
-        if _secret_key(key):
+    for key in _secret_keys(tuple(event)):
+        if event[key] is not None:
             event[key] = "***"
-        elif isinstance(value, str) and _SECRET_VALUES.search(value):
-            event[key] = _SECRET_VALUES.sub(r"\1 ***", value)
+    # Every line passes here (two per pull). A credential in a value needs whitespace
+    # after its scheme, and most lines have none in any value: one split over them all
+    # (joined by a non-space) says so before any value is searched.
+    texts = "\0".join(value for value in event.values() if isinstance(value, str))
+    if len(texts.split(None, 1)) > 1:
+        for key, value in event.items():
+            if isinstance(value, str) and _SECRET_VALUES.search(value):
+                event[key] = _SECRET_VALUES.sub(r"\1 ***", value)
     return event
 
 
