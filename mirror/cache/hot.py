@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from mirror.metadata.base import TagRecord
 
@@ -51,6 +52,9 @@ class _HotTag:
     until: float
 
 
+_Entry = TypeVar("_Entry", _HotManifest, _HotTag)
+
+
 class HotManifests:
     """See the module docstring. Not thread-safe: used from the event loop only."""
 
@@ -68,14 +72,8 @@ class HotManifests:
 
     def manifest(self, digest: str) -> tuple[str, bytes] | None:
         """(media type, body) if memory holds the manifest and it was read recently."""
-        entry = self._entries.get(digest)
-        if not isinstance(entry, _HotManifest):
-            return None
-        if self._clock() >= entry.until:
-            self._drop(digest)
-            return None
-        self._entries.move_to_end(digest)
-        return entry.media_type, entry.body
+        entry = self._live(digest, _HotManifest)
+        return None if entry is None else (entry.media_type, entry.body)
 
     def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
         """Remember a manifest just read from the stores (verified bytes only)."""
@@ -101,14 +99,8 @@ class HotManifests:
     # Tag records
 
     def tag(self, key: TagKey) -> TagRecord | None:
-        entry = self._entries.get(key)
-        if not isinstance(entry, _HotTag):
-            return None
-        if self._clock() >= entry.until:
-            self._drop(key)
-            return None
-        self._entries.move_to_end(key)
-        return entry.record
+        entry = self._live(key, _HotTag)
+        return None if entry is None else entry.record
 
     def put_tag(self, key: TagKey, record: TagRecord, fresh_until: float) -> None:
         """Remember a tag record read from the store, while it is fresh (`fresh_until`:
@@ -118,6 +110,17 @@ class HotManifests:
             self._put(key, _HotTag(record, until), ENTRY_OVERHEAD)
 
     # Bookkeeping
+
+    def _live(self, key: str | TagKey, kind: type[_Entry]) -> _Entry | None:
+        """The entry if it is of this kind and still valid, now the most recently used."""
+        entry = self._entries.get(key)
+        if not isinstance(entry, kind):
+            return None
+        if self._clock() >= entry.until:
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
 
     def _put(self, key: str | TagKey, entry: _HotManifest | _HotTag, size: int) -> None:
         self._drop(key)
