@@ -1,5 +1,5 @@
-"""The event loop `mirror serve` runs on (server.event_loop): uvloop when it can be
-imported, asyncio's own otherwise or when asked; and the blob path on a loop without
+"""The event loop `mirror serve` runs on (server.event_loop): asyncio's own by default,
+uvloop when asked and it can be imported; and the blob path on a loop without
 `loop.sendfile` (uvloop's)."""
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def started_on(mirror: MirrorProcess) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("choice", "loop"), [(None, "uvloop"), ("asyncio", "asyncio")])
+@pytest.mark.parametrize(
+    ("choice", "loop"), [(None, "asyncio"), ("auto", "uvloop"), ("uvloop", "uvloop")]
+)
 def test_serve_runs_on_the_chosen_loop(
     tmp_path: Path, upstream: Upstream, choice: str | None, loop: str
 ) -> None:
