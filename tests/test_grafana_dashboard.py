@@ -12,6 +12,7 @@ a real registry and reads `/metrics` over HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -22,9 +23,10 @@ import aiohttp
 import promql_parser
 import pytest
 from aiohttp import web
-from conftest import TAG, MirrorFactory, Upstream
+from conftest import TAG, Mirror, MirrorFactory, Upstream
 from prometheus_client.parser import text_string_to_metric_families
-from support.net import free_port
+from support.net import eventually_async, free_port
+from support.prometheus import PrometheusServer
 from test_pull_through import pull_dir
 
 from mirror.app import create_app
@@ -52,8 +54,17 @@ SUFFIXES = {
     "info": ("_info",),
     "stateset": ("",),
 }
-# Grafana's interval and range macros, given a duration so the query parses as PromQL.
+# Grafana's interval and range macros, and the template variables (all of them "All").
 GRAFANA_DURATION = re.compile(r"\$\{?__(?:rate_interval|interval|range)\}?(?!_)")
+GRAFANA_VARIABLE = re.compile(r"\$\{?(?:job|instance|upstream)\}?\b")
+# Panel targets a pull does not feed: they stay empty until their event happens.
+EMPTY_WITHOUT_THEIR_EVENT = {
+    ("Upstream errors by cause", "A"),  # a 5xx or a 429
+    ("Rate-limit remaining", "A"),  # Docker Hub's RateLimit headers
+    ("Fallbacks", "A"),  # a fallback configured and used
+    ("Stale answers", "A"),  # an upstream failing a revalidation
+    ("Peer fills by outcome", "A"),  # fleet mode
+}
 LABEL_VALUES = re.compile(r"^\s*label_values\((?P<selector>.*),\s*\w+\s*\)\s*$", re.DOTALL)
 
 
@@ -84,9 +95,14 @@ def queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
         yield f"variable {variable['name']!r}", match["selector"]
 
 
+def as_promql(expr: str) -> str:
+    """A Grafana query as Grafana sends it, every variable "All" (`.*`)."""
+    return GRAFANA_VARIABLE.sub(".*", GRAFANA_DURATION.sub("1m", expr))
+
+
 def metric_names(expr: str) -> set[str]:
     """The metric names of every series selector in a Grafana PromQL expression."""
-    parsed = promql_parser.parse(GRAFANA_DURATION.sub("5m", expr))
+    parsed = promql_parser.parse(as_promql(expr))
     names: set[str] = set()
 
     def visit(node: Any) -> None:
@@ -241,21 +257,37 @@ def test_every_queried_metric_is_declared_by_the_app(app_metrics: str) -> None:
     assert missing_metrics(load_dashboard(), app_metrics) == {}
 
 
-async def test_every_queried_metric_is_on_metrics_after_a_pull(
-    make_mirror: MirrorFactory, upstream: Upstream, tmp_path: Path
-) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: a connect error
-    mirror = await make_mirror(
-        {"local": {"url": upstream.url, "tag_ttl": "1h"}, "dead": {"url": dead}},
+async def mirror_with_a_dead_upstream(make_mirror: MirrorFactory, upstream: Upstream) -> Mirror:
+    """A mirror of the open registry (`local`), and of `dead`, where nothing listens."""
+    return await make_mirror(
+        {
+            "local": {"url": upstream.url, "tag_ttl": "1h"},
+            "dead": {"url": f"http://127.0.0.1:{free_port()}"},
+        },
         default_upstream="local",
         storage={"max_size": "1GiB"},
     )
-    for attempt in ("miss", "hit"):
-        await pull_dir(mirror.host, "oci", tmp_path / attempt)
+
+
+async def pull(mirror: Mirror, dest: Path) -> None:
+    """skopeo pulls an image through the mirror, and the downloads finish."""
+    await pull_dir(mirror.host, "oci", dest)
     await mirror.settled()
+
+
+async def ask_dead_upstream(http: aiohttp.ClientSession, mirror: Mirror) -> None:
+    async with http.get(f"{mirror.url}/v2/dead/{Upstream.repo('oci')}/manifests/{TAG}") as r:
+        assert r.status == 503
+
+
+async def test_every_queried_metric_is_on_metrics_after_a_pull(
+    make_mirror: MirrorFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    mirror = await mirror_with_a_dead_upstream(make_mirror, upstream)
+    for attempt in ("miss", "hit"):
+        await pull(mirror, tmp_path / attempt)
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"{mirror.url}/v2/dead/{Upstream.repo('oci')}/manifests/{TAG}") as r:
-            assert r.status >= 500 or r.status == 404, r.status
+        await ask_dead_upstream(http, mirror)
         async with http.get(f"{mirror.url}/metrics") as r:
             assert r.status == 200
             exposition = await r.text()
@@ -281,3 +313,61 @@ async def test_every_queried_metric_is_on_metrics_after_a_pull(
     assert has("mirror_upstream_request_seconds_bucket", upstream="local")
     assert has("mirror_upstream_errors_total", upstream="dead", cause="connect")
     assert has("mirror_cache_limit_bytes")
+
+
+async def test_every_query_runs_on_prometheus_scraping_a_mirror(
+    make_mirror: MirrorFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    """The queries as Grafana sends them, on a real Prometheus that scraped a mirror
+    through a pull: each is valid PromQL there, and each panel the pull feeds has data
+    (so its label matchers name real label values)."""
+    dashboard = load_dashboard()
+    mirror = await mirror_with_a_dead_upstream(make_mirror, upstream)
+    prometheus = PrometheusServer(tmp_path / "prometheus", [mirror.host])
+    await asyncio.to_thread(prometheus.start)
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def get(path: str, **params: str) -> Any:
+                async with http.get(f"{prometheus.url}/api/v1/{path}", params=params) as r:
+                    body = await r.json()
+                assert body["status"] == "success", (params, body)
+                return body["data"]
+
+            async def query(promql: str) -> list[Any]:
+                data = await get("query", query=promql)
+                result: list[Any] = data["result"]
+                return result
+
+            async def scraped(series: str, times: int) -> bool:
+                counted = await query(f"count_over_time({series}[1m])")
+                return bool(counted) and float(counted[0]["value"][1]) >= times
+
+            # A miss, scraped; then a hit, scraped twice, so rate() has two points.
+            await pull(mirror, tmp_path / "miss")
+            await eventually_async(
+                lambda: scraped('mirror_requests_total{kind="blob", cache="miss"}', 1), 30
+            )
+            await pull(mirror, tmp_path / "hit")
+            await ask_dead_upstream(http, mirror)
+            await eventually_async(
+                lambda: scraped('mirror_upstream_errors_total{cause="connect"}', 2), 30
+            )
+
+            empty = set()
+            for panel in all_panels(dashboard["panels"]):
+                for target in panel.get("targets", []):
+                    if not await query(as_promql(target["expr"])):
+                        empty.add((panel["title"], target["refId"]))
+            assert empty == EMPTY_WITHOUT_THEIR_EVENT
+
+            for variable in dashboard["templating"]["list"]:
+                if variable["type"] == "query":
+                    match = LABEL_VALUES.match(variable["query"]["query"])
+                    assert match
+                    label = match[0].rsplit(",", 1)[1].strip(" )")
+                    selector = as_promql(match["selector"])
+                    values = await get(f"label/{label}/values", **{"match[]": selector})
+                    assert values, variable["name"]
+    finally:
+        await asyncio.to_thread(prometheus.stop)
