@@ -6,8 +6,9 @@ Queries are parsed as PromQL (promql-parser) after Grafana's variables are given
 values; the names of their series selectors are resolved against the exposition the
 way Prometheus stores it: a counter `x` is the series `x_total`, a histogram `x` is
 `x_bucket`, `x_sum` and `x_count`, a gauge is its own name. The fast checks read the
-app's own exposition without a socket; the slow one pulls through a real mirror from
-a real registry and reads `/metrics` over HTTP.
+app's own exposition without a socket; the slow ones pull through a real mirror from a
+real registry, read `/metrics` over HTTP, and run every query, as Grafana sends it, on
+a real Prometheus that scraped the mirror.
 """
 
 from __future__ import annotations
