@@ -188,6 +188,9 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=self.registry,
         )
+        # Its children by (kind, cache), a bounded set: labels() would cost as much as
+        # the observation on every request.
+        self._request_seconds: dict[tuple[str, str], Histogram] = {}
 
     def watch(self, sources: StateSources) -> None:
         self._state = _StateCollector(sources)
@@ -203,7 +206,11 @@ class Metrics:
         seconds: float = 0.0,
     ) -> None:
         self.requests.labels(upstream or "", kind, cache or "none").inc()
-        self.request_seconds.labels(kind, cache or "none").observe(seconds)
+        key = (kind, cache or "none")
+        timer = self._request_seconds.get(key)
+        if timer is None:
+            timer = self._request_seconds[key] = self.request_seconds.labels(*key)
+        timer.observe(seconds)
         if kind not in ("blob", "manifest"):
             return
         self.pending[f"requests:{kind}:{cache or 'none'}"] += 1
