@@ -67,13 +67,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from harness import Cleanup, prepare_process, print_table, run_in_workdir  # noqa: E402
 from pull import (  # noqa: E402
+    CLK_TCK,
     MIB,
     REPO,
     SEED,
     TAG,
     BenchError,
     bench_mirror,
-    cpu_seconds,
     peak_rss_mib,
     pull_once,
     verify_tree,
@@ -118,8 +118,23 @@ def process_tree(pid: int | None) -> list[int]:
     return found
 
 
+def tree_cpu(pid: int | None) -> tuple[float, float]:
+    """(user, system) CPU seconds of the tree's live processes, all their threads."""
+    user = system = 0.0
+    for p in process_tree(pid):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        # The command name (field 2) may contain spaces; fields after it are plain.
+        fields = stat.rsplit(")", 1)[1].split()
+        user += int(fields[11]) / CLK_TCK
+        system += int(fields[12]) / CLK_TCK
+    return user, system
+
+
 def tree_cpu_seconds(pid: int | None) -> float:
-    return sum(cpu_seconds(p) for p in process_tree(pid))
+    return sum(tree_cpu(pid))
 
 
 def tree_peak_rss_mib(pid: int | None) -> float | None:
@@ -391,6 +406,20 @@ def check_manifests(target: Target, image: Image) -> None:
             raise BenchError(f"{target.name}: manifest by {kind}: {resp.status}, wrong body")
 
 
+def error_lines(log: str) -> int:
+    """Error-level events and lines that are not JSON events (a traceback) in a mirror log."""
+    count = 0
+    for line in log.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            count += 1
+            continue
+        if not isinstance(event, dict) or event.get("level") in ("error", "critical"):
+            count += 1
+    return count
+
+
 # -- measuring -----------------------------------------------------------------------------
 
 
@@ -401,17 +430,19 @@ def measure_streams(
         assert target.blob_path is not None
         for count in (1, streams):
             os.sync()
-            cpu0, reader_cpu0 = tree_cpu_seconds(target.pid), own_cpu_seconds()
+            (user0, system0), reader_cpu0 = tree_cpu(target.pid), own_cpu_seconds()
             seconds = read_streams(LOOPBACK, target.service.port, target.blob_path, count, size)
             gigabytes = count * size / GB
             record(figures, target.name, f"streams_{count}_gbps", gigabytes / seconds)
             if count == streams:
-                cpu = tree_cpu_seconds(target.pid) - cpu0
-                record(figures, target.name, "cpu_s_per_gb", cpu / gigabytes)
+                user1, system1 = tree_cpu(target.pid)
+                user, system = user1 - user0, system1 - system0
+                record(figures, target.name, "cpu_s_per_gb", (user + system) / gigabytes)
                 reader = (own_cpu_seconds() - reader_cpu0) / gigabytes
                 notes.append(
-                    f"{target.name}: {streams} streams in {seconds:.2f} s; server CPU "
-                    f"{cpu:.2f} s, readers' CPU {reader:.3f} s/GB"
+                    f"{target.name}: {streams} streams, {gigabytes:.1f} GB in {seconds:.2f} s; "
+                    f"server CPU {user:.2f} s user + {system:.2f} s system; "
+                    f"readers {reader:.3f} s/GB"
                 )
             print(f"  {target.name}: {count} stream(s) {gigabytes / seconds:.2f} GB/s")
 
@@ -425,7 +456,7 @@ def measure_rss(targets: list[Target], size: int, streams: int, figures: Figures
         peak = tree_peak_rss_mib(target.pid)
         if peak is not None:
             record(figures, target.name, "rss_peak_mib", peak)
-        print(f"  {target.name}: {streams} streams in {seconds:.1f} s, peak RSS {peak} MiB")
+        print(f"  {target.name}: {streams} streams in {seconds:.1f} s, peak RSS {fmt(peak, 0)} MiB")
 
 
 @dataclass(frozen=True)
@@ -463,20 +494,29 @@ def run_wrk(url: str, seconds: int, accept: str) -> WrkResult:
 
 
 def measure_manifests(
-    targets: list[Target], image: Image, seconds: int, figures: Figures, notes: list[str]
+    targets: list[Target],
+    image: Image,
+    seconds: int,
+    upstream: Registry,
+    figures: Figures,
+    notes: list[str],
 ) -> None:
     for target in targets:
         assert target.manifest_paths is not None
         for kind, path in target.manifest_paths.items():
             cpu0, wrk_cpu0 = tree_cpu_seconds(target.pid), children_cpu_seconds()
+            mark = upstream.mark()
             result = run_wrk(f"{target.service.url}{path}", seconds, image.media_type)
             cpu = tree_cpu_seconds(target.pid) - cpu0
+            # Requests the server sent upstream meanwhile (logged after they are answered).
+            upstream_requests = len(upstream.access_log(mark))
             record(figures, target.name, f"manifest_{kind}_rps", result.rate)
             record(figures, target.name, f"cpu_s_per_1000_{kind}", cpu / result.requests * 1000)
             wrk_cpu = children_cpu_seconds() - wrk_cpu0
             notes.append(
                 f"{target.name}: manifest by {kind}: {result.requests} requests, latency "
-                f"{result.latency}, server CPU {cpu:.2f} s, wrk CPU {wrk_cpu:.2f} s"
+                f"{result.latency}, server CPU {cpu:.2f} s, wrk CPU {wrk_cpu:.2f} s, "
+                f"{upstream_requests} upstream requests"
             )
             print(f"  {target.name}: manifest by {kind} {result.rate:,.0f} req/s")
 
@@ -827,17 +867,19 @@ def run(args: argparse.Namespace, work: Path, cleanup: Cleanup) -> int:
         ]
         check_manifests(targets[0], small)
         print(f"manifests: wrk -t1 -c{WRK_CONNECTIONS} -d{args.seconds}s")
-        measure_manifests(targets, small, args.seconds, figures, notes)
+        measure_manifests(targets, small, args.seconds, upstream, figures, notes)
 
     status = mirror.stop()
-    if status != 0:
-        notes.append(f"mirror exit status after SIGTERM: {status}")
+    notes.append(
+        f"mirror: exit status {status} after SIGTERM, "
+        f"{error_lines(mirror.log_text())} error lines logged"
+    )
     report(figures, settings(args), notes, args.json)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def execute(args: argparse.Namespace) -> int:
+    """Check the tools, run the chosen sections in a fresh work dir; the exit status."""
     missing = missing_tools(args.only)
     if missing:
         print(
@@ -847,7 +889,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    prepare_process()
     return run_in_workdir(
         "bench-compare-",
         parent=args.tmpdir,
@@ -863,6 +904,12 @@ def main(argv: list[str] | None = None) -> int:
         ),
         body=lambda work, cleanup: run(args, work, cleanup),
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prepare_process()
+    return execute(args)
 
 
 if __name__ == "__main__":
