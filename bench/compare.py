@@ -65,7 +65,13 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from harness import Cleanup, prepare_process, print_table, run_in_workdir  # noqa: E402
+from harness import (  # noqa: E402
+    Cleanup,
+    add_blob_options,
+    prepare_process,
+    print_table,
+    run_in_workdir,
+)
 from pull import (  # noqa: E402
     CLK_TCK,
     MIB,
@@ -731,13 +737,7 @@ def sections_arg(text: str) -> tuple[str, ...]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--seconds", type=int, default=10, help="wrk run length (default 10)")
-    parser.add_argument("--blob-mb", type=int, default=1024, help="warm blob, MiB (default 1024)")
-    parser.add_argument(
-        "--layer-mb", type=float, default=40, help="cold image: 5 layers of it, MiB (default 40)"
-    )
-    parser.add_argument(
-        "--streams", type=int, default=8, help="concurrent warm readers (default 8)"
-    )
+    add_blob_options(parser)
     parser.add_argument(
         "--rss-streams", type=int, default=32, help="concurrent readers for peak RSS (default 32)"
     )
