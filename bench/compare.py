@@ -53,6 +53,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -326,11 +327,16 @@ def read_blob(host: str, port: int, path: str, *, hashed: bool = False) -> tuple
 
 def read_streams(host: str, port: int, path: str, count: int, expected: int) -> float:
     """`count` readers of `path` started together; wall seconds until all are done."""
-    with ThreadPoolExecutor(max_workers=count, thread_name_prefix="reader") as pool:
+    pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="reader")
+    try:
         started = time.perf_counter()
         futures = [pool.submit(read_blob, host, port, path) for _ in range(count)]
         sizes = [f.result()[0] for f in futures]
         seconds = time.perf_counter() - started
+    finally:
+        # After a failure or Ctrl-C, stopping the servers ends the other readers: the
+        # clean-up must not wait for whole blobs first.
+        pool.shutdown(wait=False, cancel_futures=True)
     if any(size != expected for size in sizes):
         raise BenchError(f"{host}:{port}{path}: read {sizes}, expected {expected} each")
     return seconds
@@ -429,39 +435,70 @@ def error_lines(log: str) -> int:
 # -- measuring -----------------------------------------------------------------------------
 
 
+def rounds_text(values: list[float], digits: int) -> str:
+    return ", ".join(f"{v:,.{digits}f}" for v in values)
+
+
 def measure_streams(
+    targets: list[Target],
+    size: int,
+    streams: int,
+    repeat: int,
+    figures: Figures,
+    notes: list[str],
+) -> None:
+    """Rounds of (each server: 1 reader, then `streams` readers), so that a change in the
+    machine's load falls on every server alike; the figures are medians over rounds."""
+    rates: dict[tuple[str, int], list[float]] = {}
+    cpu: dict[str, list[float]] = {}  # user, system, readers, GB over the `streams` runs
+    for round_number in range(1, repeat + 1):
+        for target in targets:
+            assert target.blob_path is not None
+            for count in (1, streams):
+                os.sync()
+                (user0, system0), reader0 = tree_cpu(target.pid), own_cpu_seconds()
+                seconds = read_streams(LOOPBACK, target.service.port, target.blob_path, count, size)
+                (user1, system1), reader1 = tree_cpu(target.pid), own_cpu_seconds()
+                gigabytes = count * size / GB
+                rates.setdefault((target.name, count), []).append(gigabytes / seconds)
+                if count == streams:
+                    sums = cpu.setdefault(target.name, [0.0, 0.0, 0.0, 0.0])
+                    for i, value in enumerate(
+                        (user1 - user0, system1 - system0, reader1 - reader0, gigabytes)
+                    ):
+                        sums[i] += value
+                print(
+                    f"  round {round_number}, {target.name}: {count} stream(s) "
+                    f"{gigabytes / seconds:.2f} GB/s"
+                )
+    for (name, count), values in rates.items():
+        record(figures, name, f"streams_{count}_gbps", statistics.median(values))
+    for name, (user, system, reader, gigabytes) in cpu.items():
+        record(figures, name, "cpu_s_per_gb", (user + system) / gigabytes)
+        notes.append(
+            f"{name}: GB/s by round, 1 stream {rounds_text(rates[name, 1], 2)}; "
+            f"{streams} streams {rounds_text(rates[name, streams], 2)}; over the {streams}-stream "
+            f"runs, server CPU {user / gigabytes:.3f} user + {system / gigabytes:.3f} "
+            f"system s/GB, readers {reader / gigabytes:.3f} s/GB"
+        )
+
+
+def measure_rss(
     targets: list[Target], size: int, streams: int, figures: Figures, notes: list[str]
 ) -> None:
     for target in targets:
         assert target.blob_path is not None
-        for count in (1, streams):
-            os.sync()
-            (user0, system0), reader_cpu0 = tree_cpu(target.pid), own_cpu_seconds()
-            seconds = read_streams(LOOPBACK, target.service.port, target.blob_path, count, size)
-            gigabytes = count * size / GB
-            record(figures, target.name, f"streams_{count}_gbps", gigabytes / seconds)
-            if count == streams:
-                user1, system1 = tree_cpu(target.pid)
-                user, system = user1 - user0, system1 - system0
-                record(figures, target.name, "cpu_s_per_gb", (user + system) / gigabytes)
-                reader = (own_cpu_seconds() - reader_cpu0) / gigabytes
-                notes.append(
-                    f"{target.name}: {streams} streams, {gigabytes:.1f} GB in {seconds:.2f} s; "
-                    f"server CPU {user:.2f} s user + {system:.2f} s system; "
-                    f"readers {reader:.3f} s/GB"
-                )
-            print(f"  {target.name}: {count} stream(s) {gigabytes / seconds:.2f} GB/s")
-
-
-def measure_rss(targets: list[Target], size: int, streams: int, figures: Figures) -> None:
-    for target in targets:
-        assert target.blob_path is not None
         os.sync()
         reset_peak_rss(target.pid)
+        before = tree_peak_rss_mib(target.pid)
         seconds = read_streams(LOOPBACK, target.service.port, target.blob_path, streams, size)
         peak = tree_peak_rss_mib(target.pid)
         if peak is not None:
             record(figures, target.name, "rss_peak_mib", peak)
+        notes.append(
+            f"{target.name}: {streams} streams in {seconds:.1f} s; RSS {fmt(before, 0)} MiB "
+            f"before, peak {fmt(peak, 0)} MiB"
+        )
         print(f"  {target.name}: {streams} streams in {seconds:.1f} s, peak RSS {fmt(peak, 0)} MiB")
 
 
@@ -503,28 +540,48 @@ def measure_manifests(
     targets: list[Target],
     image: Image,
     seconds: int,
+    repeat: int,
     upstream: Registry,
     figures: Figures,
     notes: list[str],
 ) -> None:
-    for target in targets:
-        assert target.manifest_paths is not None
-        for kind, path in target.manifest_paths.items():
-            cpu0, wrk_cpu0 = tree_cpu_seconds(target.pid), children_cpu_seconds()
-            mark = upstream.mark()
-            result = run_wrk(f"{target.service.url}{path}", seconds, image.media_type)
-            cpu = tree_cpu_seconds(target.pid) - cpu0
-            # Requests the server sent upstream meanwhile (logged after they are answered).
-            upstream_requests = len(upstream.access_log(mark))
-            record(figures, target.name, f"manifest_{kind}_rps", result.rate)
-            record(figures, target.name, f"cpu_s_per_1000_{kind}", cpu / result.requests * 1000)
-            wrk_cpu = children_cpu_seconds() - wrk_cpu0
-            notes.append(
-                f"{target.name}: manifest by {kind}: {result.requests} requests, latency "
-                f"{result.latency}, server CPU {cpu:.2f} s, wrk CPU {wrk_cpu:.2f} s, "
-                f"{upstream_requests} upstream requests"
-            )
-            print(f"  {target.name}: manifest by {kind} {result.rate:,.0f} req/s")
+    """Rounds of (each server, each kind of reference) under wrk; medians over rounds."""
+    rates: dict[tuple[str, str], list[float]] = {}
+    # server CPU, wrk CPU, requests, upstream requests, summed over rounds
+    sums: dict[tuple[str, str], list[float]] = {}
+    latencies: dict[tuple[str, str], list[str]] = {}
+    for round_number in range(1, repeat + 1):
+        for target in targets:
+            assert target.manifest_paths is not None
+            for kind, path in target.manifest_paths.items():
+                cpu0, wrk_cpu0 = tree_cpu_seconds(target.pid), children_cpu_seconds()
+                mark = upstream.mark()
+                result = run_wrk(f"{target.service.url}{path}", seconds, image.media_type)
+                cpu = tree_cpu_seconds(target.pid) - cpu0
+                wrk_cpu = children_cpu_seconds() - wrk_cpu0
+                # What the server asked the upstream meanwhile (distribution's proxy asks
+                # on every request by tag; a line is logged once its answer is sent).
+                upstream_requests = len(upstream.access_log(mark))
+                key = (target.name, kind)
+                rates.setdefault(key, []).append(result.rate)
+                latencies.setdefault(key, []).append(result.latency)
+                total = sums.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+                for i, value in enumerate((cpu, wrk_cpu, result.requests, upstream_requests)):
+                    total[i] += value
+                print(
+                    f"  round {round_number}, {target.name}: manifest by {kind} "
+                    f"{result.rate:,.0f} req/s"
+                )
+    for (name, kind), values in rates.items():
+        server_cpu, wrk_total, requests, upstream_total = sums[name, kind]
+        record(figures, name, f"manifest_{kind}_rps", statistics.median(values))
+        record(figures, name, f"cpu_s_per_1000_{kind}", server_cpu / requests * 1000)
+        notes.append(
+            f"{name}: manifest by {kind}: req/s by round {rounds_text(values, 0)}; "
+            f"latency {', '.join(latencies[name, kind])}; {requests:.0f} requests, server "
+            f"CPU {server_cpu:.2f} s, wrk CPU {wrk_total:.2f} s, "
+            f"{upstream_total:.0f} upstream requests"
+        )
 
 
 def measure_cold(
@@ -536,36 +593,53 @@ def measure_cold(
     figures: Figures,
     notes: list[str],
 ) -> None:
+    """An untimed direct pull (the page cache), then rounds of: a direct pull (the
+    baseline), a pull through a fresh mirror, one through a fresh distribution proxy.
+    Each ratio is to the direct pull of its round; the figures are medians."""
     out = work / "pulls"
+    seconds: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    cpu: dict[str, float] = {}
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="verify") as pool:
 
         def timed(host: str, name: str) -> float:
             os.sync()
             tree = out / name
-            seconds = pull_once(host, tree)
+            took = pull_once(host, tree)
             verify_tree(tree, image, pool)
             shutil.rmtree(tree)
-            print(f"  {name}: {seconds:.2f} s")
-            return seconds
+            print(f"  {name}: {took:.2f} s")
+            return took
 
-        direct = [timed(upstream.host, f"direct-{i}") for i in (1, 2)]
-        baseline = direct[1]
-        record(figures, "direct", "cold_pull_s", baseline)
-        notes.append(f"direct pulls: {direct[0]:.2f} s, {direct[1]:.2f} s (baseline)")
-
-        mirror = bench_mirror(work / "mirror-cold", upstream.url)
-        mirror.extra_args = ("--workers", "1")
-        proxy = QuietRegistry(work / "distribution-cold", proxy_remote=upstream.url)
-        for name, server in (("mirror", mirror), ("distribution", proxy)):
-            cleanup.append(server.stop)
-            server.start()
-            cpu0 = tree_cpu_seconds(server.pid)
-            seconds = timed(server.host, f"{name}-cold")
-            cpu = tree_cpu_seconds(server.pid) - cpu0
-            server.stop()
-            record(figures, name, "cold_pull_s", seconds)
-            record(figures, name, "cold_vs_direct", seconds / baseline)
-            notes.append(f"{name}: cold pull {seconds:.2f} s, server CPU {cpu:.2f} s")
+        timed(upstream.host, "direct-0")
+        for round_number in range(1, args.repeat + 1):
+            baseline = timed(upstream.host, f"direct-{round_number}")
+            seconds.setdefault("direct", []).append(baseline)
+            for name in ("mirror", "distribution"):
+                workdir = work / f"{name}-cold-{round_number}"
+                server: MirrorProcess | QuietRegistry
+                if name == "mirror":
+                    server = bench_mirror(workdir, upstream.url)
+                    server.extra_args = ("--workers", "1")
+                else:
+                    server = QuietRegistry(workdir, proxy_remote=upstream.url)
+                cleanup.append(server.stop)
+                server.start()
+                cpu0 = tree_cpu_seconds(server.pid)
+                took = timed(server.host, f"{name}-cold-{round_number}")
+                cpu[name] = cpu.get(name, 0.0) + tree_cpu_seconds(server.pid) - cpu0
+                server.stop()
+                seconds.setdefault(name, []).append(took)
+                ratios.setdefault(name, []).append(took / baseline)
+    record(figures, "direct", "cold_pull_s", statistics.median(seconds["direct"]))
+    notes.append(f"direct pulls (the baselines), s: {rounds_text(seconds['direct'], 2)}")
+    for name, values in ratios.items():
+        record(figures, name, "cold_pull_s", statistics.median(seconds[name]))
+        record(figures, name, "cold_vs_direct", statistics.median(values))
+        notes.append(
+            f"{name}: cold pulls, s: {rounds_text(seconds[name], 2)}; x direct: "
+            f"{rounds_text(values, 2)}; server CPU {cpu[name] / len(values):.2f} s a pull"
+        )
 
 
 # -- reporting -----------------------------------------------------------------------------
@@ -657,6 +731,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "layers": LAYERS,
         "layer_mb": f"{args.layer_mb:g}",
         "seconds": args.seconds,
+        "repeat": args.repeat,
         "sections": list(args.only),
     }
 
@@ -748,14 +823,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SECTION[,SECTION]",
         help=f"run a subset of: {', '.join(SECTIONS)} (default all)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of the streams, manifests and cold sections, servers interleaved "
+        "in each; the table gives medians (default 1)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (and print it)")
     parser.add_argument("--tmpdir", type=Path, help="parent of the temp dir (default: $TMPDIR)")
     args = parser.parse_args(argv)
     if args.blob_mb < 1 or args.layer_mb <= 0 or args.streams < 1 or args.rss_streams < 1:
         parser.error("--blob-mb and --layer-mb must be > 0, --streams and --rss-streams >= 1")
-    if args.seconds < 1:
-        parser.error("--seconds must be >= 1")
+    if args.seconds < 1 or args.repeat < 1:
+        parser.error("--seconds and --repeat must be >= 1")
     return args
 
 
@@ -851,10 +933,10 @@ def run(args: argparse.Namespace, work: Path, cleanup: Cleanup) -> int:
             check_blob(target, blob_digest, size, "warm")
         if "streams" in sections:
             print(f"streams: 1 and {args.streams} readers of the whole blob")
-            measure_streams(targets, size, args.streams, figures, notes)
+            measure_streams(targets, size, args.streams, args.repeat, figures, notes)
         if "rss" in sections:
             print(f"rss: {args.rss_streams} readers of the whole blob")
-            measure_rss(targets, size, args.rss_streams, figures)
+            measure_rss(targets, size, args.rss_streams, figures, notes)
 
     if "manifests" in sections:
         for target in proxies:
@@ -867,7 +949,7 @@ def run(args: argparse.Namespace, work: Path, cleanup: Cleanup) -> int:
         ]
         check_manifests(targets[0], small)
         print(f"manifests: wrk -t1 -c{WRK_CONNECTIONS} -d{args.seconds}s")
-        measure_manifests(targets, small, args.seconds, upstream, figures, notes)
+        measure_manifests(targets, small, args.seconds, args.repeat, upstream, figures, notes)
 
     status = mirror.stop()
     notes.append(

@@ -55,9 +55,12 @@ def test_defaults_are_the_issue_figures() -> None:
     assert (args.blob_mb, args.streams, args.rss_streams, args.layer_mb) == (1024, 8, 32, 40)
     assert args.only == compare.SECTIONS
     assert compare.parse_args(["--only", "cold, rss"]).only == ("cold", "rss")
+    assert args.repeat == 1
 
 
-@pytest.mark.parametrize("argv", [["--only", "speed"], ["--only", ","], ["--streams", "0"]])
+@pytest.mark.parametrize(
+    "argv", [["--only", "speed"], ["--only", ","], ["--streams", "0"], ["--repeat", "0"]]
+)
 def test_bad_arguments_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         compare.parse_args(argv)
