@@ -22,7 +22,7 @@ Figures (warm: each server has fetched, committed and served the content once be
   as a static-file ceiling for wrk);
 * ``cold``: ``skopeo copy docker://... dir:...`` of the 5-layer image through a fresh
   mirror and a fresh distribution proxy, as a multiple of a direct pull from the upstream
-  (the second of two, so both read a warm page cache);
+  just before (after an untimed first one, so every pull reads a warm page cache);
 * ``rss``: the server's peak RSS (VmHWM, reset before) during ``--rss-streams`` concurrent
   warm readers of the whole blob.
 
@@ -32,13 +32,20 @@ the cheapest reader there is, so on 2 cores the servers get the CPU. Each reader
 status, reads exactly ``Content-Length`` bytes and then the end of the connection; one whole
 warm read per server is hashed beforehand (sha256 against the pushed digest). Server CPU
 comes from ``/proc/<pid>/stat`` (utime + stime, summed over the process and its children).
+On loopback the mirror sends a file in 64 KiB chunks, not with sendfile (its
+``mirror/api/transport.py`` keeps sendfile for remote peers), so the blob rows measure its
+chunk path against nginx's sendfile.
+
+``--repeat N`` runs the streams, manifests and cold sections in N rounds, each server once
+a round, and the table gives medians; every round is printed above it.
 
 It prints figures and never asserts timings; it exits 1 when a transfer or a content check
 fails, or a tool is missing. Every process it starts is stopped on every exit path, and
 the temp dir removed unless ``--keep``. From the repository root::
 
     .venv/bin/python bench/compare.py [--seconds 10] [--blob-mb 1024] [--streams 8]
-        [--rss-streams 32] [--only streams,manifests,cold,rss] [--json FILE] [--keep]
+        [--rss-streams 32] [--layer-mb 40] [--repeat 1] [--only streams,manifests,cold,rss]
+        [--json FILE] [--keep] [--tmpdir DIR]
 """
 
 from __future__ import annotations
