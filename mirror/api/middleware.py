@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import time
 
 import structlog
 from aiohttp import web
@@ -51,6 +52,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     request_id = _request_ids()
     info = AccessInfo(request_id=request_id)
     request[ACCESS_INFO] = info
+    started = time.monotonic()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         return await handler(request)
@@ -63,7 +65,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         structlog.contextvars.unbind_contextvars("request_id")
         if info.kind != "other":
             request.app[METRICS].observe_request(
-                info.upstream, info.repository, info.kind, info.cache, info.body_bytes
+                info.upstream,
+                info.repository,
+                info.kind,
+                info.cache,
+                info.body_bytes,
+                time.monotonic() - started,
             )
 
 

@@ -16,11 +16,13 @@ the URL and in token scopes alike. Along the way it:
 - retries once when connecting fails or times out (aiohttp itself retries once
   when a connection drops before the response).
 
-aiohttp's exceptions stop here: callers see `UpstreamUnavailable`.
+aiohttp's exceptions stop here: callers see `UpstreamUnavailable`. Each failure is
+counted by cause in `failures` (`failure_cause`), which `/metrics` reads when scraped.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -92,11 +94,29 @@ def redact_url(url: str) -> str:
     )
 
 
+def failure_cause(exc: BaseException) -> str:
+    """The cause label of a request that got no answer (connect, tls, timeout, request)."""
+    if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts are too
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "tls"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    return "request"  # dropped, or an answer that is not HTTP
+
+
 class UpstreamResponse:
     """An upstream answer whose body has not been read yet. Release it when done."""
 
-    def __init__(self, response: aiohttp.ClientResponse, redirected_elsewhere: bool):
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        redirected_elsewhere: bool,
+        failures: collections.Counter[str] | None = None,
+    ):
         self._response = response
+        # The client's failure counts: a body that breaks off counts as `transfer`.
+        self._failures = failures
         self.status = response.status
         self.headers: CIMultiDictProxy[str] = response.headers
         self.url = str(response.url)
@@ -121,6 +141,7 @@ class UpstreamResponse:
                     break
                 body += more
         except (aiohttp.ClientError, TimeoutError) as exc:
+            self._count_transfer_failure()
             raise UpstreamUnavailable("upstream connection failed while reading") from exc
         if len(body) > limit:
             raise UpstreamBadResponse("upstream response is too large", detail={"limit": limit})
@@ -148,7 +169,12 @@ class UpstreamResponse:
                     size += len(more)
                 yield b"".join(parts) if len(parts) > 1 else first
         except (aiohttp.ClientError, TimeoutError) as exc:
+            self._count_transfer_failure()
             raise UpstreamUnavailable("upstream connection failed mid-transfer") from exc
+
+    def _count_transfer_failure(self) -> None:
+        if self._failures is not None:
+            self._failures["transfer"] += 1
 
     def release(self) -> None:
         self._response.release()
@@ -199,6 +225,8 @@ class UpstreamClient:
             network.guard,
         )
         self.rate_limit: RateLimit | None = None
+        # Requests that got no answer or whose body broke off, by `failure_cause`.
+        self.failures: collections.Counter[str] = collections.Counter()
 
     def upstream_repository(self, repository: str) -> str:
         """The upstream's name for a client-facing repository (its prefix put in front)."""
@@ -235,16 +263,19 @@ class UpstreamClient:
         try:
             return await self._follow(method, url, repository, headers)
         except (aiohttp.ClientConnectorError, TimeoutError) as first:
+            self.failures[failure_cause(first)] += 1
             # Nothing reached a client yet, and GET/HEAD are idempotent: one retry. (A
             # connection dropped before the response aiohttp already retries itself.)
             log.info("upstream_retry", upstream=self.name, error=repr(first))
             try:
                 return await self._follow(method, url, repository, headers)
             except (aiohttp.ClientError, TimeoutError) as exc:
+                self.failures[failure_cause(exc)] += 1
                 raise UpstreamUnavailable(
                     "upstream unreachable", detail={"upstream": self.name}
                 ) from exc
         except aiohttp.ClientError as exc:
+            self.failures[failure_cause(exc)] += 1
             raise UpstreamUnavailable(
                 "upstream request failed", detail={"upstream": self.name}
             ) from exc
@@ -257,7 +288,7 @@ class UpstreamClient:
             response = await self._send_authenticated(method, url, repository, headers)
             location = response.headers.get("Location")
             if response.status not in REDIRECT_STATUSES or not location:
-                return UpstreamResponse(response, redirected_elsewhere)
+                return UpstreamResponse(response, redirected_elsewhere, self.failures)
             response.release()
             target = urljoin(url, location)
             if urlsplit(target).scheme not in ("http", "https"):
