@@ -19,7 +19,7 @@ from mirror.api import peer, v2
 from mirror.api.errors import expect_handler, oci_errors
 from mirror.api.middleware import authenticate, on_prepare, request_context
 from mirror.api.services import SERVICES, Services
-from mirror.api.transport import remember_prepared
+from mirror.api.transport import SENDFILE, remember_prepared
 from mirror.concurrency import TaskOwner
 from mirror.config import MirrorConfig, TlsConfig
 from mirror.core import TempSweep, default_sweep, open_core
@@ -150,6 +150,7 @@ def create_app(
     if network is not None:
         app[NETWORK] = network
     app[METRICS] = Metrics()
+    app[SENDFILE] = config.server.blob_sendfile
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(on_prepare)
     app.on_response_prepare.append(remember_prepared)

@@ -52,6 +52,11 @@ log = structlog.get_logger(__name__)
 # The most one connection holds in this process while the kernel drains its socket.
 CHUNK = 64 * 1024
 
+# Which peers get bodies by sendfile (`server.blob_sendfile`); "all" where unset.
+SENDFILE = web.AppKey("blob_sendfile", str)
+# Part of a file to send: (file, offset, count).
+FileSpan = tuple[BinaryIO, int, int]
+
 
 async def send_blob_body(
     request: web.Request,
@@ -61,11 +66,13 @@ async def send_blob_body(
     chunks: AsyncGenerator[bytes, None] | None,
     offset: int,
     count: int | None,
+    spans: AsyncGenerator[FileSpan, None] | None = None,
 ) -> None:
     """Send the body of a prepared blob response and end it.
 
-    From `file` (`count` bytes from `offset`) or from `chunks` (a download in progress,
-    read in `CHUNK`s). The outcome goes on the request's access line; nothing is raised
+    From `file` (`count` bytes from `offset`), from `chunks` (a download in progress,
+    read in `CHUNK`s) or from `spans` (a download in progress in a local file, for a
+    request that `may_sendfile`). The outcome goes on the request's access line; nothing is raised
     for a client that hung up or a transfer that failed: the response is over either way.
     """
     info = request[ACCESS_INFO]
@@ -73,6 +80,10 @@ async def send_blob_body(
         if file is not None:
             assert count is not None
             await _send_file(request, response, file, offset, count)
+        elif spans is not None:
+            async with contextlib.aclosing(spans):
+                async for span_file, span_offset, span_count in spans:
+                    await _sendfile(request, span_file, span_offset, span_count)
         else:
             assert chunks is not None
             # Closed here, not whenever it is collected: it holds the temp file open.
@@ -131,16 +142,24 @@ def peer_is_local(request: web.Request) -> bool:
         return False
 
 
+def may_sendfile(request: web.Request) -> bool:
+    """Whether this request's body may go by sendfile: never over TLS (encrypted in
+    user space); otherwise as `server.blob_sendfile` says."""
+    transport = request.transport
+    if transport is None or transport.get_extra_info("sslcontext") is not None:
+        return False
+    peers = request.config_dict.get(SENDFILE, "all")
+    return peers == "all" or (peers == "remote" and not peer_is_local(request))
+
+
 async def _send_file(
     request: web.Request, response: web.StreamResponse, file: BinaryIO, offset: int, count: int
 ) -> None:
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("client went away")
-    if not peer_is_local(request) and transport.get_extra_info("sslcontext") is None:
-        await asyncio.get_running_loop().sendfile(transport, file, offset, count)
-        request[ACCESS_INFO].body_bytes = count
+    if may_sendfile(request):
+        await _sendfile(request, file, offset, count)
         return
+    if request.transport is None or request.transport.is_closing():
+        raise ConnectionResetError("client went away")
     async with _one_chunk_at_a_time(request):
         end = offset + count
         position = offset
@@ -153,6 +172,15 @@ async def _send_file(
             if not written:
                 raise BlobUnknown("blob file is shorter than its size")  # aborts the transfer
             position += written
+
+
+async def _sendfile(request: web.Request, file: BinaryIO, offset: int, count: int) -> None:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        # asyncio would raise a RuntimeError for a closing transport: this is a hang-up.
+        raise ConnectionResetError("client went away")
+    await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+    request[ACCESS_INFO].body_bytes += count
 
 
 async def read_chunk(fd: int, offset: int, size: int) -> bytes | bytearray:

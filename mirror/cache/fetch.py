@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import structlog
 
@@ -393,36 +393,66 @@ class BlobDownload:
                 return
         try:
             position = start
-            while end is None or position < end:
-                limit = self._readable_limit(end)
-                if position < limit:
-                    wanted = min(chunk, limit - position)
-                    if passing is None:
-                        assert fd is not None
-                        data = os.pread(fd, wanted, position)
-                    else:
-                        data = passing.read(position, wanted)
-                    if not data:
-                        raise UpstreamBadResponse("blob temp file shorter than recorded")
-                    position += len(data)
-                    if passing is not None:
-                        passing.positions[reader] = position
-                        self._reader_moved(passing)
-                    yield data
-                    continue
-                if self.verified:
-                    break
-                if self._finished:
-                    raise self.error or UpstreamUnavailable("blob download failed")
-                async with self._progress:
-                    if self._readable_limit(end) <= position and not self._finished:
-                        await self._progress.wait()
+            while (limit := await self._readable_after(position, end)) > position:
+                wanted = min(chunk, limit - position)
+                if passing is None:
+                    assert fd is not None
+                    data = os.pread(fd, wanted, position)
+                else:
+                    data = passing.read(position, wanted)
+                if not data:
+                    raise UpstreamBadResponse("blob temp file shorter than recorded")
+                position += len(data)
+                if passing is not None:
+                    passing.positions[reader] = position
+                    self._reader_moved(passing)
+                yield data
         finally:
             if fd is not None:
                 os.close(fd)
             if passing is not None:
                 del passing.positions[reader]
                 self._reader_moved(passing)
+
+    @property
+    def in_local_file(self) -> bool:
+        """Readers can be given the bytes as spans of a local file (`file_spans`): the
+        download is cached on a local disk, not passed through (known once started)."""
+        return self._pass is None and self.store.local_blobs
+
+    async def file_spans(
+        self, start: int = 0, end: int | None = None
+    ) -> AsyncGenerator[tuple[BinaryIO, int, int], None]:
+        """Bytes [start, end) as they arrive, as (file, offset, count): all that is
+        readable at once, for the kernel to send (sendfile) without the bytes passing
+        through this process. Only where `in_local_file`; raises if the download fails."""
+        await self.wait_started()
+        fd = self._open_bytes()
+        if fd is None:
+            raise UpstreamUnavailable("blob left the local disk as it was committed")
+        # Wraps the descriptor already open (no I/O), for asyncio's sendfile.
+        with open(fd, "rb") as file:  # noqa: ASYNC230
+            position = start
+            while (limit := await self._readable_after(position, end)) > position:
+                yield file, position, limit - position
+                position = limit
+
+    async def _readable_after(self, position: int, end: int | None) -> int:
+        """Wait until bytes from `position` (of [.., end)) are readable; how far they go,
+        or `position` once there is nothing more to read. Raises if the download failed
+        before that."""
+        while end is None or position < end:
+            limit = self._readable_limit(end)
+            if position < limit:
+                return limit
+            if self.verified:
+                break
+            if self._finished:
+                raise self.error or UpstreamUnavailable("blob download failed")
+            async with self._progress:
+                if self._readable_limit(end) <= position and not self._finished:
+                    await self._progress.wait()
+        return position
 
     def _open_bytes(self) -> int | None:
         """A descriptor on the bytes readers follow: the temp file, or the committed file
