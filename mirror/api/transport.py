@@ -4,24 +4,31 @@ The HTTP layer decides what to send (status, headers, range); this module sends 
 body, from a committed file or from a download in progress, and turns a client that
 hangs up into an outcome on its access line rather than an error.
 
-Measured with `bench/slow_clients.py` (500 clients reading a warm 40 MiB blob at
-100 kB/s through 8 KiB receive buffers, then hanging up; 2 shared cores): with 1 MiB
-writes the mirror's RSS went from 66 MiB to 1187 MiB and stayed at 1176 MiB after they
-left; with the rules below it peaks at 94 MiB and is back to 76 MiB 5 s after they
-left (the trim is `mirror.memory`'s). Warm throughput, 1 and 8 curl streams, is
-unchanged within the noise of the shared machine (about 1000 and 1300-1700 MiB/s).
-The reasons behind each rule:
+Measured with `bench/blob_streams.py` (a warm 1 GiB blob read by 1, 8 and 32 curl
+streams on loopback, 2 cores shared with other work, fresh mirror per run, old and new
+alternated) and `bench/slow_clients.py` (500 clients reading a warm 40 MiB blob at
+100 kB/s through 8 KiB receive buffers, then hanging up). The reasons behind each rule:
 
-* **Remote peers without TLS: sendfile.** The kernel copies from the page cache;
-  the process holds nothing per connection, however slow the reader.
-* **Loopback peers and TLS: chunks, one at a time.** sendfile to a local receiver
-  costs it more than it saves us (skopeo: 15% more client CPU, a slower pull), and
-  TLS must encrypt in user space. Each chunk is `CHUNK` bytes, and the next one is
-  read only once the transport has handed the last one wholly to the kernel. The
-  1 MiB writes this replaced sat in the transport's buffer of every slow reader
-  (asyncio pauses the writer only above 64 KiB, and aiohttp drains only then), and
-  were copied on the way in: memory grew by about 2 MiB per slow reader.
-* **Page-cache reads stay on the event loop.** A read is first tried with
+* **Every peer without TLS: sendfile** (`server.blob_sendfile: all`), committed blobs
+  and downloads in progress alike (a download's readable part of its temp file, span
+  by span, `BlobDownload.file_spans`). The kernel sends from the page cache; the
+  process holds nothing per connection, however slow the reader. Loopback peers used to
+  get chunks (below): the mirror then spent 0.49-0.61 CPU s per GB sent, with
+  sendfile 0.18-0.28, while curl's own cost moved from 0.27-0.34 to 0.30-0.46 s/GB.
+  On two cores 8 streams are bound by that total, so sendfile raised the 8-stream
+  aggregate from 0.71-0.76 to 1.42-1.43 GB/s in the same (loaded) conditions; one
+  stream, not CPU-bound, went from 0.53-0.74 to 0.92-1.11. Peak RSS with 32 streams is
+  68-69 MiB either way, and with the 500 slow readers it peaked at 78 MiB instead of
+  99 MiB. `remote` (the old rule) and `off` remain for measuring.
+* **TLS (or `blob_sendfile` off): chunks, one at a time.** TLS must encrypt in user
+  space. Each chunk is `CHUNK` bytes, and the next one is read only once the transport
+  has handed the last one wholly to the kernel. 1 MiB writes sat in the transport's
+  buffer of every slow reader (asyncio pauses the writer only above 64 KiB, and aiohttp
+  drains only then), and were copied on the way in: memory grew by about 2 MiB per slow
+  reader (500 readers: 1187 MiB). 256 KiB and 1 MiB chunks, one at a time, did not
+  lower the CPU per GB (0.43-0.56 s/GB, as 64 KiB) but raised the 32-stream peak to 81
+  and 135 MiB.
+* **Page-cache reads stay on the event loop.** A chunk read is first tried with
   `RWF_NOWAIT`, which returns at once from the page cache (a warm blob, or a download
   just written) or fails with EAGAIN when it would wait for the disk; only then does
   it go to a worker thread. At 64 KiB a chunk, the thread hop would cost more than
@@ -38,6 +45,7 @@ import contextlib
 import errno
 import ipaddress
 import os
+import socket
 from collections.abc import AsyncGenerator
 from typing import BinaryIO
 
@@ -54,6 +62,9 @@ CHUNK = 64 * 1024
 
 # Which peers get bodies by sendfile (`server.blob_sendfile`); "all" where unset.
 SENDFILE = web.AppKey("blob_sendfile", str)
+# The send buffer of a loopback peer's socket while it is sent a file (see the module
+# docstring); remote peers keep the kernel's autotuning, which long round trips need.
+LOOPBACK_SNDBUF = 512 * 1024
 # Part of a file to send: (file, offset, count).
 FileSpan = tuple[BinaryIO, int, int]
 
@@ -179,6 +190,9 @@ async def _sendfile(request: web.Request, file: BinaryIO, offset: int, count: in
     if transport is None or transport.is_closing():
         # asyncio would raise a RuntimeError for a closing transport: this is a hang-up.
         raise ConnectionResetError("client went away")
+    sock = transport.get_extra_info("socket")
+    if sock is not None and peer_is_local(request):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOOPBACK_SNDBUF)
     await asyncio.get_running_loop().sendfile(transport, file, offset, count)
     request[ACCESS_INFO].body_bytes += count
 
