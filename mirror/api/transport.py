@@ -5,21 +5,31 @@ body, from a committed file or from a download in progress, and turns a client t
 hangs up into an outcome on its access line rather than an error.
 
 Measured with `bench/blob_streams.py` (a warm 1 GiB blob read by 1, 8 and 32 curl
-streams on loopback, 2 cores shared with other work, fresh mirror per run, old and new
-alternated) and `bench/slow_clients.py` (500 clients reading a warm 40 MiB blob at
-100 kB/s through 8 KiB receive buffers, then hanging up). The reasons behind each rule:
+streams on loopback, a fresh mirror per run, the old rules and the new alternated; 2 cores
+shared with other work, load 10-25, so only figures of one run compare) and
+`bench/slow_clients.py` (500 clients reading a warm 40 MiB blob at 100 kB/s through 8 KiB
+receive buffers, then hanging up). The reasons behind each rule:
 
 * **Every peer without TLS: sendfile** (`server.blob_sendfile: all`), committed blobs
-  and downloads in progress alike (a download's readable part of its temp file, span
-  by span, `BlobDownload.file_spans`). The kernel sends from the page cache; the
+  and downloads in progress alike (the readable part of a download's temp file, span
+  by span: `BlobDownload.file_spans`). The kernel sends from the page cache; the
   process holds nothing per connection, however slow the reader. Loopback peers used to
-  get chunks (below): the mirror then spent 0.49-0.61 CPU s per GB sent, with
-  sendfile 0.18-0.28, while curl's own cost moved from 0.27-0.34 to 0.30-0.46 s/GB.
-  On two cores 8 streams are bound by that total, so sendfile raised the 8-stream
-  aggregate from 0.71-0.76 to 1.42-1.43 GB/s in the same (loaded) conditions; one
-  stream, not CPU-bound, went from 0.53-0.74 to 0.92-1.11. Peak RSS with 32 streams is
-  68-69 MiB either way, and with the 500 slow readers it peaked at 78 MiB instead of
-  99 MiB. `remote` (the old rule) and `off` remain for measuring.
+  get 64 KiB chunks (below), which cost the mirror 0.56-0.65 CPU s per GB sent (a pread
+  and a send copy, and a drain wait on the loop, 16384 times per GiB); sendfile costs
+  0.15-0.33. On two cores, 8 or 32 streams are bound by the CPU of the mirror and its
+  readers together; one stream is not, which is why it was fast and 8 were not. Old
+  against new, 1/8/32 streams: 0.73/0.63/0.76 and 0.67/0.71/0.76 GB/s against
+  0.84/2.00/1.80 and 1.16/1.39/1.84 GB/s. Beside nginx (sendfile on, its default
+  buffers), run in turn on the same committed file: 8 streams 1.12 and 1.17 GB/s
+  against 0.86 and 1.06, 32 streams 2.16 and 1.92 against 1.36 and 1.45. Peak RSS
+  (VmHWM) with 32 streams is 68-69 MiB either way; the 500 slow readers peaked at 78
+  MiB against 98-99 MiB with chunks.
+* **A loopback peer's send buffer is fixed at `LOOPBACK_SNDBUF`.** With the kernel's
+  autotuning (up to 4 MiB a socket here) the readers' copy cost 0.38-0.51 CPU s/GB at
+  32 streams, with 512 KiB 0.23-0.25 (the bytes in flight stay in the CPU caches):
+  32 streams went from 0.91-1.05 to 1.68-1.83 GB/s (256 KiB: 2.02-2.06, but 8 streams
+  slower; 1 MiB: 1.68). Remote peers keep autotuning: a fixed buffer caps a long
+  round trip's throughput.
 * **TLS (or `blob_sendfile` off): chunks, one at a time.** TLS must encrypt in user
   space. Each chunk is `CHUNK` bytes, and the next one is read only once the transport
   has handed the last one wholly to the kernel. 1 MiB writes sat in the transport's

@@ -21,6 +21,16 @@ memory (`_PassThrough`), hashed as they pass, the last one held back until the
 digest is verified, dropped once every reader has them, never stored. The upstream is
 read no faster than the slowest reader, and when every reader has gone the download
 stops: nobody else can join it once its first bytes were dropped.
+
+A cached download's readers can take its bytes as spans of the temp file (`file_spans`)
+for the kernel to send, so they cost no copy here. The rest of a cold fetch, measured with
+`bench/blob_streams.py` (1 GiB, loopback, 2 loaded cores): about 3.5-4 CPU s per GB, of
+which a plain aiohttp read of the body is 0.45-0.7, SHA-256 about 0.9 and the write into
+the page cache 0.5-0.7 on their own; larger upstream read buffers (1-4 MiB) and write
+batches (256 KiB-4 MiB) changed neither the CPU nor the time within the noise, so they
+stay as they are. Time to first byte through a fresh mirror was mostly 21-70 ms, against
+6-40 ms straight from the registry (the lease, the metadata records and the temp file come
+first), with outliers past 100 ms on both sides under load.
 """
 
 from __future__ import annotations
