@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from typing import BinaryIO
 
 import aiohttp
@@ -415,11 +416,16 @@ async def test_sendfile_goes_to_the_peers_the_setting_names(
     # Every test client is on loopback; "remote" ones are made by telling the mirror so.
     mirror = await make_mirror({"local": {"url": upstream.url}}, server={"blob_sendfile": setting})
     by_sendfile: list[int] = []
+    send_buffers: set[int] = set()
     real_sendfile = transport._sendfile
 
     async def counting(request: web.Request, file: BinaryIO, offset: int, count: int) -> None:
         by_sendfile.append(count)
         await real_sendfile(request, file, offset, count)
+        if transport.peer_is_local(request):
+            assert request.transport is not None
+            sock = request.transport.get_extra_info("socket")
+            send_buffers.add(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 
     monkeypatch.setattr(transport, "_sendfile", counting)
     digest, data = max(upstream.images["oci"].blobs.items(), key=lambda item: len(item[1]))
@@ -437,3 +443,5 @@ async def test_sendfile_goes_to_the_peers_the_setting_names(
             assert response.status == 206
             assert await response.read() == data[1000:]
         assert by_sendfile == ([len(data) - 1000] if expected else [])
+    # A loopback peer's send buffer is fixed (Linux reports twice what was set).
+    assert send_buffers == ({2 * transport.LOOPBACK_SNDBUF} if local_sent else set())
