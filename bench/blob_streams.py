@@ -14,9 +14,9 @@ compared back to back: A, B, A, B), a fresh ``mirror serve`` process is started 
   through ``/proc/<pid>/clear_refs`` before each phase, which needs root; otherwise the
   peak since start).
 
-``--peer remote`` makes the mirror take the loopback peers for remote ones, so the
-path a node pulling over the network gets is measured on one machine. Figures only,
-no assertions. From the repository root::
+Variants pick the send path: ``old:MIRROR_SERVER__BLOB_SENDFILE=remote`` gives loopback
+readers the chunk path (what TLS clients get), the default gives them sendfile. Figures
+only, no assertions. From the repository root::
 
     .venv/bin/python bench/blob_streams.py [--size-mb 1024] [--rounds 2] \\
         [--variant NAME:KEY=VALUE,KEY=VALUE ...] [--streams 1,8,32]
