@@ -219,13 +219,21 @@ def run(args: argparse.Namespace, work: Path, cleanup: list[Callable[[], object]
     cleanup.append(registry.stop)
     registry.start()
     push_blob(registry.url, REPO, digest, blob, None)
-    mirror = MirrorProcess(work / "mirror", {"local": {"url": registry.url}}, log_level="info")
+    mirror = MirrorProcess(
+        work / "mirror",
+        {"local": {"url": registry.url}},
+        log_level="info",
+        server={"blob_sendfile": args.sendfile},
+    )
     cleanup.append(mirror.stop)
     mirror.start()
     assert mirror.pid is not None
     path = f"/v2/{REPO}/blobs/{digest}"
     url = f"{mirror.url}{path}"
-    print(f"blob: {len(blob):,} bytes; mirror pid {mirror.pid} at {mirror.url}")
+    print(
+        f"blob: {len(blob):,} bytes; mirror pid {mirror.pid} at {mirror.url}; "
+        f"blob_sendfile {args.sendfile}"
+    )
     curl_streams(url, 1, len(blob))  # the warm-up: fetched from the registry, committed
     wait_until(lambda: any((mirror.storage / "blobs").rglob(digest.split(":")[1])), timeout=30)
     print(
@@ -284,6 +292,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rcvbuf", type=int, default=8192, help="clients' SO_RCVBUF")
     parser.add_argument("--settle", type=float, default=60, help="max wait for RSS to fall")
     parser.add_argument("--repeat", type=int, default=3, help="throughput runs per case")
+    parser.add_argument(
+        "--sendfile",
+        choices=("all", "remote", "off"),
+        default="all",
+        help="the mirror's server.blob_sendfile (remote: loopback clients get chunks)",
+    )
     parser.add_argument("--tmpdir", type=Path, help="parent of the temp dir")
     return parser.parse_args(argv)
 

@@ -19,7 +19,7 @@ from mirror.api import peer, v2
 from mirror.api.errors import expect_handler, oci_errors
 from mirror.api.middleware import authenticate, on_prepare, request_context
 from mirror.api.services import SERVICES, Services
-from mirror.api.transport import remember_prepared
+from mirror.api.transport import SENDFILE, remember_prepared
 from mirror.cache.manifests import ManifestCache
 from mirror.cache.peers import Fleet
 from mirror.concurrency import TaskOwner
@@ -167,6 +167,7 @@ def create_app(
     if network is not None:
         app[NETWORK] = network
     app[METRICS] = Metrics()
+    app[SENDFILE] = config.server.blob_sendfile
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(on_prepare)
     app.on_response_prepare.append(remember_prepared)

@@ -611,6 +611,11 @@ class ServerConfig(_Section):
     # if it cannot be imported), or auto (uvloop when it can be imported). asyncio by
     # default: uvloop has no sendfile, and its gain on small requests is small.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "asyncio"
+    # Which clients get blob bodies by sendfile (kernel copies, nothing held per
+    # connection): every client without TLS ("all"), only those not on loopback
+    # ("remote"), or none ("off"). TLS always goes through user space. Measured reasons
+    # in mirror/api/transport.py.
+    blob_sendfile: Literal["all", "remote", "off"] = "all"
 
 
 class LogConfig(_Section):

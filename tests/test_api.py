@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+from typing import BinaryIO
 
 import aiohttp
 import pytest
+from aiohttp import web
 from conftest import TAG, Mirror, MirrorFactory, Upstream
 from support.images import ALL_MANIFEST_TYPES, oci_image, push
 
@@ -397,17 +400,48 @@ async def test_a_docker_pull_of_a_cold_tag_records_the_tag(
     assert registry.requests(path_contains="/manifests/", since=mark) == []
 
 
-async def test_zero_copy_path_for_remote_peers(
-    mirror: Mirror, upstream: Upstream, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("setting", "local_sent", "remote_sent"),
+    [("all", True, True), ("remote", False, True), ("off", False, False)],
+)
+async def test_sendfile_goes_to_the_peers_the_setting_names(
+    make_mirror: MirrorFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    setting: str,
+    local_sent: bool,
+    remote_sent: bool,
 ) -> None:
-    # Loopback peers get plain writes (see api/transport.py); every test client is on loopback,
-    # so make the mirror treat this one as remote to exercise sendfile.
-    monkeypatch.setattr(transport, "peer_is_local", lambda request: False)
+    # Every test client is on loopback; "remote" ones are made by telling the mirror so.
+    mirror = await make_mirror({"local": {"url": upstream.url}}, server={"blob_sendfile": setting})
+    by_sendfile: list[int] = []
+    send_buffers: set[int] = set()
+    real_sendfile = transport._sendfile
+
+    async def counting(request: web.Request, file: BinaryIO, offset: int, count: int) -> None:
+        by_sendfile.append(count)
+        await real_sendfile(request, file, offset, count)
+        if transport.peer_is_local(request):
+            assert request.transport is not None
+            sock = request.transport.get_extra_info("socket")
+            send_buffers.add(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+    monkeypatch.setattr(transport, "_sendfile", counting)
     digest, data = max(upstream.images["oci"].blobs.items(), key=lambda item: len(item[1]))
     url = f"{mirror.url}/v2/{repo('oci')}/blobs/{digest}"
-    for _ in ("cold", "warm"):
-        async with http.get(url) as response:
-            assert await response.read() == data
-    async with http.get(url, headers={"Range": "bytes=1000-"}) as response:
-        assert response.status == 206
-        assert await response.read() == data[1000:]
+    for remote, expected in ((False, local_sent), (True, remote_sent)):
+        if remote:
+            monkeypatch.setattr(transport, "peer_is_local", lambda request: False)
+        for _ in ("cold or warm", "warm"):
+            by_sendfile.clear()
+            async with http.get(url) as response:
+                assert await response.read() == data
+            assert sum(by_sendfile) == (len(data) if expected else 0)
+        by_sendfile.clear()
+        async with http.get(url, headers={"Range": "bytes=1000-"}) as response:
+            assert response.status == 206
+            assert await response.read() == data[1000:]
+        assert by_sendfile == ([len(data) - 1000] if expected else [])
+    # A loopback peer's send buffer is fixed (Linux reports twice what was set).
+    assert send_buffers == ({2 * transport.LOOPBACK_SNDBUF} if local_sent else set())

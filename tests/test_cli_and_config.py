@@ -89,6 +89,7 @@ def test_example_config_is_valid() -> None:
         ),
         ({"cluster": {"advertise_url": "tcp://h:1"}}, "cluster.advertise_url: must be an http"),
         ({"cluster": {"peer_timeout": "soon"}}, "cluster.peer_timeout"),
+        ({"server": {"blob_sendfile": "yes"}}, "server.blob_sendfile"),
     ],
 )
 def test_bad_config_names_the_key(change: dict[str, object], named: str, tmp_path: Path) -> None:
@@ -158,7 +159,9 @@ def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("MIRROR_LISTEN", "127.0.0.1:6123")
     monkeypatch.setenv("MIRROR_STORAGE__ROOT", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("MIRROR_UPSTREAMS__DOCKER.IO__TAG_TTL", "90s")
+    monkeypatch.setenv("MIRROR_SERVER__BLOB_SENDFILE", "remote")
     config = load_config(path)
+    assert config.server.blob_sendfile == "remote"
     assert config.listen_address == ("127.0.0.1", 6123)
     assert config.storage.root == tmp_path / "elsewhere"
     assert config.upstreams["docker.io"].tag_ttl == 90

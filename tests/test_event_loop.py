@@ -9,11 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-import aiohttp
 import pytest
 import uvloop
-from conftest import Mirror, Upstream
+from conftest import Upstream
 from support.mirror_process import MirrorProcess
+from support.net import http_request
 
 from mirror.api import transport
 from mirror.server import loop_factory
@@ -54,27 +54,28 @@ def test_serve_runs_on_the_chosen_loop(
         assert started_on(mirror) == loop
 
 
+def test_sendfile_is_taken_only_on_a_loop_that_has_it() -> None:
+    # uvloop leaves loop.sendfile as asyncio's abstract stub (NotImplementedError).
+    for runner_loop, has_it in [(None, True), (uvloop.new_event_loop, False)]:
+        with asyncio.Runner(loop_factory=runner_loop) as runner:
+            assert runner.run(_has_sendfile()) is has_it
+
+
+async def _has_sendfile() -> bool:
+    return transport._loop_has_sendfile()
+
+
 @pytest.mark.slow
-async def test_a_loop_without_sendfile_sends_blobs_in_chunks(
-    mirror: Mirror, upstream: Upstream, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # As uvloop does: no loop.sendfile. The remote-peer path (sendfile) must fall back.
-    refused = []
-
-    async def no_sendfile(*args: object, **kwargs: object) -> int:
-        refused.append(args)
-        raise NotImplementedError
-
-    monkeypatch.setattr(transport, "peer_is_local", lambda request: False)
-    monkeypatch.setattr(asyncio.get_running_loop(), "sendfile", no_sendfile)
+def test_uvloop_serves_blobs_in_chunks(tmp_path: Path, upstream: Upstream) -> None:
+    """On uvloop every blob goes out in chunks: a download in progress, a committed
+    file, and a range of it, byte-exact."""
+    upstreams = {"local": {"url": upstream.url}}
+    settings = {"server": {"event_loop": "uvloop"}}
     digest, data = max(upstream.images["oci"].blobs.items(), key=lambda item: len(item[1]))
-    url = f"{mirror.url}/v2/{Upstream.repo('oci')}/blobs/{digest}"
-    async with http.get(url) as response:  # cold: from the download, as it arrives
-        assert await response.read() == data
-    await mirror.settled()  # cached: what follows is sent from the file
-    async with http.get(url) as response:
-        assert await response.read() == data
-    async with http.get(url, headers={"Range": "bytes=1000-"}) as response:
-        assert response.status == 206
-        assert await response.read() == data[1000:]
-    assert len(refused) == 2  # both took the sendfile path, and fell back
+    with MirrorProcess(tmp_path / "m", upstreams, **settings) as mirror:
+        assert started_on(mirror) == "uvloop"
+        url = f"{mirror.url}/v2/{Upstream.repo('oci')}/blobs/{digest}"
+        assert http_request("GET", url).body == data  # cold: from the download
+        assert http_request("GET", url).body == data  # warm: from the file
+        ranged = http_request("GET", url, headers={"Range": "bytes=1000-"})
+        assert (ranged.status, ranged.body) == (206, data[1000:])

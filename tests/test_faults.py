@@ -55,13 +55,19 @@ def fake() -> FakeUpstream:
     return FakeUpstream()
 
 
-@pytest.fixture
+# Both ways a body leaves (api/transport.py): sendfile from the (temp) file, and chunks
+# through the process, as TLS clients get them.
+@pytest.fixture(params=["all", "off"], ids=["sendfile", "chunks"])
 async def fake_mirror(
-    fake: FakeUpstream, aiohttp_server: ServerFactory, make_mirror: MirrorFactory
+    fake: FakeUpstream,
+    aiohttp_server: ServerFactory,
+    make_mirror: MirrorFactory,
+    request: pytest.FixtureRequest,
 ) -> Mirror:
     server = await aiohttp_server(fake.app(), host="127.0.0.1")
     return await make_mirror(
-        {"fake": {"url": str(server.make_url("")).rstrip("/"), "tag_ttl": 0, "read_timeout": "2s"}}
+        {"fake": {"url": str(server.make_url("")).rstrip("/"), "tag_ttl": 0, "read_timeout": "2s"}},
+        server={"blob_sendfile": request.param},
     )
 
 
@@ -156,6 +162,25 @@ async def test_client_hanging_up_does_not_stop_the_download(
     await eventually(lambda: len(fake_mirror.blob_files()) == 1, timeout=10)
     assert fake_mirror.blob_files()[0].read_bytes() == BLOB
     assert await read_blob(http, fake_mirror) == BLOB
+    assert fake.count("GET", BLOB_PATH) == 1
+
+
+async def test_a_range_of_a_download_in_progress_is_sent_as_it_arrives(
+    fake: FakeUpstream, fake_mirror: Mirror, http: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+    fake.on("GET", BLOB_PATH, stall_after(BLOB, 256 * 1024, release))
+    async with http.get(
+        f"{fake_mirror.url}{BLOB_PATH}", headers={"Range": "bytes=1000-"}
+    ) as response:
+        assert response.status == 206
+        assert response.headers["Content-Range"] == f"bytes 1000-{len(BLOB) - 1}/{len(BLOB)}"
+        # The first bytes of the range come while the upstream withholds the rest.
+        first = await asyncio.wait_for(response.content.readexactly(4096), timeout=10)
+        assert not release.is_set()
+        release.set()
+        body = first + await response.read()
+    assert body == BLOB[1000:]
     assert fake.count("GET", BLOB_PATH) == 1
 
 

@@ -109,14 +109,22 @@ async def read_slowly(
     return body
 
 
+# Both ways a body leaves (api/transport.py): sendfile holds nothing per connection;
+# chunks (what TLS clients get) hold at most one each.
+SEND_PATHS = pytest.mark.parametrize("sendfile", ["all", "off"], ids=["sendfile", "chunks"])
+
+
+@SEND_PATHS
 async def test_slow_readers_hold_little_and_hang_ups_are_access_lines(
-    upstream: Upstream, tmp_path: Path
+    upstream: Upstream, tmp_path: Path, sendfile: str
 ) -> None:
     blob = random.Random(1107).randbytes(24 * MIB)
     digest = digest_of(blob)
     push_blob(upstream.url, "test/slow-readers", digest, blob, None)
     path = f"/v2/test/slow-readers/blobs/{digest}"
-    with MirrorProcess(tmp_path / "m", {"local": {"url": upstream.url}}) as mirror:
+    with MirrorProcess(
+        tmp_path / "m", {"local": {"url": upstream.url}}, server={"blob_sendfile": sendfile}
+    ) as mirror:
         warm = http_request("GET", mirror.url + path, timeout=60)
         assert warm.status == 200
         assert hashlib.sha256(warm.body).digest().hex() == digest[7:]
@@ -153,8 +161,9 @@ async def test_slow_readers_hold_little_and_hang_ups_are_access_lines(
         assert "Traceback" not in mirror.log_text()
 
 
+@SEND_PATHS
 async def test_hang_ups_during_a_download_leave_it_running(
-    aiohttp_server: ServerFactory, tmp_path: Path
+    aiohttp_server: ServerFactory, tmp_path: Path, sendfile: str
 ) -> None:
     blob = random.Random(1108).randbytes(8 * MIB)
     digest = digest_of(blob)
@@ -164,7 +173,7 @@ async def test_hang_ups_during_a_download_leave_it_running(
     fake.on("GET", path, stall_after(blob, 2 * MIB, release), serve(blob))
     server = await aiohttp_server(fake.app(), host="127.0.0.1")
     upstreams = {"fake": {"url": str(server.make_url("")).rstrip("/")}}
-    with MirrorProcess(tmp_path / "m", upstreams) as mirror:
+    with MirrorProcess(tmp_path / "m", upstreams, server={"blob_sendfile": sendfile}) as mirror:
         received: list[int] = []
         leavers = [
             asyncio.create_task(read_slowly(mirror.port, path, 256 * KIB, 4 * MIB, received))

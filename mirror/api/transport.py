@@ -4,24 +4,41 @@ The HTTP layer decides what to send (status, headers, range); this module sends 
 body, from a committed file or from a download in progress, and turns a client that
 hangs up into an outcome on its access line rather than an error.
 
-Measured with `bench/slow_clients.py` (500 clients reading a warm 40 MiB blob at
-100 kB/s through 8 KiB receive buffers, then hanging up; 2 shared cores): with 1 MiB
-writes the mirror's RSS went from 66 MiB to 1187 MiB and stayed at 1176 MiB after they
-left; with the rules below it peaks at 94 MiB and is back to 76 MiB 5 s after they
-left (the trim is `mirror.memory`'s). Warm throughput, 1 and 8 curl streams, is
-unchanged within the noise of the shared machine (about 1000 and 1300-1700 MiB/s).
-The reasons behind each rule:
+Measured with `bench/blob_streams.py` (a warm 1 GiB blob read by 1, 8 and 32 curl
+streams on loopback, a fresh mirror per run, the old rules and the new alternated; 2 cores
+shared with other work, load 10-25, so only figures of one run compare) and
+`bench/slow_clients.py` (500 clients reading a warm 40 MiB blob at 100 kB/s through 8 KiB
+receive buffers, then hanging up). The reasons behind each rule:
 
-* **Remote peers without TLS: sendfile.** The kernel copies from the page cache;
-  the process holds nothing per connection, however slow the reader.
-* **Loopback peers and TLS: chunks, one at a time.** sendfile to a local receiver
-  costs it more than it saves us (skopeo: 15% more client CPU, a slower pull), and
-  TLS must encrypt in user space. Each chunk is `CHUNK` bytes, and the next one is
-  read only once the transport has handed the last one wholly to the kernel. The
-  1 MiB writes this replaced sat in the transport's buffer of every slow reader
-  (asyncio pauses the writer only above 64 KiB, and aiohttp drains only then), and
-  were copied on the way in: memory grew by about 2 MiB per slow reader.
-* **Page-cache reads stay on the event loop.** A read is first tried with
+* **Every peer without TLS: sendfile** (`server.blob_sendfile: all`), committed blobs
+  and downloads in progress alike (the readable part of a download's temp file, span
+  by span: `BlobDownload.file_spans`). The kernel sends from the page cache; the
+  process holds nothing per connection, however slow the reader. Loopback peers used to
+  get 64 KiB chunks (below), which cost the mirror 0.56-0.65 CPU s per GB sent (a pread
+  and a send copy, and a drain wait on the loop, 16384 times per GiB); sendfile costs
+  0.15-0.33. On two cores, 8 or 32 streams are bound by the CPU of the mirror and its
+  readers together; one stream is not, which is why it was fast and 8 were not. Old
+  against new, 1/8/32 streams: 0.73/0.63/0.76 and 0.67/0.71/0.76 GB/s against
+  0.84/2.00/1.80 and 1.16/1.39/1.84 GB/s. Beside nginx (sendfile on, its default
+  buffers), run in turn on the same committed file: 8 streams 1.12 and 1.17 GB/s
+  against 0.86 and 1.06, 32 streams 2.16 and 1.92 against 1.36 and 1.45. Peak RSS
+  (VmHWM) with 32 streams is 68-69 MiB either way; the 500 slow readers peaked at 78
+  MiB against 98-99 MiB with chunks.
+* **A loopback peer's send buffer is fixed at `LOOPBACK_SNDBUF`.** With the kernel's
+  autotuning (up to 4 MiB a socket here) the readers' copy cost 0.38-0.51 CPU s/GB at
+  32 streams, with 512 KiB 0.23-0.25 (the bytes in flight stay in the CPU caches):
+  32 streams went from 0.91-1.05 to 1.68-1.83 GB/s (256 KiB: 2.02-2.06, but 8 streams
+  slower; 1 MiB: 1.68). Remote peers keep autotuning: a fixed buffer caps a long
+  round trip's throughput.
+* **TLS (or `blob_sendfile` off): chunks, one at a time.** TLS must encrypt in user
+  space. Each chunk is `CHUNK` bytes, and the next one is read only once the transport
+  has handed the last one wholly to the kernel. 1 MiB writes sat in the transport's
+  buffer of every slow reader (asyncio pauses the writer only above 64 KiB, and aiohttp
+  drains only then), and were copied on the way in: memory grew by about 2 MiB per slow
+  reader (500 readers: 1187 MiB). 256 KiB and 1 MiB chunks, one at a time, did not
+  lower the CPU per GB (0.43-0.56 s/GB, as 64 KiB) but raised the 32-stream peak to 81
+  and 135 MiB.
+* **Page-cache reads stay on the event loop.** A chunk read is first tried with
   `RWF_NOWAIT`, which returns at once from the page cache (a warm blob, or a download
   just written) or fails with EAGAIN when it would wait for the disk; only then does
   it go to a worker thread. At 64 KiB a chunk, the thread hop would cost more than
@@ -38,6 +55,7 @@ import contextlib
 import errno
 import ipaddress
 import os
+import socket
 from collections.abc import AsyncGenerator
 from typing import BinaryIO
 
@@ -52,6 +70,14 @@ log = structlog.get_logger(__name__)
 # The most one connection holds in this process while the kernel drains its socket.
 CHUNK = 64 * 1024
 
+# Which peers get bodies by sendfile (`server.blob_sendfile`); "all" where unset.
+SENDFILE = web.AppKey("blob_sendfile", str)
+# The send buffer of a loopback peer's socket while it is sent a file (see the module
+# docstring); remote peers keep the kernel's autotuning, which long round trips need.
+LOOPBACK_SNDBUF = 512 * 1024
+# Part of a file to send: (file, offset, count).
+FileSpan = tuple[BinaryIO, int, int]
+
 
 async def send_blob_body(
     request: web.Request,
@@ -61,11 +87,13 @@ async def send_blob_body(
     chunks: AsyncGenerator[bytes, None] | None,
     offset: int,
     count: int | None,
+    spans: AsyncGenerator[FileSpan, None] | None = None,
 ) -> None:
     """Send the body of a prepared blob response and end it.
 
-    From `file` (`count` bytes from `offset`) or from `chunks` (a download in progress,
-    read in `CHUNK`s). The outcome goes on the request's access line; nothing is raised
+    From `file` (`count` bytes from `offset`), from `chunks` (a download in progress,
+    read in `CHUNK`s) or from `spans` (a download in progress in a local file, for a
+    request that `may_sendfile`). The outcome goes on the request's access line; nothing is raised
     for a client that hung up or a transfer that failed: the response is over either way.
     """
     info = request[ACCESS_INFO]
@@ -73,6 +101,10 @@ async def send_blob_body(
         if file is not None:
             assert count is not None
             await _send_file(request, response, file, offset, count)
+        elif spans is not None:
+            async with contextlib.aclosing(spans):
+                async for span_file, span_offset, span_count in spans:
+                    await _sendfile(request, span_file, span_offset, span_count)
         else:
             assert chunks is not None
             # Closed here, not whenever it is collected: it holds the temp file open.
@@ -131,20 +163,33 @@ def peer_is_local(request: web.Request) -> bool:
         return False
 
 
+def may_sendfile(request: web.Request) -> bool:
+    """Whether this request's body may go by sendfile: never over TLS (encrypted in
+    user space); otherwise as `server.blob_sendfile` says."""
+    transport = request.transport
+    if transport is None or transport.get_extra_info("sslcontext") is not None:
+        return False
+    if not _loop_has_sendfile():
+        return False
+    peers = request.config_dict.get(SENDFILE, "all")
+    return peers == "all" or (peers == "remote" and not peer_is_local(request))
+
+
+def _loop_has_sendfile() -> bool:
+    """uvloop (`server.event_loop`) leaves `loop.sendfile` as asyncio's abstract stub,
+    which raises NotImplementedError: its clients get chunks."""
+    loop_class = type(asyncio.get_running_loop())
+    return loop_class.sendfile is not asyncio.AbstractEventLoop.sendfile
+
+
 async def _send_file(
     request: web.Request, response: web.StreamResponse, file: BinaryIO, offset: int, count: int
 ) -> None:
-    transport = request.transport
-    if transport is None or transport.is_closing():
+    if may_sendfile(request):
+        await _sendfile(request, file, offset, count)
+        return
+    if request.transport is None or request.transport.is_closing():
         raise ConnectionResetError("client went away")
-    if not peer_is_local(request) and transport.get_extra_info("sslcontext") is None:
-        try:
-            await asyncio.get_running_loop().sendfile(transport, file, offset, count)
-        except NotImplementedError:
-            pass  # uvloop has no loop.sendfile: chunks, as below (nothing was sent yet)
-        else:
-            request[ACCESS_INFO].body_bytes = count
-            return
     async with _one_chunk_at_a_time(request):
         end = offset + count
         position = offset
@@ -157,6 +202,18 @@ async def _send_file(
             if not written:
                 raise BlobUnknown("blob file is shorter than its size")  # aborts the transfer
             position += written
+
+
+async def _sendfile(request: web.Request, file: BinaryIO, offset: int, count: int) -> None:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        # asyncio would raise a RuntimeError for a closing transport: this is a hang-up.
+        raise ConnectionResetError("client went away")
+    sock = transport.get_extra_info("socket")
+    if sock is not None and peer_is_local(request):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOOPBACK_SNDBUF)
+    await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+    request[ACCESS_INFO].body_bytes += count
 
 
 async def read_chunk(fd: int, offset: int, size: int) -> bytes | bytearray:

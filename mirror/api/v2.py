@@ -322,13 +322,16 @@ async def send_blob(
         await response.write_eof()
         return response
     file = None if source.stored is None else source.stored.file
-    chunks = None
+    chunks = spans = None
     if source.stored is not None and file is None:
         assert end is not None
         chunks = source.stored.chunks(start, end, transport.CHUNK)
     elif source.stored is None:
         assert source.download is not None
-        chunks = source.download.iter_bytes(start, end, chunk=transport.CHUNK)
+        if source.download.in_local_file and transport.may_sendfile(request):
+            spans = source.download.file_spans(start, end)
+        else:
+            chunks = source.download.iter_bytes(start, end, chunk=transport.CHUNK)
     await transport.send_blob_body(
         request,
         response,
@@ -336,5 +339,6 @@ async def send_blob(
         chunks=chunks,
         offset=start,
         count=None if end is None else end - start,
+        spans=spans,
     )
     return response

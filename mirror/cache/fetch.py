@@ -21,6 +21,16 @@ memory (`_PassThrough`), hashed as they pass, the last one held back until the
 digest is verified, dropped once every reader has them, never stored. The upstream is
 read no faster than the slowest reader, and when every reader has gone the download
 stops: nobody else can join it once its first bytes were dropped.
+
+A cached download's readers can take its bytes as spans of the temp file (`file_spans`)
+for the kernel to send, so they cost no copy here. The rest of a cold fetch, measured with
+`bench/blob_streams.py` (1 GiB, loopback, 2 loaded cores): about 3.5-4 CPU s per GB, of
+which a plain aiohttp read of the body is 0.45-0.7, SHA-256 about 0.9 and the write into
+the page cache 0.5-0.7 on their own; larger upstream read buffers (1-4 MiB) and write
+batches (256 KiB-4 MiB) changed neither the CPU nor the time within the noise, so they
+stay as they are. Time to first byte through a fresh mirror was mostly 21-70 ms, against
+6-40 ms straight from the registry (the lease, the metadata records and the temp file come
+first), with outliers past 100 ms on both sides under load.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import structlog
 
@@ -393,36 +403,66 @@ class BlobDownload:
                 return
         try:
             position = start
-            while end is None or position < end:
-                limit = self._readable_limit(end)
-                if position < limit:
-                    wanted = min(chunk, limit - position)
-                    if passing is None:
-                        assert fd is not None
-                        data = os.pread(fd, wanted, position)
-                    else:
-                        data = passing.read(position, wanted)
-                    if not data:
-                        raise UpstreamBadResponse("blob temp file shorter than recorded")
-                    position += len(data)
-                    if passing is not None:
-                        passing.positions[reader] = position
-                        self._reader_moved(passing)
-                    yield data
-                    continue
-                if self.verified:
-                    break
-                if self._finished:
-                    raise self.error or UpstreamUnavailable("blob download failed")
-                async with self._progress:
-                    if self._readable_limit(end) <= position and not self._finished:
-                        await self._progress.wait()
+            while (limit := await self._readable_after(position, end)) > position:
+                wanted = min(chunk, limit - position)
+                if passing is None:
+                    assert fd is not None
+                    data = os.pread(fd, wanted, position)
+                else:
+                    data = passing.read(position, wanted)
+                if not data:
+                    raise UpstreamBadResponse("blob temp file shorter than recorded")
+                position += len(data)
+                if passing is not None:
+                    passing.positions[reader] = position
+                    self._reader_moved(passing)
+                yield data
         finally:
             if fd is not None:
                 os.close(fd)
             if passing is not None:
                 del passing.positions[reader]
                 self._reader_moved(passing)
+
+    @property
+    def in_local_file(self) -> bool:
+        """Readers can be given the bytes as spans of a local file (`file_spans`): the
+        download is cached on a local disk, not passed through (known once started)."""
+        return self._pass is None and self.store.local_blobs
+
+    async def file_spans(
+        self, start: int = 0, end: int | None = None
+    ) -> AsyncGenerator[tuple[BinaryIO, int, int], None]:
+        """Bytes [start, end) as they arrive, as (file, offset, count): all that is
+        readable at once, for the kernel to send (sendfile) without the bytes passing
+        through this process. Only where `in_local_file`; raises if the download fails."""
+        await self.wait_started()
+        fd = self._open_bytes()
+        if fd is None:
+            raise UpstreamUnavailable("blob left the local disk as it was committed")
+        # Wraps the descriptor already open (no I/O), for asyncio's sendfile.
+        with open(fd, "rb") as file:  # noqa: ASYNC230
+            position = start
+            while (limit := await self._readable_after(position, end)) > position:
+                yield file, position, limit - position
+                position = limit
+
+    async def _readable_after(self, position: int, end: int | None) -> int:
+        """Wait until bytes from `position` (of [.., end)) are readable; how far they go,
+        or `position` once there is nothing more to read. Raises if the download failed
+        before that."""
+        while end is None or position < end:
+            limit = self._readable_limit(end)
+            if position < limit:
+                return limit
+            if self.verified:
+                break
+            if self._finished:
+                raise self.error or UpstreamUnavailable("blob download failed")
+            async with self._progress:
+                if self._readable_limit(end) <= position and not self._finished:
+                    await self._progress.wait()
+        return position
 
     def _open_bytes(self) -> int | None:
         """A descriptor on the bytes readers follow: the temp file, or the committed file
