@@ -41,7 +41,7 @@ async def _console(app: web.Application) -> AsyncIterator[None]:
     secret = await asyncio.to_thread(csrf_secret, config, app[STORE].meta_dir)
     app[GATE] = ConsoleGate(app[SERVICES].access, config, secret)
     app[api.CATALOG] = Catalog(app[METADATA])
-    app[api.JOBS] = Jobs()
+    app[api.JOBS] = Jobs(app[METADATA])
     background = TaskOwner("console")
     background.spawn(app[api.HISTORY].run(), name="console-history")
     background.spawn(app[api.CATALOG].run(), name="console-snapshot")

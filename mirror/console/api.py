@@ -467,13 +467,13 @@ async def manifest(request: web.Request) -> web.Response:
 
 
 async def jobs(request: web.Request) -> web.Response:
-    return _json({"jobs": [job.view() for job in request.app[JOBS].all()]})
+    return _json({"jobs": [job.view() for job in await request.app[JOBS].all()]})
 
 
 async def job(request: web.Request) -> web.Response:
-    found = request.app[JOBS].get(request.match_info["job_id"])
+    found = await request.app[JOBS].get(request.match_info["job_id"])
     if found is None:
-        raise NameUnknown("no such job (jobs are kept by the process that runs them)")
+        raise NameUnknown("no such job")
     return _json(found.view())
 
 

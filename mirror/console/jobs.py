@@ -2,15 +2,18 @@
 
 A seed job runs `mirror seed`'s own code (`seed.seed`) on the serving process's core,
 so a seeded blob takes exactly the path a pulled one does; its progress (references
-done, bytes fetched or found, errors) is kept here for `GET /api/v1/jobs/ID`. Jobs run
-in a `TaskOwner` (cancelled at shut-down) and are kept in memory, the last `KEEP` of
-them, in the process that started them: under `serve --workers` another worker does not
-know them (the console polls over one keep-alive connection).
+done, bytes fetched or found, errors) is kept for `GET /api/v1/jobs/ID`. Jobs run in a
+`TaskOwner` (cancelled at shut-down). The process running a job knows its state at once;
+it also writes it to the metadata store (at the start, every `SAVE_EVERY` seconds while
+it runs, and at the end; kept for `KEEP_FOR`), so every worker and replica can answer
+for it. A metadata outage leaves the job running and known to its own process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import secrets
 import time
 from collections import OrderedDict
@@ -20,14 +23,18 @@ from typing import Any, Literal
 
 import structlog
 
-from mirror.concurrency import TaskOwner
+from mirror.concurrency import TaskOwner, cancel_and_wait
 from mirror.core import MirrorCore
+from mirror.errors import MetadataUnavailable
 from mirror.logging import audit_log
+from mirror.metadata.base import MetadataStore
 from mirror.seed import SeedOutcome, seed
 
 log = structlog.get_logger(__name__)
 
-KEEP = 50
+KEEP = 50  # jobs this process remembers
+KEEP_FOR = 86400.0  # how long the metadata store keeps a job's state
+SAVE_EVERY = 1.0
 SEED_CONCURRENCY = 2  # `mirror seed`'s default
 State = Literal["running", "done", "failed"]
 
@@ -44,6 +51,10 @@ class Job:
     errors: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     finished: float | None = None
+
+    @classmethod
+    def from_view(cls, view: dict[str, Any]) -> Job:
+        return cls(**view)
 
     def view(self) -> dict[str, Any]:
         return {
@@ -78,7 +89,8 @@ class Job:
 class Jobs:
     """The jobs of this process, newest last."""
 
-    def __init__(self, keep: int = KEEP):
+    def __init__(self, metadata: MetadataStore, keep: int = KEEP):
+        self._metadata = metadata
         self._keep = keep
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._tasks = TaskOwner("console-jobs")
@@ -112,17 +124,26 @@ class Jobs:
         platforms: Sequence[str] | None,
         pin: bool,
     ) -> None:
+        running = asyncio.create_task(
+            seed(core, references, platforms, pin=pin, concurrency=SEED_CONCURRENCY, progress=job),
+            name=f"job:{job.id}:seed",
+        )
         try:
-            await seed(
-                core, references, platforms, pin=pin, concurrency=SEED_CONCURRENCY, progress=job
-            )
+            await self._save(job)
+            while not running.done():
+                await asyncio.wait([running], timeout=SAVE_EVERY)
+                await self._save(job)
+            running.result()
         except Exception as exc:
             # A bug, not a reference that failed (those are counted by `fail`): the job
             # must still end, and say why.
             log.exception("seed_job_crashed", job=job.id)
             job.errors.append(f"job failed: {exc!r}")
+        finally:
+            await cancel_and_wait(running)  # shut-down: the seed stops with its job
         job.state = "failed" if job.errors else "done"
         job.finished = time.time()
+        await self._save(job)
         audit_log.info(
             "console_action",
             user=job.user,
@@ -135,11 +156,39 @@ class Jobs:
             bytes=job.bytes,
         )
 
-    def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
+    async def _save(self, job: Job) -> None:
+        try:
+            await self._metadata.put_job(job.id, json.dumps(job.view()), KEEP_FOR)
+        except MetadataUnavailable as exc:
+            log.warning("job_state_not_saved", job=job.id, error=exc.message)
 
-    def all(self) -> list[Job]:
-        return list(self._jobs.values())
+    async def get(self, job_id: str) -> Job | None:
+        """The job, from this process if it runs here, else as the store last heard."""
+        found = self._jobs.get(job_id)
+        if found is not None:
+            return found
+        try:
+            state = await self._metadata.get_job(job_id)
+        except MetadataUnavailable:
+            return None
+        return None if state is None else _parsed(state)
+
+    async def all(self) -> list[Job]:
+        """Every job this process or the store knows, oldest first."""
+        try:
+            stored = [_parsed(state) for state in await self._metadata.list_jobs()]
+        except MetadataUnavailable:
+            stored = []
+        jobs = {job.id: job for job in stored if job is not None}
+        jobs.update(self._jobs)
+        return sorted(jobs.values(), key=lambda job: job.started)
 
     async def close(self) -> None:
         await self._tasks.close()
+
+
+def _parsed(state: str) -> Job | None:
+    try:
+        return Job.from_view(json.loads(state))
+    except (ValueError, TypeError):
+        return None  # written by another version: not ours to show
