@@ -3,6 +3,7 @@ pulled through with skopeo or plain HTTP, then asked what it holds and told to a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import pytest
 import structlog
 from conftest import TAG, Mirror, MirrorFactory, Upstream
 from support.htpasswd import basic, write_htpasswd
-from support.net import eventually_async
+from support.mirror_process import MirrorProcess
+from support.net import eventually_async, free_port, http_request, wait_until
 from support.skopeo import skopeo_copy_async
 
 from mirror.app import EVICTOR, METADATA
@@ -262,3 +264,50 @@ async def test_actions_are_audited_and_seed_runs_to_done(
     await api.get("jobs/unknown", status=404)
     bad = await api.post("seed", {"references": "alpine"}, status=400)
     assert bad["errors"][0]["code"] == "BAD_REQUEST"
+
+
+def test_workers_share_the_token_the_traffic_and_the_jobs(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """Under `serve --workers 2`, whichever worker a new connection reaches gives the same
+    CSRF token, counts every worker's traffic, and knows a job another worker runs."""
+    mirror = MirrorProcess(
+        tmp_path / "m",
+        {"local": {"url": upstream.url, "tag_ttl": "1h"}},
+        port=free_port(),
+        default_upstream="local",
+        extra_args=("--workers", "2"),
+    )
+    image = upstream.images["oci"]
+    blob_bytes = sum(len(blob) for blob in image.all_blobs().values())
+
+    def get(path: str) -> Any:
+        response = http_request("GET", f"{mirror.url}/api/v1/{path}")  # a new connection
+        assert response.status == 200, response.body
+        return json.loads(response.body)
+
+    with mirror:
+        tokens, sent = set(), 0
+        while len(mirror.serving_pids("/api/v1/session")) < 2:
+            tokens.add(get("session")["csrf_token"])
+            sent += 1
+            assert sent < 200, "the requests never reached both workers"
+        assert len(tokens) == 1
+        for digest in image.all_blobs():
+            assert http_request("GET", f"{mirror.url}/v2/{OCI}/blobs/{digest}").status == 200
+        for _ in range(10):  # whichever worker answers, all of the traffic
+            assert get("overview")["traffic"]["hour"]["points"][-1]["bytes"]["upstream"] == (
+                blob_bytes
+            )
+        started = http_request(
+            "POST",
+            f"{mirror.url}/api/v1/seed",
+            body=json.dumps({"references": [f"{INDEX}:{TAG}"]}).encode(),
+            headers={"X-CSRF-Token": tokens.pop()},
+        )
+        assert started.status == 200, started.body
+        job = json.loads(started.body)["job"]
+        wait_until(lambda: get(f"jobs/{job}")["state"] != "running", timeout=60)
+        for _ in range(10):
+            assert get(f"jobs/{job}")["state"] == "done"
+        assert len(mirror.serving_pids(f"/api/v1/jobs/{job}")) == 2
