@@ -176,16 +176,23 @@ async def _records(metadata: MetadataStore, digests: list[str]) -> dict[str, Blo
     return {digest: await metadata.get_blob(digest) for digest in digests}
 
 
+def _descriptors(document: dict[str, Any], key: str) -> list[tuple[str, dict[str, Any]]]:
+    """(digest, descriptor) for each usable descriptor of a manifest's list `key`."""
+    listed = document.get(key)
+    if not isinstance(listed, list):
+        return []
+    return [(digest, d) for d in listed if (digest := _descriptor_digest(d)) is not None]
+
+
 async def _platform(
     request: web.Request, manifest: Manifest, spec: dict[str, Any] | None
 ) -> Platform:
     metadata = request.app[METADATA]
     document = _document(manifest)
     config = _descriptor_digest(document.get("config"))
-    layers = [d for d in document.get("layers", []) or [] if _descriptor_digest(d)]
+    layers = _descriptors(document, "layers")
     records = await _records(
-        metadata,
-        [manifest.digest, *([config] if config else []), *map(_descriptor_digest, layers)],  # type: ignore[list-item]
+        metadata, [manifest.digest, *([config] if config else []), *(d for d, _ in layers)]
     )
     if spec is None:
         spec = await _config_platform(request, config) if config else {}
@@ -204,8 +211,7 @@ async def _platform(
                 "media_type": str(layer.get("mediaType", "")),
                 "cached": records.get(digest) is not None,
             }
-            for layer in layers
-            if (digest := _descriptor_digest(layer)) is not None
+            for digest, layer in layers
         ],
     )
 
@@ -243,10 +249,7 @@ async def cached_image(request: web.Request, route: Route, reference: Reference)
         raise ManifestUnknown("manifest not in the cache", detail={"digest": digest})
     platforms = []
     if top.media_type in INDEX_MEDIA_TYPES:
-        for entry in _document(top).get("manifests", []) or []:
-            child_digest = _descriptor_digest(entry)
-            if child_digest is None:
-                continue
+        for child_digest, entry in _descriptors(_document(top), "manifests"):
             child = await manifests.cached(child_digest)
             if child is None:
                 continue  # a platform nobody pulled through this cache
