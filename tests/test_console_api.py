@@ -4,6 +4,7 @@ pulled through with skopeo or plain HTTP, then asked what it holds and told to a
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 import structlog
 from conftest import TAG, Mirror, MirrorFactory, Upstream
 from support.htpasswd import basic, write_htpasswd
+from support.images import push, standard_images
 from support.mirror_process import MirrorProcess
 from support.net import eventually_async, free_port, http_request, wait_until
 from support.skopeo import skopeo_copy_async
@@ -311,3 +313,26 @@ def test_workers_share_the_token_the_traffic_and_the_jobs(
         for _ in range(10):
             assert get(f"jobs/{job}")["state"] == "done"
         assert len(mirror.serving_pids(f"/api/v1/jobs/{job}")) == 2
+
+
+async def test_refresh_revalidates_a_tag_now(
+    make_mirror: MirrorFactory,
+    fresh_upstream: Upstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    mirror = await make_mirror({"local": {"url": fresh_upstream.url, "tag_ttl": "1h"}})
+    api = Api(http, mirror)
+    await pull(mirror, OCI, tmp_path / "before")
+    newer = standard_images(seed_base=int(time.monotonic_ns() % 1000) + 40)["oci"]
+    push(fresh_upstream.url, OCI, newer, TAG)  # the tag moves upstream
+    [tag] = (await api.get("tags", upstream="local", repository=OCI))["tags"]
+    assert tag["digest"] == fresh_upstream.images["oci"].digest  # within tag_ttl: unchanged
+    body = {"upstream": "local", "repository": OCI, "tag": TAG}
+    assert await api.post("refresh", body) == {"digest": newer.digest}
+    [tag] = (await api.get("tags", upstream="local", repository=OCI))["tags"]
+    assert tag["digest"] == newer.digest
+    missing = await api.post("refresh", {**body, "tag": "nope"}, status=404)
+    assert missing["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    digest = await api.post("refresh", {**body, "tag": newer.digest}, status=400)
+    assert digest["errors"][0]["code"] == "BAD_REQUEST"
