@@ -3,6 +3,7 @@ pulled through with skopeo or plain HTTP, then asked what it holds and told to a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import aiohttp
 import pytest
 import structlog
 from conftest import TAG, Mirror, MirrorFactory, Upstream
+from support.fake_upstream import FakeUpstream, digest_of
 from support.htpasswd import basic, write_htpasswd
 from support.images import push, standard_images
 from support.mirror_process import MirrorProcess
@@ -336,3 +338,37 @@ async def test_refresh_revalidates_a_tag_now(
     assert missing["errors"][0]["code"] == "MANIFEST_UNKNOWN"
     digest = await api.post("refresh", {**body, "tag": newer.digest}, status=400)
     assert digest["errors"][0]["code"] == "BAD_REQUEST"
+
+
+async def test_overview_shows_a_download_in_flight_and_ui_can_be_off(
+    make_mirror: MirrorFactory,
+    stalled_blob: tuple[FakeUpstream, str, bytes, asyncio.Event, str],
+    http: aiohttp.ClientSession,
+) -> None:
+    _fake, path, blob, release, url = stalled_blob
+    mirror = await make_mirror({"fake": {"url": url}})
+    api = Api(http, mirror)
+    try:
+        async with http.get(mirror.url + path) as response:
+            await response.content.readexactly(1024)  # the download is under way, stalled
+
+            async def shown() -> bool:
+                downloads = (await api.get("overview"))["downloads"]
+                return bool(downloads) and downloads[0]["received"] >= 256 * 1024
+
+            await eventually_async(shown)
+            [download] = (await api.get("overview"))["downloads"]
+            assert download["digest"] == digest_of(blob)
+            assert (download["upstream"], download["repository"]) == ("fake", "team/app")
+            assert (download["size"], download["clients"]) == (len(blob), 1)
+            assert download["started"] <= time.time()
+            release.set()
+            assert await response.read() == blob[1024:]
+    finally:
+        release.set()
+    await mirror.settled()
+    assert (await api.get("overview"))["downloads"] == []
+
+    off = await make_mirror({"fake": {"url": url}}, ui={"enabled": False})
+    async with http.get(f"{off.url}/api/v1/session") as response:
+        assert response.status == 404
