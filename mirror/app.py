@@ -95,6 +95,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                 credential_errors=lambda: {
                     n: c.settings.credentials.state.errors for n, c in core.clients.items()
                 },
+                upstream_errors=lambda: {n: c.failures for n, c in core.clients.items()},
             )
         )
         app[DEFERRED] = core.deferred

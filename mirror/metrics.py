@@ -1,15 +1,16 @@
 """Prometheus metrics, served at `/metrics`.
 
-Events are counted as they happen (requests by upstream, kind and cache result; bytes
-sent from the cache, from a peer replica's copy or straight from the upstream; upstream
-requests by status and their latency). State is read when scraped, from the objects that
-own it (in-flight downloads, cache bytes and limit, evictions, stale answers, peer fills
-by outcome, Docker Hub rate-limit allowance, credential failures by upstream), so no
-module below the HTTP layer knows Prometheus exists. Each app has its own registry. With
-`--workers`, the event counters are summed across the workers (prometheus_client's
-multiprocess files, under the directory the supervisor sets), so any worker's `/metrics`
-reports the whole server's counts; the state gauges are the answering worker's view of
-the shared storage and metadata.
+Events are counted as they happen (requests by upstream, kind and cache result, and
+their duration by kind and cache result; bytes sent from the cache, from a peer
+replica's copy or straight from the upstream; upstream requests by status and their
+latency). State is read when scraped, from the objects that own it (in-flight
+downloads, cache bytes and limit, evictions, stale answers, peer fills by outcome,
+Docker Hub rate-limit allowance, credential failures by upstream, upstream requests
+that got no answer by cause), so no module below the HTTP layer knows Prometheus exists.
+Each app has its own registry. With `--workers`, the event counters are summed across
+the workers (prometheus_client's multiprocess files, under the directory the supervisor
+sets), so any worker's `/metrics` reports the whole server's counts; the state gauges
+are the answering worker's view of the shared storage and metadata.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from mirror.upstream.client import RateLimit
 # Set by the supervisor of `serve --workers` (prometheus_client's multiprocess mode).
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Client requests: a manifest hit takes about a millisecond, a large layer's miss minutes.
+REQUEST_BUCKETS = (0.001, 0.0025, *UPSTREAM_BUCKETS, 60, 300)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,8 @@ class StateSources:
     not_cached: Callable[[], int] = lambda: 0  # blobs streamed without caching: no room
     peer_fills: Callable[[], Mapping[str, int]] = dict  # by outcome, in fleet mode
     credential_errors: Callable[[], Mapping[str, int]] = dict  # by upstream
+    # By upstream, then cause (connect, tls, timeout, request, transfer).
+    upstream_errors: Callable[[], Mapping[str, Mapping[str, int]]] = dict
 
 
 class _StateCollector(Collector):
@@ -124,6 +129,17 @@ class _StateCollector(Collector):
             "Blob misses fetched without a lease because the metadata store was away",
             value=s.uncoordinated_fetches(),
         )
+        # Answers with an error status are in mirror_upstream_requests_total{status}.
+        upstream_errors = CounterMetricFamily(
+            "mirror_upstream_errors",
+            "Upstream requests that got no answer (connect, tls, timeout, request) or whose"
+            " body broke off (transfer), by cause",
+            labels=["upstream", "cause"],
+        )
+        for upstream, causes in s.upstream_errors().items():
+            for cause, count in causes.items():
+                upstream_errors.add_metric([upstream, cause], count)
+        yield upstream_errors
 
 
 class Metrics:
@@ -165,6 +181,16 @@ class Metrics:
             buckets=UPSTREAM_BUCKETS,
             registry=self.registry,
         )
+        self.request_seconds = Histogram(
+            "mirror_request_seconds",
+            "Time to answer a client's request, body included, by kind and cache result",
+            ["kind", "cache"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        # Its children by (kind, cache), a bounded set: labels() would cost as much as
+        # the observation on every request.
+        self._request_seconds: dict[tuple[str, str], Histogram] = {}
 
     def watch(self, sources: StateSources) -> None:
         self._state = _StateCollector(sources)
@@ -177,8 +203,14 @@ class Metrics:
         kind: str,
         cache: str | None,
         body_bytes: int,
+        seconds: float = 0.0,
     ) -> None:
         self.requests.labels(upstream or "", kind, cache or "none").inc()
+        key = (kind, cache or "none")
+        timer = self._request_seconds.get(key)
+        if timer is None:
+            timer = self._request_seconds[key] = self.request_seconds.labels(*key)
+        timer.observe(seconds)
         if kind not in ("blob", "manifest"):
             return
         self.pending[f"requests:{kind}:{cache or 'none'}"] += 1

@@ -4,6 +4,7 @@ and the traffic history on an injected clock."""
 
 from __future__ import annotations
 
+import collections
 import os
 import stat
 from pathlib import Path
@@ -20,6 +21,7 @@ from mirror.console.gate import ConsoleGate, csrf_secret, is_console_path
 from mirror.console.history import Totals, TrafficHistory, metric_totals
 from mirror.errors import Denied, Unauthorized
 from mirror.metrics import Metrics
+from mirror.upstream.client import UpstreamHealth
 
 SECRET = b"k" * 32
 
@@ -180,3 +182,32 @@ def test_history_reads_the_metrics_counters() -> None:
     assert totals == Totals(requests=4, hits=2, misses=2, cache=105, upstream=40, peer=11)
     assert totals.hit_ratio == 0.5
     assert totals.saved == 116
+
+
+def test_upstream_health_counts_the_last_hours_failures_by_cause() -> None:
+    clock = Clock(10_000.0)
+    no_answer: collections.Counter[str] = collections.Counter()
+    health = UpstreamHealth(no_answer, clock)
+    health.mark()
+    no_answer["connect"] += 2  # an old outage
+    health.answered(503)
+    for _ in range(61):  # an hour and a minute of marks
+        clock.now += 60
+        health.mark()
+    assert health.recent_failures(3600) == {}
+    assert health.last_success is None
+    health.answered(401)  # a token challenge: neither success nor failure
+    assert health.last_success is None
+    health.answered(429)
+    health.answered(403)
+    no_answer["timeout"] += 1
+    health.answered(200)
+    assert health.last_success == clock.now
+    assert health.recent_failures(3600) == {"rate_limited": 1, "denied": 1, "timeout": 1}
+    assert health.recent_failures(7 * 3600) == {
+        "connect": 2,
+        "server_error": 1,
+        "rate_limited": 1,
+        "denied": 1,
+        "timeout": 1,
+    }

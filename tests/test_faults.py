@@ -33,6 +33,7 @@ from support.net import eventually, free_port
 from support.redis_server import RedisServer
 
 from mirror.api.services import SERVICES
+from mirror.app import UPSTREAMS
 from mirror.oci import OCI_MANIFEST
 
 pytestmark = pytest.mark.slow  # starts registries, servers or processes
@@ -78,6 +79,8 @@ async def test_reset_mid_blob_fails_the_transfer_and_commits_nothing(
         await read_blob(http, fake_mirror)
     assert fake_mirror.blob_files() == []
     await eventually(lambda: fake_mirror.temp_files() == [], timeout=5)
+    # Counted for mirror_upstream_errors_total{cause="transfer"}.
+    assert fake_mirror.server.app[UPSTREAMS]["fake"].failures == {"transfer": 1}
 
     assert await read_blob(http, fake_mirror) == BLOB
     assert fake.count("GET", BLOB_PATH) == 2
@@ -254,6 +257,8 @@ async def test_unreachable_upstream_fails_fast_for_uncached_content(
         ) as response:
             assert response.status == 503, path
             assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+    # Each connection refused, retried once: mirror_upstream_errors_total{cause="connect"}.
+    assert mirror.server.app[UPSTREAMS]["gone"].failures == {"connect": 6}
 
 
 async def test_redirects_keep_credentials_home_and_expired_presigned_urls_are_reasked(

@@ -9,6 +9,7 @@ last guard before the wire. Turning errors into OCI JSON is `api/errors.py`'s.
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import structlog
@@ -35,6 +36,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     request_id = uuid.uuid4().hex
     info = AccessInfo(request_id=request_id)
     request[ACCESS_INFO] = info
+    started = time.monotonic()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         return await handler(request)
@@ -47,7 +49,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         structlog.contextvars.unbind_contextvars("request_id")
         if info.kind != "other":
             request.app[METRICS].observe_request(
-                info.upstream, info.repository, info.kind, info.cache, info.body_bytes
+                info.upstream,
+                info.repository,
+                info.kind,
+                info.cache,
+                info.body_bytes,
+                time.monotonic() - started,
             )
 
 

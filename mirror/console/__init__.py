@@ -4,7 +4,8 @@
 (`gate.py`: who may view, who may act, CSRF), the API (`api.py`), the pages
 (`pages.py`), one `on_response_prepare` hook (recent pulls, manifest access times), and
 the console's resources in a `cleanup_ctx` entry that runs after the core is up: the
-traffic history and the catalog snapshot (each an owned background task) and the jobs.
+traffic history, the catalog snapshot and the marks of upstream failure counts (each an
+owned background task) and the jobs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from mirror.api.services import SERVICES
-from mirror.app import CONFIG, METADATA, STORE
+from mirror.app import CONFIG, METADATA, STORE, UPSTREAMS
 from mirror.concurrency import TaskOwner
 from mirror.console import api, pages
 from mirror.console.gate import GATE, ConsoleGate, console_gate, csrf_secret
@@ -24,6 +25,8 @@ from mirror.console.jobs import Jobs
 from mirror.console.snapshot import Catalog
 from mirror.logging import ACCESS_INFO
 from mirror.metrics import METRICS
+
+MARK_EVERY = 60.0
 
 
 def setup_console(app: web.Application) -> None:
@@ -45,11 +48,21 @@ async def _console(app: web.Application) -> AsyncIterator[None]:
     background = TaskOwner("console")
     background.spawn(app[api.HISTORY].run(), name="console-history")
     background.spawn(app[api.CATALOG].run(), name="console-snapshot")
+    background.spawn(_mark_upstreams(app), name="console-upstream-marks")
     try:
         yield
     finally:
         await app[api.JOBS].close()
         await background.close()
+
+
+async def _mark_upstreams(app: web.Application) -> None:
+    """Each upstream's failure counts, once a minute: its recent errors are the
+    difference (`UpstreamHealth.recent_failures`)."""
+    while True:
+        for client in app[UPSTREAMS].values():
+            client.health.mark()
+        await asyncio.sleep(MARK_EVERY)
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:

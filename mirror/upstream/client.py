@@ -16,7 +16,8 @@ the URL and in token scopes alike. Along the way it:
 - retries once when connecting fails or times out (aiohttp itself retries once
   when a connection drops before the response).
 
-aiohttp's exceptions stop here: callers see `UpstreamUnavailable`.
+aiohttp's exceptions stop here: callers see `UpstreamUnavailable`. Each failure is
+counted by cause in `failures` (`failure_cause`), which `/metrics` reads when scraped.
 """
 
 from __future__ import annotations
@@ -77,40 +78,52 @@ class RateLimit:
         return cls(limit, remaining, window or remaining_window)
 
 
-# How many recent failures an upstream's health remembers (the console shows the last hour).
-RECENT_FAILURES = 1000
+# Minutes of failure counts an upstream's health keeps (the console shows the last hour).
+HEALTH_MARKS = 2 * 60
 
 
 class UpstreamHealth:
-    """How an upstream has been answering, for the console: when it last answered
-    well, and its recent failures by cause. Updated per upstream request (an
-    assignment or an append), read when the console asks."""
+    """How an upstream has been answering, for the console: when it last answered, and
+    its failures by cause: answers with an error status (`rate_limited`, `server_error`,
+    `denied`, counted here) and requests that got no answer or broke off (the client's
+    `failures`, by `failure_cause`). `mark`, once a minute, keeps the counts as they
+    stood, so `recent_failures` can tell the last hour's from older ones."""
 
-    def __init__(self, clock: Callable[[], float] = time.time):
+    def __init__(self, failures: collections.Counter[str], clock: Callable[[], float] = time.time):
         self._clock = clock
-        self.last_success: float | None = None
-        self._failures: collections.deque[tuple[float, str]] = collections.deque(
-            maxlen=RECENT_FAILURES
+        self._no_answer = failures
+        self._bad_answers: collections.Counter[str] = collections.Counter()
+        self._marks: collections.deque[tuple[float, collections.Counter[str]]] = collections.deque(
+            maxlen=HEALTH_MARKS
         )
+        self.last_success: float | None = None
 
     def answered(self, status: int) -> None:
         # 401 is the first step of every token flow, not a failure; what it ends in is.
         if status == 429:
-            self.failed("rate_limited")
+            self._bad_answers["rate_limited"] += 1
         elif status >= 500:
-            self.failed("server_error")
+            self._bad_answers["server_error"] += 1
         elif status == 403:
-            self.failed("denied")
+            self._bad_answers["denied"] += 1
         elif status != 401:
             self.last_success = self._clock()
 
-    def failed(self, cause: str) -> None:
-        self._failures.append((self._clock(), cause))
+    def _totals(self) -> collections.Counter[str]:
+        return self._no_answer + self._bad_answers
+
+    def mark(self) -> None:
+        self._marks.append((self._clock(), self._totals()))
 
     def recent_failures(self, within: float) -> dict[str, int]:
-        """Failures by cause in the last `within` seconds."""
-        since = self._clock() - within
-        return dict(collections.Counter(cause for when, cause in self._failures if when >= since))
+        """Failures by cause in about the last `within` seconds (to the minute marked)."""
+        start = self._clock() - within
+        base: collections.Counter[str] = collections.Counter()
+        for when, counts in reversed(self._marks):
+            base = counts  # the latest mark at or before `start`, else the oldest one
+            if when <= start:
+                break
+        return dict(self._totals() - base)
 
 
 def _quota(value: str) -> tuple[int | None, int | None]:
@@ -129,11 +142,29 @@ def redact_url(url: str) -> str:
     )
 
 
+def failure_cause(exc: BaseException) -> str:
+    """The cause label of a request that got no answer (connect, tls, timeout, request)."""
+    if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts are too
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "tls"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    return "request"  # dropped, or an answer that is not HTTP
+
+
 class UpstreamResponse:
     """An upstream answer whose body has not been read yet. Release it when done."""
 
-    def __init__(self, response: aiohttp.ClientResponse, redirected_elsewhere: bool):
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        redirected_elsewhere: bool,
+        failures: collections.Counter[str] | None = None,
+    ):
         self._response = response
+        # The client's failure counts: a body that breaks off counts as `transfer`.
+        self._failures = failures
         self.status = response.status
         self.headers: CIMultiDictProxy[str] = response.headers
         self.url = str(response.url)
@@ -158,6 +189,7 @@ class UpstreamResponse:
                     break
                 body += more
         except (aiohttp.ClientError, TimeoutError) as exc:
+            self._count_transfer_failure()
             raise UpstreamUnavailable("upstream connection failed while reading") from exc
         if len(body) > limit:
             raise UpstreamBadResponse("upstream response is too large", detail={"limit": limit})
@@ -185,7 +217,12 @@ class UpstreamResponse:
                     size += len(more)
                 yield b"".join(parts) if len(parts) > 1 else first
         except (aiohttp.ClientError, TimeoutError) as exc:
+            self._count_transfer_failure()
             raise UpstreamUnavailable("upstream connection failed mid-transfer") from exc
+
+    def _count_transfer_failure(self) -> None:
+        if self._failures is not None:
+            self._failures["transfer"] += 1
 
     def release(self) -> None:
         self._response.release()
@@ -236,7 +273,9 @@ class UpstreamClient:
             network.guard,
         )
         self.rate_limit: RateLimit | None = None
-        self.health = UpstreamHealth()
+        # Requests that got no answer or whose body broke off, by `failure_cause`.
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.health = UpstreamHealth(self.failures)
 
     def upstream_repository(self, repository: str) -> str:
         """The upstream's name for a client-facing repository (its prefix put in front)."""
@@ -273,18 +312,19 @@ class UpstreamClient:
         try:
             return await self._follow(method, url, repository, headers)
         except (aiohttp.ClientConnectorError, TimeoutError) as first:
+            self.failures[failure_cause(first)] += 1
             # Nothing reached a client yet, and GET/HEAD are idempotent: one retry. (A
             # connection dropped before the response aiohttp already retries itself.)
             log.info("upstream_retry", upstream=self.name, error=repr(first))
             try:
                 return await self._follow(method, url, repository, headers)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                self.health.failed("unreachable")
+                self.failures[failure_cause(exc)] += 1
                 raise UpstreamUnavailable(
                     "upstream unreachable", detail={"upstream": self.name}
                 ) from exc
         except aiohttp.ClientError as exc:
-            self.health.failed("unreachable")
+            self.failures[failure_cause(exc)] += 1
             raise UpstreamUnavailable(
                 "upstream request failed", detail={"upstream": self.name}
             ) from exc
@@ -297,7 +337,7 @@ class UpstreamClient:
             response = await self._send_authenticated(method, url, repository, headers)
             location = response.headers.get("Location")
             if response.status not in REDIRECT_STATUSES or not location:
-                return UpstreamResponse(response, redirected_elsewhere)
+                return UpstreamResponse(response, redirected_elsewhere, self.failures)
             response.release()
             target = urljoin(url, location)
             if urlsplit(target).scheme not in ("http", "https"):
