@@ -34,9 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from harness import prepare_process, print_table, run_in_workdir  # noqa: E402
+from support.images import oci_image, push  # noqa: E402
 from support.mirror_process import MirrorProcess, MirrorProcessError  # noqa: E402
-from support.net import free_port, wait_until  # noqa: E402
+from support.net import free_port, http_request, wait_until  # noqa: E402
 from support.redis_server import RedisServer  # noqa: E402
+from support.registry import Registry  # noqa: E402
+from throughput import wrk  # noqa: E402
 
 from mirror.metadata.base import BlobRecord, MetadataStore, TagRecord  # noqa: E402
 from mirror.metadata.embedded import EmbeddedMetadataStore  # noqa: E402
@@ -291,11 +294,55 @@ def run_backend(
         shutil.rmtree(work / backend, ignore_errors=True)
 
 
+def pull_cost(args: argparse.Namespace, work: Path, cleanup: list[Callable[[], object]]) -> None:
+    """What the console costs a pull: warm manifest and blob requests per second with
+    `ui.enabled` false and true, alternated (off, on, off, on) under the same load."""
+    image = oci_image([2048, 4096], seed=78)
+    registry = Registry(work / "registry")
+    cleanup.append(registry.stop)
+    registry.start()
+    push(registry.url, "bench/app", image, "v1")
+    accept = "application/vnd.oci.image.manifest.v1+json"
+    rows = []
+    for run_number in range(1, 2 * args.ab_rounds + 1):
+        enabled = run_number % 2 == 0
+        mirror = MirrorProcess(
+            work / f"ab-{run_number}",
+            {"local": {"url": registry.url, "tag_ttl": "1h"}},
+            log_level="warning",
+            ui={"enabled": enabled},
+        )
+        cleanup.append(mirror.stop)
+        with mirror:
+            manifest = f"{mirror.url}/v2/bench/app/manifests/v1"
+            blob = f"{mirror.url}/v2/bench/app/blobs/{image.layer_digests[0]}"
+            for _ in range(4):  # warm: cached, and the tag fresh
+                assert http_request("GET", manifest, headers={"Accept": accept}).status == 200
+                assert http_request("GET", blob).status == 200
+            manifest_rate, _ = wrk(manifest, args.ab_seconds, 32, f"Accept: {accept}")
+            blob_rate, _ = wrk(blob, args.ab_seconds, 32, None)
+        rows.append(
+            [
+                f"run {run_number}: ui {'on' if enabled else 'off'}",
+                f"{manifest_rate:.0f}",
+                f"{blob_rate:.0f}",
+            ]
+        )
+    print(f"\nwarm pulls, wrk -t1 -c32 -d{args.ab_seconds}s, one worker, requests per second")
+    print_table(["run", "manifest by tag", "small blob"], rows)
+
+
 def run(args: argparse.Namespace, work: Path, cleanup: list[Callable[[], object]]) -> int:
     backends = ["embedded", "redis"] if args.backend == "both" else [args.backend]
-    print(f"{args.requests} requests per endpoint, one at a time, after {WARM_UP} warm-ups")
-    for backend in backends:
+    if args.backend != "none":
+        print(f"{args.requests} requests per endpoint, one at a time, after {WARM_UP} warm-ups")
+    for backend in backends if args.backend != "none" else []:
         run_backend(backend, args, work, cleanup)
+    if args.ab_rounds:
+        if shutil.which("wrk") is None:
+            print("wrk is not installed (apt-get install wrk): no pull-cost runs")
+        else:
+            pull_cost(args, work, cleanup)
     return 0
 
 
@@ -304,7 +351,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--blobs", type=int, default=100_000)
     parser.add_argument("--repositories", type=int, default=5_000)
     parser.add_argument("--requests", type=int, default=200, help="per endpoint")
-    parser.add_argument("--backend", choices=["embedded", "redis", "both"], default="both")
+    parser.add_argument("--backend", choices=["embedded", "redis", "both", "none"], default="both")
+    parser.add_argument(
+        "--ab-rounds", type=int, default=2, help="pull-cost runs: ui off/on pairs (0: none)"
+    )
+    parser.add_argument("--ab-seconds", type=int, default=5, help="each pull-cost run")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--tmpdir", type=Path, help="parent of the temp dir")
     return parser.parse_args(argv)
@@ -317,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench-console-",
         parent=args.tmpdir,
         keep=args.keep,
-        failures=(MirrorProcessError, TimeoutError, OSError),
+        failures=(MirrorProcessError, TimeoutError, OSError, RuntimeError),
         body=lambda work, cleanup: run(args, work, cleanup),
     )
 
