@@ -1,6 +1,6 @@
 """The console's rules and arithmetic without a server: who may view and act (the gate,
 with requests from addresses a loopback test server cannot receive), the CSRF secret,
-and the traffic history on an injected clock."""
+the traffic history and upstream health on an injected clock, and the catalog snapshot."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ from mirror.access import AccessControl
 from mirror.config import MirrorConfig, load_config
 from mirror.console.gate import ConsoleGate, csrf_secret, is_console_path
 from mirror.console.history import Totals, TrafficHistory, metric_totals
+from mirror.console.snapshot import Catalog, RepositoryFigures
 from mirror.errors import Denied, Unauthorized
+from mirror.metadata.base import BlobRecord, TagRecord
+from mirror.metadata.embedded import EmbeddedMetadataStore
 from mirror.metrics import Metrics
 from mirror.upstream.client import UpstreamHealth
 
@@ -211,3 +214,27 @@ def test_upstream_health_counts_the_last_hours_failures_by_cause() -> None:
         "denied": 1,
         "timeout": 1,
     }
+
+
+async def test_catalog_snapshot_counts_blobs_tags_and_last_pulls(tmp_path: Path) -> None:
+    metadata = EmbeddedMetadataStore(tmp_path / "meta")
+    try:
+        index, old, layer = ("sha256:" + c * 64 for c in "abc")
+        await metadata.put_blob(index, BlobRecord(10, 100.0, 500.0, "x"))
+        await metadata.put_blob(old, BlobRecord(10, 100.0, 200.0, "x"))
+        await metadata.put_blob(layer, BlobRecord(99, 100.0, 900.0))
+        for tag, digest in (("latest", index), ("1.0", old)):
+            await metadata.put_tag("hub", "library/app", tag, TagRecord(digest, "x", 1.0))
+        await metadata.add_repository("hub", "library/app")
+        await metadata.add_repository("hub", "library/empty")
+        await metadata.add_counters({"bytes:cache": 7, "bytes:peer": 3, "bytes:upstream": 50})
+        catalog = Catalog(metadata, clock=Clock(1234.0))
+        snapshot = await catalog.refresh()
+        assert catalog.snapshot is snapshot
+        assert (snapshot.taken_at, snapshot.blobs, snapshot.bytes_saved) == (1234.0, 3, 10)
+        assert snapshot.repositories == {
+            ("hub", "library/app"): RepositoryFigures(tags=2, last_pulled=500.0),
+            ("hub", "library/empty"): RepositoryFigures(tags=0, last_pulled=None),
+        }
+    finally:
+        await metadata.close()

@@ -64,20 +64,25 @@ class Catalog:
 
     async def refresh(self) -> Snapshot:
         started = self._clock()
-        records = dict(await self._metadata.list_blobs())
-        figures: dict[tuple[str, str], tuple[int, float | None]] = {}
-        for upstream, repository, _tag, tag in await self._metadata.tag_records():
-            count, last = figures.get((upstream, repository), (0, None))
-            record = records.get(tag.digest)
-            pulled = None if record is None else record.last_access
-            if pulled is not None and (last is None or pulled > last):
-                last = pulled
-            figures[upstream, repository] = (count + 1, last)
-        counters = await self._metadata.counters()
+        metadata = self._metadata
+        records = dict(await metadata.list_blobs())
+        # Repository by repository rather than `tag_records()`: on the embedded store that
+        # is another pass over every key, blobs included, for a few thousand tags.
+        figures = {}
+        for upstream, repository in await metadata.list_repositories():
+            tags = await metadata.list_tags(upstream, repository)
+            last = None
+            for tag in tags:
+                record = await metadata.get_tag(upstream, repository, tag)
+                blob = None if record is None else records.get(record.digest)
+                if blob is not None and (last is None or blob.last_access > last):
+                    last = blob.last_access
+            figures[upstream, repository] = RepositoryFigures(len(tags), last)
+        counters = await metadata.counters()
         self.snapshot = Snapshot(
             started,
             len(records),
-            {key: RepositoryFigures(*value) for key, value in figures.items()},
+            figures,
             counters.get("bytes:cache", 0) + counters.get("bytes:peer", 0),
         )
         return self.snapshot
