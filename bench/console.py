@@ -41,6 +41,7 @@ from support.redis_server import RedisServer  # noqa: E402
 from support.registry import Registry  # noqa: E402
 from throughput import wrk  # noqa: E402
 
+from mirror.errors import MetadataUnavailable  # noqa: E402
 from mirror.metadata.base import BlobRecord, MetadataStore, TagRecord  # noqa: E402
 from mirror.metadata.embedded import EmbeddedMetadataStore  # noqa: E402
 from mirror.metadata.redis import RedisMetadataStore  # noqa: E402
@@ -51,7 +52,8 @@ UPSTREAM = "docker.io"
 TAGS = ("latest", "1.0")
 SAMPLED = 20  # repositories whose images get real manifest files (the manifest endpoint)
 LAYERS = 5
-CONCURRENT_WRITES = 64
+CONCURRENT_WRITES = 16  # more only queues in the store (and Redis connects time out)
+WRITE_ATTEMPTS = 3
 WARM_UP = 5
 
 
@@ -122,7 +124,13 @@ async def gather_bounded(jobs: list[Callable[[], Any]]) -> None:
 
     async def one(job: Callable[[], Any]) -> None:
         async with limiter:
-            await job()
+            for attempt in range(1, WRITE_ATTEMPTS + 1):
+                try:
+                    await job()
+                    return
+                except MetadataUnavailable:  # a loaded machine's connect timeout
+                    if attempt == WRITE_ATTEMPTS:
+                        raise
 
     await asyncio.gather(*(one(job) for job in jobs))
 
@@ -368,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench-console-",
         parent=args.tmpdir,
         keep=args.keep,
-        failures=(MirrorProcessError, TimeoutError, OSError, RuntimeError),
+        failures=(MirrorProcessError, TimeoutError, OSError, RuntimeError, MetadataUnavailable),
         body=lambda work, cleanup: run(args, work, cleanup),
     )
 
