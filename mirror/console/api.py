@@ -363,14 +363,11 @@ async def repositories(request: web.Request) -> web.Response:
     after = _cursor(request.query.get("cursor"))
     viewer = request[VIEWER]
     metadata = request.app[METADATA]
-    snapshot = request.app[CATALOG].snapshot
-    known = {} if snapshot is None else snapshot.repositories
+    catalog = request.app[CATALOG]
+    known = {} if catalog.snapshot is None else catalog.snapshot.repositories
     chosen = []
     # Ordered by the name the cursor holds, so that pages never skip or repeat one.
-    for name, upstream, repository in sorted(
-        (f"{upstream}/{repository}", upstream, repository)
-        for upstream, repository in await metadata.list_repositories()
-    ):
+    for name, upstream, repository in await catalog.repository_names():
         if after is not None and name <= after:
             continue
         if needle and needle not in name.lower():

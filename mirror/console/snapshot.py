@@ -19,12 +19,16 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from mirror.concurrency import SingleFlight
 from mirror.errors import MetadataUnavailable
 from mirror.metadata.base import MetadataStore
 
 log = structlog.get_logger(__name__)
 
 INTERVAL = 60.0
+# The list of repositories (one read, but thousands of names to parse and sort) is shared
+# by the requests of this many seconds: paging and searching do not read it each time.
+NAMES_FRESH = 5.0
 MIN_GAP = 2.0  # between two scans, however often pulls bring new content
 # A scan that takes long stretches both: the store is scanned at most this share of the
 # time when idle, and of the time while pulls keep bringing new content.
@@ -57,9 +61,29 @@ class Catalog:
         self._clock = clock
         self._changed = asyncio.Event()
         self.snapshot: Snapshot | None = None
+        self._names: tuple[float, list[tuple[str, str, str]]] | None = None
+        self._reading_names: SingleFlight[str, list[tuple[str, str, str]]] = SingleFlight()
+
+    async def repository_names(self) -> list[tuple[str, str, str]]:
+        """Every repository as (`upstream/repository`, upstream, repository), sorted by the
+        first: at most `NAMES_FRESH` seconds old."""
+        if self._names is not None and time.monotonic() - self._names[0] < NAMES_FRESH:
+            return self._names[1]
+        return await self._reading_names.run("names", self._read_names)
+
+    async def _read_names(self) -> list[tuple[str, str, str]]:
+        read_at = time.monotonic()
+        names = sorted(
+            (f"{upstream}/{repository}", upstream, repository)
+            for upstream, repository in await self._metadata.list_repositories()
+        )
+        self._names = (read_at, names)
+        return names
 
     def changed(self) -> None:
-        """New content was cached: take the next snapshot soon."""
+        """New content was cached: take the next snapshot soon, and read the repositories
+        afresh."""
+        self._names = None
         self._changed.set()
 
     async def refresh(self) -> Snapshot:
