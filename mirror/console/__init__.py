@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import structlog
 from aiohttp import web
 
 from mirror.api.services import SERVICES
@@ -25,6 +26,8 @@ from mirror.console.jobs import Jobs
 from mirror.console.snapshot import Catalog
 from mirror.logging import ACCESS_INFO
 from mirror.metrics import METRICS
+
+log = structlog.get_logger(__name__)
 
 MARK_EVERY = 60.0
 
@@ -41,6 +44,9 @@ def setup_console(app: web.Application) -> None:
 
 async def _console(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    if config.auth.htpasswd is not None and config.ui.admins not in config.auth.groups:
+        # Not an error: a console to look at is useful without anyone who may act.
+        log.warning("console_without_admins", group=config.ui.admins)
     secret = await asyncio.to_thread(csrf_secret, config, app[STORE].meta_dir)
     app[GATE] = ConsoleGate(app[SERVICES].access, config, secret)
     app[api.CATALOG] = Catalog(app[METADATA])
