@@ -4,11 +4,12 @@ the traffic history and upstream health on an injected clock, and the catalog sn
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from unittest import mock
 
 import pytest
@@ -17,9 +18,12 @@ from support.htpasswd import basic, write_htpasswd
 
 from mirror.access import AccessControl
 from mirror.config import MirrorConfig, load_config
+from mirror.console import jobs as jobs_module
 from mirror.console.gate import ConsoleGate, csrf_secret, is_console_path
 from mirror.console.history import Totals, TrafficHistory, metric_totals
+from mirror.console.jobs import Jobs
 from mirror.console.snapshot import Catalog, RepositoryFigures
+from mirror.core import MirrorCore
 from mirror.errors import Denied, Unauthorized
 from mirror.metadata.base import BlobRecord, TagRecord
 from mirror.metadata.embedded import EmbeddedMetadataStore
@@ -236,5 +240,32 @@ async def test_catalog_snapshot_counts_blobs_tags_and_last_pulls(tmp_path: Path)
         assert snapshot.repositories == {
             ("hub", "library/app"): RepositoryFigures(tags=2, last_pulled=500.0)
         }
+    finally:
+        await metadata.close()
+
+
+async def test_a_job_stopped_by_shutdown_is_saved_as_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = asyncio.Event()
+
+    async def seed_forever(*args: Any, progress: Any, **kwargs: Any) -> list[Any]:
+        progress.advance("ref", 42)
+        started.set()
+        await asyncio.Event().wait()  # a seed that would never end by itself
+        return []
+
+    monkeypatch.setattr(jobs_module, "seed", seed_forever)
+    metadata = EmbeddedMetadataStore(tmp_path / "meta")
+    try:
+        jobs = Jobs(metadata)
+        job = jobs.start_seed(cast(MirrorCore, None), ["ref"], None, pin=False, user="alice")
+        await asyncio.wait_for(started.wait(), timeout=10)
+        await jobs.close()
+        stored = await Jobs(metadata).get(job.id)  # what another process sees
+        assert stored is not None
+        assert (stored.state, stored.bytes, stored.user) == ("failed", 42, "alice")
+        assert stored.errors == ["stopped: the mirror shut down"]
+        assert stored.finished is not None
     finally:
         await metadata.close()

@@ -139,8 +139,18 @@ class Jobs:
             # must still end, and say why.
             log.exception("seed_job_crashed", job=job.id)
             job.errors.append(f"job failed: {exc!r}")
+        except asyncio.CancelledError:
+            # Shut-down: the seed stops with its job, and the store must not keep
+            # showing it running.
+            await cancel_and_wait(running)
+            job.errors.append("stopped: the mirror shut down")
+            await self._end(job)
+            raise
         finally:
-            await cancel_and_wait(running)  # shut-down: the seed stops with its job
+            await cancel_and_wait(running)
+        await self._end(job)
+
+    async def _end(self, job: Job) -> None:
         job.state = "failed" if job.errors else "done"
         job.finished = time.time()
         await self._save(job)
