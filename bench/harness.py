@@ -6,6 +6,7 @@ first on sys.path).
 
 from __future__ import annotations
 
+import argparse
 import io
 import shutil
 import signal
@@ -81,3 +82,16 @@ def run_in_workdir(
             print(f"kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def add_blob_options(parser: argparse.ArgumentParser) -> None:
+    """The sizes the blob benchmarks share: a large warm blob, a 5-layer image, readers."""
+    parser.add_argument(
+        "--blob-mb", type=int, default=1024, help="warm blob size in MiB (default 1024)"
+    )
+    parser.add_argument(
+        "--layer-mb", type=float, default=40, help="size of each of 5 layers, MiB (default 40)"
+    )
+    parser.add_argument(
+        "--streams", type=int, default=8, help="concurrent warm readers (default 8)"
+    )

@@ -41,7 +41,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from harness import Cleanup, prepare_process, print_table, run_in_workdir  # noqa: E402
+from harness import (  # noqa: E402
+    Cleanup,
+    add_blob_options,
+    prepare_process,
+    print_table,
+    run_in_workdir,
+)
 from pull import MIB, SEED, BenchError, cpu_seconds, peak_rss_mib, verify_tree  # noqa: E402
 from support.images import oci_image, push, push_blob, sha256_digest  # noqa: E402
 from support.mirror_process import MirrorProcess, MirrorProcessError  # noqa: E402
@@ -222,15 +228,7 @@ def report(backends: list[Backend], streams: int) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument(
-        "--blob-mb", type=int, default=1024, help="warm blob size in MiB (default 1024)"
-    )
-    parser.add_argument(
-        "--layer-mb", type=float, default=40, help="size of each of 5 layers, MiB (default 40)"
-    )
-    parser.add_argument(
-        "--streams", type=int, default=8, help="concurrent warm readers (default 8)"
-    )
+    add_blob_options(parser)
     parser.add_argument(
         "--no-redirect", action="store_true", help="leave out the S3 backend with redirects"
     )

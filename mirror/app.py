@@ -20,11 +20,13 @@ from mirror.api.errors import expect_handler, oci_errors
 from mirror.api.middleware import authenticate, on_prepare, request_context
 from mirror.api.services import SERVICES, Services
 from mirror.api.transport import remember_prepared
+from mirror.cache.manifests import ManifestCache
+from mirror.cache.peers import Fleet
 from mirror.concurrency import TaskOwner
 from mirror.config import MirrorConfig, TlsConfig
 from mirror.core import MirrorCore, TempSweep, default_sweep, open_core
 from mirror.errors import MetadataUnavailable, NameUnknown, ObjectStoreUnavailable
-from mirror.eviction import Evictor
+from mirror.eviction import Evictor, Removed
 from mirror.memory import MemoryRelease
 from mirror.metadata.base import MetadataStore
 from mirror.metadata.deferred import DeferredWrites
@@ -76,7 +78,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             metadata,
             blobs.in_use,
             blobs.flush_access,
-            on_removed=None if fleet is None else fleet.removed,
+            on_removed=eviction_listener(manifests, fleet),
         )
         blobs.reserve_space = evictor.reserve  # downloads make room before their first byte
         app[EVICTOR] = evictor
@@ -113,11 +115,25 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             upstreams=sorted(config.upstreams),
             offline=config.offline,
             temp_files_swept=core.swept,
+            # uvloop or asyncio (server.event_loop)
+            event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
         try:
             yield
         finally:
             await background.close()
+
+
+def eviction_listener(manifests: ManifestCache, fleet: Fleet | None) -> Removed:
+    """What hears of each blob eviction removes: the manifest memory, and in fleet mode
+    the holder record."""
+
+    async def removed(digest: str) -> None:
+        manifests.forget(digest)
+        if fleet is not None:
+            await fleet.removed(digest)
+
+    return removed
 
 
 async def _flush_counters(metrics: Metrics, metadata: MetadataStore) -> None:

@@ -185,6 +185,7 @@ def serve_command(config: MirrorConfig, args: argparse.Namespace) -> int:
         port=port,
         ssl_context=server_ssl_context(config.tls),
         idle_timeout=config.server.idle_timeout,
+        event_loop=config.server.event_loop,
         reuse_port=args.worker,
         access_log_class=AccessLogger,
         peer=peer,

@@ -435,6 +435,9 @@ class StorageConfig(_Section):
     eviction_interval: Duration = 30.0
     # Bytes ("5GiB") or a share of the filesystem ("10%") always left free.
     min_free: MinFree | None = None
+    # Hot manifests and fresh tag records kept in each process's memory, answered with
+    # no metadata or file read ("0" turns it off).
+    memory_manifests: ByteSize = ByteSize(64 * 1024 * 1024)
 
     @model_validator(mode="after")
     def _check_watermarks(self) -> StorageConfig:
@@ -604,6 +607,10 @@ class TlsConfig(_Section):
 class ServerConfig(_Section):
     # Keep-alive connections idle this long are closed.
     idle_timeout: Duration = 60.0
+    # The event loop `serve` runs on: asyncio's own, uvloop (asyncio's, with a warning,
+    # if it cannot be imported), or auto (uvloop when it can be imported). asyncio by
+    # default: uvloop has no sendfile, and its gain on small requests is small.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "asyncio"
 
 
 class LogConfig(_Section):

@@ -232,7 +232,7 @@ async def open_core(
             config.cluster.peer_timeout,
         )
     blobs = BlobCache(context, config.metadata.lease_ttl, fleet)
-    manifests = ManifestCache(context, policies)
+    manifests = ManifestCache(context, policies, memory_bytes=config.storage.memory_manifests)
     listings = Listings(
         context,
         {name: u.tags_list_ttl for name, u in config.upstreams.items()},

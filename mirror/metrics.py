@@ -19,7 +19,7 @@ import collections
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
@@ -147,6 +147,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.pending: collections.Counter[str] = collections.Counter()
+        # Labelled children by label values (see _child).
+        self._request_counts: dict[tuple[str, ...], Counter] = {}
+        self._served_counts: dict[tuple[str, ...], Counter] = {}
         self._state: _StateCollector | None = None
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -188,9 +191,8 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=self.registry,
         )
-        # Its children by (kind, cache), a bounded set: labels() would cost as much as
-        # the observation on every request.
-        self._request_seconds: dict[tuple[str, str], Histogram] = {}
+        # Its children by (kind, cache) (see _child).
+        self._request_seconds: dict[tuple[str, ...], Histogram] = {}
 
     def watch(self, sources: StateSources) -> None:
         self._state = _StateCollector(sources)
@@ -205,12 +207,8 @@ class Metrics:
         body_bytes: int,
         seconds: float = 0.0,
     ) -> None:
-        self.requests.labels(upstream or "", kind, cache or "none").inc()
-        key = (kind, cache or "none")
-        timer = self._request_seconds.get(key)
-        if timer is None:
-            timer = self._request_seconds[key] = self.request_seconds.labels(*key)
-        timer.observe(seconds)
+        _child(self._request_counts, self.requests, upstream or "", kind, cache or "none").inc()
+        _child(self._request_seconds, self.request_seconds, kind, cache or "none").observe(seconds)
         if kind not in ("blob", "manifest"):
             return
         self.pending[f"requests:{kind}:{cache or 'none'}"] += 1
@@ -222,7 +220,7 @@ class Metrics:
                 if cache == "peer"
                 else "upstream"
             )
-            self.served_bytes.labels(source).inc(body_bytes)
+            _child(self._served_counts, self.served_bytes, source).inc(body_bytes)
             self.pending[f"bytes:{source}"] += body_bytes
         if kind == "manifest" and upstream and repository:
             self.pending[f"pulls:{upstream}/{repository}"] += 1
@@ -255,6 +253,18 @@ class Metrics:
             combined.register(self._state)
             return generate_latest(combined), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+_Metric = TypeVar("_Metric", Counter, Histogram)
+
+
+def _child(children: dict[tuple[str, ...], _Metric], metric: _Metric, *labels: str) -> _Metric:
+    """`metric.labels(*labels)`, remembered in `children`: asked on every request, it
+    costs more than the count itself. Label values come from a bounded set."""
+    child = children.get(labels)
+    if child is None:
+        child = children[labels] = metric.labels(*labels)
+    return child
 
 
 METRICS = web.AppKey("metrics", Metrics)

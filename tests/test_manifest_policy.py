@@ -4,19 +4,25 @@ upstream, the real blob and metadata stores on tmp_path, and an injected clock."
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.stub_upstream import StubUpstream
 
+from mirror.app import eviction_listener
 from mirror.cache.context import CacheContext
-from mirror.cache.manifests import Manifest, ManifestCache
+from mirror.cache.hot import CONFIRM_EVERY, ENTRY_OVERHEAD, HotManifests
+from mirror.cache.manifests import MEMORY_BYTES, Manifest, ManifestCache
 from mirror.cache.provenance import ContentAccess
 from mirror.config import TagRule
 from mirror.errors import ManifestUnknown, MirrorError, TooManyRequests, UpstreamUnavailable
+from mirror.metadata.base import TagRecord
 from mirror.metadata.deferred import DeferredWrites
 from mirror.metadata.embedded import EmbeddedMetadataStore
 from mirror.oci import (
@@ -25,6 +31,7 @@ from mirror.oci import (
     OCI_INDEX,
     OCI_MANIFEST,
     AcceptSet,
+    Digest,
     Reference,
 )
 from mirror.policy import UpstreamPolicy
@@ -60,6 +67,8 @@ class World:
     cache: ManifestCache
     upstream: StubUpstream
     clock: Clock
+    store: FilesystemBlobStore
+    metadata: EmbeddedMetadataStore
 
     async def get(
         self, reference: str = "latest", accept: AcceptSet = ANY, *, head: bool = False
@@ -67,8 +76,10 @@ class World:
         return await self.cache.get(ROUTE, Reference.parse(reference), accept, head=head)
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
+@contextlib.asynccontextmanager
+async def open_world(
+    tmp_path: Path, *, credentialed: bool = False, memory_bytes: int = MEMORY_BYTES
+) -> AsyncIterator[World]:
     store = FilesystemBlobStore(tmp_path / "storage")
     store.prepare()
     metadata = EmbeddedMetadataStore(store.meta_dir)
@@ -84,14 +95,25 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         ),
     )
     clock = Clock()
-    access = ContentAccess(metadata, deferred, clients, frozenset())  # type: ignore[arg-type]
+    access = ContentAccess(
+        metadata,
+        deferred,
+        clients,  # type: ignore[arg-type]
+        frozenset({UPSTREAM} if credentialed else ()),
+    )
     context = CacheContext(store, metadata, deferred, clients, access)  # type: ignore[arg-type]
-    cache = ManifestCache(context, {UPSTREAM: policy}, clock)
+    cache = ManifestCache(context, {UPSTREAM: policy}, clock, memory_bytes)
     try:
-        yield World(cache, upstream, clock)
+        yield World(cache, upstream, clock, store, metadata)
     finally:
         await cache.close()
         await metadata.close()
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with open_world(tmp_path) as opened:
+        yield opened
 
 
 async def cached_tag(world: World, tag: str = "latest") -> str:
@@ -271,3 +293,157 @@ async def test_a_wildcard_or_no_accept_gets_the_manifest_as_it_is(
     digest = world.upstream.publish(REPO, manifest_body(media_type), media_type, tag="latest")
     manifest = await world.get(accept=AcceptSet.from_headers(accept))
     assert (manifest.digest, manifest.media_type) == (digest, media_type)
+
+
+# Hot manifests and tag records in memory (mirror/cache/hot.py)
+
+OTHER = Route(UPSTREAM, "team/other", "team/other")
+
+
+class StoreReads:
+    """Counts the metadata and blob store reads a manifest request makes."""
+
+    def __init__(self, world: World, monkeypatch: pytest.MonkeyPatch):
+        self.counts: Counter[str] = Counter()
+        for target, name in (
+            (world.metadata, "get_blob"),
+            (world.metadata, "get_tag"),
+            (world.store, "read_bytes"),
+        ):
+            original = getattr(target, name)
+
+            async def counted(*args: Any, _original: Any = original, _name: str = name) -> Any:
+                self.counts[_name] += 1
+                return await _original(*args)
+
+            monkeypatch.setattr(target, name, counted)
+
+
+async def evicted_elsewhere(world: World, digest: str) -> None:
+    """What another process's eviction (or `mirror gc`) leaves: no file, no record."""
+    await world.store.delete(Digest.parse(digest))
+    await world.metadata.delete_blob(digest)
+
+
+async def test_a_hot_manifest_is_answered_with_no_store_read(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    digest = await cached_tag(world)
+    await world.get()  # read from the stores once, into memory
+    reads = StoreReads(world, monkeypatch)
+    for _ in range(3):
+        assert (await world.get()).cache_result == "hit"
+        assert (await world.get(digest)).cache_result == "hit"
+    assert reads.counts == {}
+    assert world.upstream.asked == []
+    # Memory is a short-lived copy: read again once CONFIRM_EVERY has passed.
+    world.clock.now += CONFIRM_EVERY
+    assert (await world.get()).digest == digest
+    assert reads.counts == {"get_tag": 1, "get_blob": 1, "read_bytes": 1}
+
+
+async def test_memory_off_reads_the_stores_every_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_world(tmp_path, memory_bytes=0) as world:
+        digest = await cached_tag(world)
+        reads = StoreReads(world, monkeypatch)
+        for _ in range(2):
+            assert (await world.get(digest)).cache_result == "hit"
+        assert reads.counts == {"get_blob": 2, "read_bytes": 2}
+        assert len(world.cache.hot) == 0
+
+
+async def test_a_manifest_evicted_by_another_process_leaves_memory_within_confirm_every(
+    world: World,
+) -> None:
+    digest = await cached_tag(world)
+    assert (await world.get(digest)).cache_result == "hit"  # hot now
+    await evicted_elsewhere(world, digest)
+    world.clock.now += CONFIRM_EVERY
+    manifest = await world.get(digest)
+    assert (manifest.digest, manifest.cache_result) == (digest, "miss")
+    assert world.upstream.asked == [("GET", REPO, f"manifests/{digest}")]
+
+
+async def test_an_eviction_in_this_process_drops_the_manifest_from_memory_at_once(
+    world: World,
+) -> None:
+    digest = await cached_tag(world)
+    assert (await world.get(digest)).cache_result == "hit"  # hot now
+    await evicted_elsewhere(world, digest)
+    # What the app gives its Evictor to hear of each removed blob (no fleet here).
+    await eviction_listener(world.cache, None)(digest)
+    assert (await world.get(digest)).cache_result == "miss"  # the clock has not moved
+
+
+async def test_a_hot_manifest_keeps_the_access_rule_per_repository(tmp_path: Path) -> None:
+    async with open_world(tmp_path, credentialed=True) as world:
+        body = manifest_body(OCI_MANIFEST, "private")
+        digest = world.upstream.publish(REPO, body, OCI_MANIFEST)
+        assert (await world.get(digest)).cache_result == "miss"  # fetched for REPO
+        assert (await world.get(digest)).cache_result == "hit"  # into memory, rule asked
+        world.upstream.asked.clear()
+        assert (await world.get(digest)).cache_result == "hit"
+        assert world.upstream.asked == []
+        # Another repository of the same credentialed upstream: the upstream is asked,
+        # every time, while it says no; memory holding the bytes changes nothing.
+        for _ in range(2):
+            with pytest.raises(ManifestUnknown):
+                await world.cache.get(OTHER, Reference.parse(digest), ANY)
+        assert world.upstream.asked == [("HEAD", OTHER.repository, f"manifests/{digest}")] * 2
+        # Once the upstream says it holds it, it is asked no more.
+        world.upstream.publish(OTHER.repository, body, OCI_MANIFEST)
+        world.upstream.asked.clear()
+        for _ in range(2):
+            found = await world.cache.get(OTHER, Reference.parse(digest), ANY)
+            assert (found.digest, found.cache_result) == (digest, "hit")
+        assert world.upstream.asked == [("HEAD", OTHER.repository, f"manifests/{digest}")]
+
+
+async def test_a_tag_in_memory_is_answered_only_while_fresh(world: World) -> None:
+    digest = await cached_tag(world)
+    world.clock.now = START + TAG_TTL - 1
+    assert (await world.get()).cache_result == "hit"  # the record is in memory now
+    world.clock.now = START + TAG_TTL
+    manifest = await world.get()
+    assert (manifest.digest, manifest.cache_result) == (digest, "revalidated")
+    assert world.upstream.asked == [("HEAD", REPO, "manifests/latest")]
+
+
+async def test_a_tag_moved_by_another_process_is_seen_within_confirm_every(
+    world: World,
+) -> None:
+    old = await cached_tag(world)
+    assert (await world.get()).digest == old  # the record is in memory now
+    # Another worker revalidated the tag and found it moved.
+    moved = world.upstream.publish(REPO, manifest_body(OCI_MANIFEST, "2"), OCI_MANIFEST)
+    assert (await world.get(moved)).cache_result == "miss"
+    await world.metadata.put_tag(
+        UPSTREAM, REPO, "latest", TagRecord(moved, OCI_MANIFEST, checked_at=START + 1)
+    )
+    world.upstream.asked.clear()
+    world.clock.now = START + CONFIRM_EVERY
+    manifest = await world.get()
+    assert (manifest.digest, manifest.cache_result) == (moved, "hit")
+    assert world.upstream.asked == []
+
+
+def test_memory_is_bounded_by_bytes_least_recently_used_out_first() -> None:
+    clock = Clock()
+    entry = 100 + ENTRY_OVERHEAD
+    hot = HotManifests(3 * entry, clock)
+    for name in "abc":
+        hot.put_manifest(name, OCI_MANIFEST, name.encode() * 100)
+    assert hot.manifest("a") is not None  # a is now the most recently used
+    hot.put_manifest("d", OCI_MANIFEST, b"d" * 100)
+    assert [name for name in "abcd" if hot.manifest(name) is not None] == ["a", "c", "d"]
+    assert hot.bytes == 3 * entry
+    # A tag record costs room too.
+    hot.put_tag((UPSTREAM, REPO, "latest"), TagRecord("a", OCI_MANIFEST, START), START + 60)
+    assert hot.bytes <= 3 * entry
+    assert len(hot) == 3
+    # A manifest bigger than the whole memory is not kept, and evicts nothing.
+    hot.put_manifest("huge", OCI_MANIFEST, b"x" * 3 * entry)
+    assert hot.manifest("huge") is None
+    assert len(hot) == 3

@@ -138,9 +138,13 @@ async def _send_file(
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client went away")
     if not peer_is_local(request) and transport.get_extra_info("sslcontext") is None:
-        await asyncio.get_running_loop().sendfile(transport, file, offset, count)
-        request[ACCESS_INFO].body_bytes = count
-        return
+        try:
+            await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+        except NotImplementedError:
+            pass  # uvloop has no loop.sendfile: chunks, as below (nothing was sent yet)
+        else:
+            request[ACCESS_INFO].body_bytes = count
+            return
     async with _one_chunk_at_a_time(request):
         end = offset + count
         position = offset

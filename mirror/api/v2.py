@@ -182,24 +182,25 @@ async def manifest(request: web.Request) -> web.StreamResponse:
 async def _send_manifest(
     request: web.Request, manifest: Manifest, *, head: bool
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": manifest.media_type,
-            "Docker-Content-Digest": manifest.digest,
-            "ETag": f'"{manifest.digest}"',
-            "X-Cache": _x_cache(manifest.cache_result),
-        }
-    )
+    headers = {
+        "Content-Type": manifest.media_type,
+        "Docker-Content-Digest": manifest.digest,
+        "ETag": f'"{manifest.digest}"',
+        "X-Cache": _x_cache(manifest.cache_result),
+    }
+    if not head and manifest.body is not None and not not_modified(request, manifest.digest):
+        # A whole body in one Response: aiohttp sends it with the headers in one write
+        # (a StreamResponse sends its headers first, a second system call per pull).
+        request[ACCESS_INFO].body_bytes = len(manifest.body)
+        return web.Response(body=manifest.body, headers=headers)
+    response = web.StreamResponse(headers=headers)
     response.content_length = manifest.size
     if not_modified(request, manifest.digest):
         response.set_status(304)
         response.content_length = None
         await response.prepare(request)
         return response
-    await response.prepare(request)
-    if not head and manifest.body is not None:
-        await response.write(manifest.body)
-        request[ACCESS_INFO].body_bytes = len(manifest.body)
+    await response.prepare(request)  # a HEAD: the headers alone
     await response.write_eof()
     return response
 

@@ -14,6 +14,9 @@ client locally, as distribution does: an OCI manifest or index is refused
 manifest list requested by tag by a client without list support resolves to
 its linux/amd64 entry; a Docker schema 2 manifest is returned whatever the
 client listed.
+
+Hot manifests and fresh tag records are answered from memory (`mirror/cache/hot.py`),
+with no store read, within the same rules.
 """
 
 from __future__ import annotations
@@ -24,12 +27,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import cast
 
 import structlog
-from aiocache import SimpleMemoryCache
 
 from mirror.cache.context import CacheContext
+from mirror.cache.hot import HotManifests
 from mirror.concurrency import SingleFlight
 from mirror.errors import (
     DigestInvalid,
@@ -62,7 +64,7 @@ from mirror.upstream.status import raise_for_upstream_status
 
 log = structlog.get_logger(__name__)
 
-FRESH_IN_MEMORY = 5.0  # seconds a fresh tag record is answered from memory
+MEMORY_BYTES = 64 * 1024 * 1024  # storage.memory_manifests's default
 OFFLINE_MISS = "not in the cache, and this mirror is offline"
 
 
@@ -84,6 +86,7 @@ class ManifestCache:
         context: CacheContext,
         policies: Mapping[str, UpstreamPolicy],
         clock: Callable[[], float] = time.time,
+        memory_bytes: int = MEMORY_BYTES,
     ):
         self._ctx = context
         self._policies = policies
@@ -91,12 +94,11 @@ class ManifestCache:
         self._by_digest: SingleFlight[tuple[str, str, str], Manifest] = SingleFlight()
         self._by_tag: SingleFlight[tuple[str, str, str], Manifest] = SingleFlight()
         self.stale_answers: Counter[str] = Counter()  # by upstream
-        self._fresh_tags = SimpleMemoryCache()
+        self.hot = HotManifests(memory_bytes, clock)
 
     async def close(self) -> None:
         await self._by_digest.close()
         await self._by_tag.close()
-        await self._fresh_tags.close()
 
     async def get(
         self, route: Route, reference: Reference, accept: AcceptSet, *, head: bool = False
@@ -113,7 +115,7 @@ class ManifestCache:
     async def _by_digest_cached(self, route: Route, digest: Digest) -> Manifest:
         manifest = await self._load(str(digest), "hit")
         if manifest is not None:
-            await self._ctx.access.check(route, "manifests", digest)
+            await self._check_access(route, digest)
             return manifest
         key = (route.upstream, route.repository, str(digest))
         return await self._by_digest.run(key, lambda: self._fetch(route, str(digest), digest))
@@ -122,8 +124,29 @@ class ManifestCache:
         """The manifest if the cache holds it; never asks the upstream."""
         return await self._load(digest, "hit")
 
+    async def _check_access(self, route: Route, digest: Digest) -> None:
+        """The content access rule, asked once per repository while the manifest is hot."""
+        if self.hot.allowed(str(digest), route.upstream, route.repository):
+            return
+        await self._ctx.access.check(route, "manifests", digest)
+        self.hot.allow(str(digest), route.upstream, route.repository)
+
+    def forget(self, digest: str) -> None:
+        """The blob left the cache (eviction, scrub): drop it from memory too."""
+        self.hot.forget(digest)
+
     async def _load(self, digest: str, cache_result: str) -> Manifest | None:
-        """A manifest we hold, or None."""
+        """A manifest we hold, or None: from memory while it is hot there."""
+        hot = self.hot.manifest(digest)
+        if hot is not None:
+            media_type, body = hot
+            return Manifest(digest, media_type, len(body), body, cache_result)
+        manifest = await self._load_stored(digest, cache_result)
+        if manifest is not None and manifest.body is not None:
+            self.hot.put_manifest(digest, manifest.media_type, manifest.body)
+        return manifest
+
+    async def _load_stored(self, digest: str, cache_result: str) -> Manifest | None:
         try:
             record = await self._ctx.metadata.get_blob(digest)
         except MetadataUnavailable:
@@ -193,33 +216,33 @@ class ManifestCache:
     # By tag
 
     async def _tag_record(self, route: Route, tag: str) -> TagRecord | None:
-        """The tag's record: from memory while fresh there, else from the store."""
-        key = f"{route.upstream}/{route.repository}:{tag}"
-        remembered = await self._fresh_tags.get(key)
+        """The tag's record: from memory while fresh there, else from the store (and then
+        into memory while it is fresh)."""
+        key = (route.upstream, route.repository, tag)
+        remembered = self.hot.tag(key)
         if remembered is not None:
-            return cast(TagRecord, remembered)
+            return remembered
         try:
-            return await self._ctx.metadata.get_tag(route.upstream, route.repository, tag)
+            record = await self._ctx.metadata.get_tag(route.upstream, route.repository, tag)
         except MetadataUnavailable:
             return None  # degraded: ask the upstream, as if we had never seen the tag
+        if record is not None:
+            self.hot.put_tag(key, record, record.checked_at + self._tag_ttl(route, tag))
+        return record
 
-    async def _remember_fresh(self, route: Route, tag: str, record: TagRecord, ttl: float) -> None:
-        # Hot tags skip the metadata store; a short memory keeps processes and nodes
-        # that share the store close to each other's view.
-        left = min(ttl - (self._clock() - record.checked_at), FRESH_IN_MEMORY)
-        if left > 0:
-            key = f"{route.upstream}/{route.repository}:{tag}"
-            await self._fresh_tags.set(key, record, ttl=left)
+    def _tag_ttl(self, route: Route, tag: str) -> float:
+        # Offline, what we hold is the truth whatever its age.
+        if self._ctx.offline:
+            return FOREVER
+        return self._policies[route.upstream].ttl_for(route.repository, tag)
 
     async def _by_tag_cached(self, route: Route, tag: str, *, head: bool) -> Manifest:
         record = await self._tag_record(route, tag)
         policy = self._policies[route.upstream]
-        # Offline, what we hold is the truth whatever its age.
-        ttl = FOREVER if self._ctx.offline else policy.ttl_for(route.repository, tag)
+        ttl = self._tag_ttl(route, tag)
         if record is not None and self._clock() - record.checked_at < ttl:
             manifest = await self._load(record.digest, "hit")
             if manifest is not None:
-                await self._remember_fresh(route, tag, record, ttl)
                 return manifest
         key = (route.upstream, route.repository, tag)
         manifest = await self._by_tag.run(

@@ -81,6 +81,12 @@ class MirrorProcess(Service):
             self.stop()
             raise MirrorProcessError(f"{exc}\n--- mirror log ---\n{self.log_tail()}") from exc
 
+    @property
+    def pid(self) -> int:
+        """The `mirror serve` process (the supervisor, with --workers)."""
+        assert self._process is not None, "not started"
+        return self._process.pid
+
     def _ready(self) -> bool:
         assert self._process is not None
         if self._process.poll() is not None:
