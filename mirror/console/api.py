@@ -28,7 +28,7 @@ from aiohttp import web
 
 from mirror.api.errors import expect_handler
 from mirror.api.services import SERVICES
-from mirror.app import CONFIG, CORE, METADATA, STORE, UPSTREAMS
+from mirror.app import CONFIG, CORE, METADATA, STORE, UPSTREAMS, eviction_listener
 from mirror.cache.manifests import Manifest
 from mirror.config import (
     EcrCredentialsConfig,
@@ -573,7 +573,8 @@ async def _evict(request: web.Request, digests: list[str]) -> tuple[list[str], i
     """Remove the blobs (files and records) no client is reading or fetching now."""
     app = request.app
     store, metadata = app[STORE], app[METADATA]
-    fleet = app[CORE].fleet
+    # Told as eviction tells it: the manifest memory, and a fleet's holder records.
+    listener = eviction_listener(app[SERVICES].manifests, app[CORE].fleet)
     busy = app[SERVICES].blobs.in_use()
     removed, freed = [], 0
     for digest in digests:
@@ -581,8 +582,7 @@ async def _evict(request: web.Request, digests: list[str]) -> tuple[list[str], i
             continue  # being sent or fetched: eviction's own rule
         freed += await store.delete(Digest.parse(digest))
         await metadata.delete_blob(digest)
-        if fleet is not None:
-            await fleet.removed(digest)
+        await listener(digest)
         removed.append(digest)
     return removed, freed
 
