@@ -244,3 +244,17 @@ async def test_tokens_are_kept_for_their_lifetime(store: MetadataStore) -> None:
     deadline = time.monotonic() + 5
     while await store.get_token("short") is not None:
         assert time.monotonic() < deadline, "the token never expired"
+
+
+async def test_jobs_are_kept_for_their_lifetime(store: MetadataStore) -> None:
+    assert await store.list_jobs() == []
+    assert await store.get_job("1-ab") is None
+    await store.put_job("1-ab", '{"state": "running"}', ttl=60)
+    await store.put_job("1-ab", '{"state": "done"}', ttl=60)  # replaced
+    await store.put_job("2-cd", '{"state": "running"}', ttl=0.05)
+    assert await store.get_job("1-ab") == '{"state": "done"}'
+    deadline = time.monotonic() + 5
+    while await store.get_job("2-cd") is not None:
+        assert time.monotonic() < deadline, "the job never lapsed"
+        await asyncio.sleep(0.02)
+    assert await store.list_jobs() == ['{"state": "done"}']

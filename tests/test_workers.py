@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -14,19 +13,6 @@ from support.mirror_process import MirrorProcess
 from support.net import free_port, http_request, wait_until
 
 pytestmark = pytest.mark.slow  # starts registries, servers or processes
-
-
-def serving_pids(mirror: MirrorProcess, path: str | None = None) -> set[int]:
-    """The workers that answered requests (for `path` only, if given)."""
-    pids = set()
-    for line in mirror.log_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # the line a worker is writing right now
-        if record.get("event") == "request" and path in (None, record.get("path")):
-            pids.add(record["pid"])
-    return pids
 
 
 def answers(url: str) -> bool:
@@ -45,18 +31,18 @@ def test_two_workers_share_the_port_and_are_restarted(tmp_path: Path, upstream: 
         path = f"{mirror.url}/v2/{Upstream.repo('oci')}/manifests/{TAG}"
         # Each request on a new connection: the kernel spreads them over both workers.
         wait_until(
-            lambda: answers(path) and len(serving_pids(mirror)) == 2,
+            lambda: answers(path) and len(mirror.serving_pids()) == 2,
             timeout=30,
             message="requests did not reach two workers",
         )
-        workers = serving_pids(mirror)
+        workers = mirror.serving_pids()
         assert mirror.pid not in workers  # the supervisor itself serves nothing
 
         victim = next(iter(workers))
         os.kill(victim, signal.SIGKILL)
         # A new worker takes its place; the port keeps answering meanwhile.
         wait_until(
-            lambda: answers(path) and len(serving_pids(mirror) - workers) >= 1,
+            lambda: answers(path) and len(mirror.serving_pids() - workers) >= 1,
             timeout=30,
             message="no replacement worker served",
         )
@@ -71,7 +57,7 @@ def test_metrics_count_every_workers_requests(tmp_path: Path, upstream: Upstream
     with mirror:
         sent = 0
         # New connections each time, until both workers have answered some.
-        while len(serving_pids(mirror, "/v2/")) < 2 or sent < 20:
+        while len(mirror.serving_pids("/v2/")) < 2 or sent < 20:
             assert answers(f"{mirror.url}/v2/")
             sent += 1
             assert sent < 500, "the requests never reached both workers"

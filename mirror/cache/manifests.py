@@ -356,6 +356,21 @@ class ManifestCache:
                 )
         return manifest
 
+    async def refresh(self, route: Route, tag: str) -> Manifest:
+        """Revalidate the tag with the upstream now, whatever its TTL (the console's
+        refresh). An upstream failure is raised, never answered stale."""
+        key = (route.upstream, route.repository, tag)
+        # No record to fall back on: a failure is the answer.
+        manifest = await self._by_tag.run(
+            key, lambda: self._revalidate(route, tag, None, -1.0, head=False)
+        )
+        if manifest.cache_result == "stale":  # joined a client's revalidation, which may
+            raise UpstreamUnavailable("the upstream did not answer; the tag was not refreshed")
+        now = self._clock()
+        record = TagRecord(digest=manifest.digest, media_type=manifest.media_type, checked_at=now)
+        self.hot.put_tag(key, record, now + self._tag_ttl(route, tag))  # not the old one
+        return manifest
+
 
 def _media_type_of(response: UpstreamResponse, body: bytes) -> str:
     media_type = bare_media_type(response.headers.get("Content-Type"))

@@ -163,3 +163,13 @@ class MetadataStore(Protocol):
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    # The console's jobs (console/jobs.py): their state, readable by every process.
+
+    async def put_job(self, job_id: str, state: str, ttl: float) -> None:
+        """Keep a job's state (JSON text) for `ttl` seconds, replacing what was kept."""
+
+    async def get_job(self, job_id: str) -> str | None: ...
+
+    async def list_jobs(self) -> list[str]:
+        """The states of every job still kept (in no particular order)."""

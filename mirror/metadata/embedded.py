@@ -313,6 +313,33 @@ class EmbeddedMetadataStore:
     async def close(self) -> None:
         await asyncio.to_thread(self._cache.close)
 
+    # The console's jobs
+
+    async def put_job(self, job_id: str, state: str, ttl: float) -> None:
+        await self._run(self._put_job_sync, job_id, state, ttl)
+
+    def _put_job_sync(self, job_id: str, state: str, ttl: float) -> None:
+        # An index of ids (with when each lapses) spares listing a scan of every key.
+        with self._cache.transact():
+            self._cache.set(f"job:{job_id}", state, expire=ttl)
+            raw = self._cache.get("jobs")
+            now = time.time()
+            lapses = {k: v for k, v in (json.loads(raw) if raw else {}).items() if v > now}
+            lapses[job_id] = now + ttl
+            self._cache.set("jobs", json.dumps(lapses, sort_keys=True))
+
+    async def get_job(self, job_id: str) -> str | None:
+        raw = await self._run(self._cache.get, f"job:{job_id}")
+        return None if raw is None else str(raw)
+
+    async def list_jobs(self) -> list[str]:
+        return await self._run(self._list_jobs_sync)
+
+    def _list_jobs_sync(self) -> list[str]:
+        raw = self._cache.get("jobs")
+        found = (self._cache.get(f"job:{job_id}") for job_id in (json.loads(raw) if raw else {}))
+        return [str(state) for state in found if state is not None]
+
 
 def _split_repo_keys(keys: list[str]) -> list[tuple[str, str]]:
     pairs = []

@@ -341,6 +341,34 @@ class RedisMetadataStore:
     async def close(self) -> None:
         await self._handle.aclose()
 
+    # The console's jobs
+
+    async def put_job(self, job_id: str, state: str, ttl: float) -> None:
+        async def write() -> None:
+            now = time.time()
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._k("job", job_id), state, px=max(int(ttl * 1000), 1))
+                # The index of ids, scored by when each lapses; lapsed ones are dropped.
+                pipe.zadd(self._k("jobs"), {job_id: now + ttl})
+                pipe.zremrangebyscore(self._k("jobs"), "-inf", now)
+                await pipe.execute()
+
+        await self._run(write)
+
+    async def get_job(self, job_id: str) -> str | None:
+        raw = await self._run(lambda: self._redis.get(self._k("job", job_id)))
+        return None if raw is None else _text(raw)
+
+    async def list_jobs(self) -> list[str]:
+        async def read() -> list[str]:
+            ids = await self._redis.zrangebyscore(self._k("jobs"), time.time(), "+inf")
+            if not ids:
+                return []
+            states = await self._redis.mget([self._k("job", _text(i)) for i in ids])
+            return [_text(state) for state in states if state is not None]
+
+        return await self._run(read)
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -78,6 +78,54 @@ class RateLimit:
         return cls(limit, remaining, window or remaining_window)
 
 
+# Minutes of failure counts an upstream's health keeps (the console shows the last hour).
+HEALTH_MARKS = 2 * 60
+
+
+class UpstreamHealth:
+    """How an upstream has been answering, for the console: when it last answered, and
+    its failures by cause: answers with an error status (`rate_limited`, `server_error`,
+    `denied`, counted here) and requests that got no answer or broke off (the client's
+    `failures`, by `failure_cause`). `mark`, once a minute, keeps the counts as they
+    stood, so `recent_failures` can tell the last hour's from older ones."""
+
+    def __init__(self, failures: collections.Counter[str], clock: Callable[[], float] = time.time):
+        self._clock = clock
+        self._no_answer = failures
+        self._bad_answers: collections.Counter[str] = collections.Counter()
+        self._marks: collections.deque[tuple[float, collections.Counter[str]]] = collections.deque(
+            maxlen=HEALTH_MARKS
+        )
+        self.last_success: float | None = None
+
+    def answered(self, status: int) -> None:
+        # 401 is the first step of every token flow, not a failure; what it ends in is.
+        if status == 429:
+            self._bad_answers["rate_limited"] += 1
+        elif status >= 500:
+            self._bad_answers["server_error"] += 1
+        elif status == 403:
+            self._bad_answers["denied"] += 1
+        elif status != 401:
+            self.last_success = self._clock()
+
+    def _totals(self) -> collections.Counter[str]:
+        return self._no_answer + self._bad_answers
+
+    def mark(self) -> None:
+        self._marks.append((self._clock(), self._totals()))
+
+    def recent_failures(self, within: float) -> dict[str, int]:
+        """Failures by cause in about the last `within` seconds (to the minute marked)."""
+        start = self._clock() - within
+        base: collections.Counter[str] = collections.Counter()
+        for when, counts in reversed(self._marks):
+            base = counts  # the latest mark at or before `start`, else the oldest one
+            if when <= start:
+                break
+        return dict(self._totals() - base)
+
+
 def _quota(value: str) -> tuple[int | None, int | None]:
     """`100;w=21600` into (100, 21600); missing parts are None."""
     count_text, _, rest = value.partition(";")
@@ -227,6 +275,7 @@ class UpstreamClient:
         self.rate_limit: RateLimit | None = None
         # Requests that got no answer or whose body broke off, by `failure_cause`.
         self.failures: collections.Counter[str] = collections.Counter()
+        self.health = UpstreamHealth(self.failures)
 
     def upstream_repository(self, repository: str) -> str:
         """The upstream's name for a client-facing repository (its prefix put in front)."""
@@ -376,6 +425,7 @@ class UpstreamClient:
                 raise refusal from None
             raise
         self._note_rate_limit(response.headers)
+        self.health.answered(response.status)
         if self._observe is not None:
             self._observe(self.name, method, response.status, time.monotonic() - started)
         log.debug(

@@ -4,6 +4,7 @@ and the log a deployed mirror writes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -129,6 +130,18 @@ class MirrorProcess(Service):
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def serving_pids(self, path: str | None = None) -> set[int]:
+        """The workers that answered requests (for `path` only, if given)."""
+        pids = set()
+        for line in self.log_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # the line a worker is writing right now
+            if record.get("event") == "request" and path in (None, record.get("path")):
+                pids.add(record["pid"])
+        return pids
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
