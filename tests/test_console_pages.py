@@ -1,0 +1,73 @@
+"""The console's pages as served (`mirror/console/pages.py`), without a browser: the
+redirect to /ui/, the shells, their headers, and that every asset a page names is
+served from the package. What the pages show is the browser test's
+(test_console_browser.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from mirror.console import pages
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any) -> TestClient:
+    """The pages alone on a bare app: no mirror, no API behind them."""
+    app = web.Application()
+    pages.setup(app)
+    client: TestClient = await aiohttp_client(app)
+    return client
+
+
+async def test_the_server_root_leads_to_the_console(client: TestClient) -> None:
+    for path in ("/", "/ui"):
+        response = await client.get(path, allow_redirects=False)
+        assert response.status == 302
+        assert response.headers["Location"] == "/ui/"
+
+
+@pytest.mark.parametrize("path", ["/ui/", "/ui/browse", "/ui/seed"])
+async def test_every_page_is_a_shell_under_a_strict_policy(client: TestClient, path: str) -> None:
+    response = await client.get(path)
+    assert response.status == 200
+    assert response.content_type == "text/html"
+    policy = response.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy
+    assert "default-src 'none'" in policy
+    assert "unsafe" not in policy
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    html = await response.text()
+    # No inline script or style: everything comes from /ui/static/ and nowhere else.
+    assert re.search(r"<script(?![^>]*\bsrc=)", html) is None
+    assert " style=" not in html
+    assert "<style" not in html
+    assets = re.findall(r'(?:src|href)="([^"#]+)"', html)
+    static = [a for a in assets if a.startswith("/ui/static/")]
+    assert any(a.startswith("/ui/static/console.js?v=") for a in static)
+    assert set(assets) - set(static) <= {"/ui/", "/ui/browse", "/ui/seed"}
+    for asset in static:
+        served = await client.get(asset)
+        assert served.status == 200, asset
+        assert served.headers["Content-Security-Policy"] == policy
+
+
+async def test_static_files_only_from_the_package(client: TestClient) -> None:
+    response = await client.get("/ui/static/console.js")
+    assert response.status == 200
+    assert response.content_type in ("application/javascript", "text/javascript")
+    for path in ("/ui/static/../pages.py", "/ui/static/%2e%2e/pages.py", "/ui/static/nope.js"):
+        assert (await client.get(path)).status == 404
+
+
+def test_vendored_code_ships_with_its_licence_and_provenance() -> None:
+    static = Path(pages.STATIC)
+    readme = (static / "README.md").read_text(encoding="utf-8")
+    for vendored in (p for p in static.iterdir() if p.is_dir()):
+        assert (vendored / "LICENSE").is_file(), vendored
+        assert f"`{vendored.name}/`" in readme, vendored
