@@ -1,0 +1,256 @@
+"""The console in a real browser: Debian's headless chromium, driven by selenium through
+chromedriver, over a mirror that skopeo has pulled through from a real registry.
+
+One scripted workload, then what an operator sees and does: the overview's numbers
+and charts match the workload; browse lists the pulled images with their platforms;
+an admin pins an image from the page and an eviction pass spares it; a viewer sees no
+action and is refused one (403) even from the page's own script; no page logs an error
+or asks another origin for anything.
+
+`MIRROR_SCREENSHOT=docs/console.png` also writes the overview's screenshot there (it
+is always written to the test's tmp dir).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlencode
+
+import aiohttp
+import pytest
+from conftest import TAG, Mirror, MirrorFactory, Upstream
+from support.browser import Browser, browser_available, chromium
+from support.htpasswd import hash_password
+from support.images import Image
+from support.skopeo import skopeo_copy_async
+
+from mirror.app import EVICTOR, METADATA, STORE
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not browser_available(), reason="chromium and chromedriver not installed"),
+]
+
+ADMIN, ADMIN_PW = "ada", "ada-pw"
+VIEWER, VIEWER_PW = "victor", "victor-pw"
+KIB = 1024
+
+
+@pytest.fixture
+def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Browser]:
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager never downloads
+    with chromium(1280, 900) as browser:
+        yield browser
+
+
+@pytest.fixture
+async def console_mirror(make_mirror: MirrorFactory, upstream: Upstream, tmp_path: Path) -> Mirror:
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(
+        f"{ADMIN}:{hash_password(ADMIN_PW)}\n{VIEWER}:{hash_password(VIEWER_PW)}\n",
+        encoding="utf-8",
+    )
+    return await make_mirror(
+        {"local": {"url": upstream.url, "tag_ttl": "1h"}},
+        auth={"htpasswd": str(htpasswd), "groups": {"admins": [ADMIN]}},
+        ui={"admins": "admins"},
+        storage={"eviction_interval": "1h"},  # eviction runs when the test says
+    )
+
+
+def transfers(image: Image) -> list[int]:
+    """The body sizes of what a pull of `image` (every platform) GETs: its manifest,
+    each platform's manifest, every blob."""
+    sizes = [image.size, *(len(blob) for blob in image.blobs.values())]
+    for child in image.children:
+        sizes += transfers(child)
+    return sizes
+
+
+def digests(image: Image) -> set[str]:
+    found = {image.digest, *image.blobs}
+    for child in image.children:
+        found |= digests(child)
+    return found
+
+
+async def pull(mirror: Mirror, kind: str, destination: Path) -> None:
+    await skopeo_copy_async(
+        f"docker://{mirror.host}/{Upstream.repo(kind)}:{TAG}", f"dir:{destination}"
+    )
+
+
+def browse_url(mirror: Mirror, **query: str) -> str:
+    return f"{mirror.url}/ui/browse" + (f"?{urlencode(query)}" if query else "")
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+# Each phase in the browser is one synchronous function, run in a thread
+# (`asyncio.to_thread`): selenium blocks, and the mirror serves on the test's loop.
+
+
+@dataclasses.dataclass
+class Overview:
+    values: dict[str, str]
+    hit_ratio_text: str
+    session: str
+    charts_drawn: bool
+    pulled: set[str]
+    upstream_row: str
+
+
+def read_overview(browser: Browser, mirror: Mirror, hits: int, misses: int) -> Overview:
+    browser.authenticate(ADMIN, ADMIN_PW)
+    browser.open(f"{mirror.url}/")  # `/` leads to the console
+    assert browser.driver.current_url == f"{mirror.url}/ui/"
+    # It polls: wait for the update that shows the whole workload.
+    browser.wait(
+        lambda _: browser.value("hits") == str(hits) and browser.value("misses") == str(misses),
+        f"the overview never showed {hits} hits and {misses} misses",
+    )
+    ids = ("hit-ratio", "bytes-upstream", "bytes-cache", "bytes-peer", "saved", "usage-bytes")
+    return Overview(
+        values={name: browser.value(name) for name in ids},
+        hit_ratio_text=browser.find("#hit-ratio").text,
+        session=browser.find("#session").text,
+        charts_drawn=all(
+            browser.find_all(f"#{chart} canvas") for chart in ("chart-requests", "chart-bytes")
+        ),
+        pulled={cell.text for cell in browser.find_all("#pulls tbody tr td:nth-child(3)")},
+        upstream_row=browser.find('#upstreams tr[data-upstream="local"]').text,
+    )
+
+
+def read_browse(browser: Browser, mirror: Mirror) -> tuple[set[str], dict[str, str]]:
+    """The repositories listed, and the index's platforms (name -> manifest digest)."""
+    browser.open(browse_url(mirror))
+    browser.wait(lambda _: browser.find_all("#repositories tbody tr"), "no repository listed")
+    listed = {
+        str(row.get_attribute("data-repository"))
+        for row in browser.find_all("#repositories tbody tr")
+    }
+    browser.open(
+        browse_url(mirror, upstream="local", repository=Upstream.repo("oci-index"), reference=TAG)
+    )
+    browser.wait(lambda _: browser.find_all("section.platform"), "no platform shown")
+    platforms = {
+        str(section.get_attribute("data-platform")): str(section.get_attribute("data-digest"))
+        for section in browser.find_all("section.platform")
+    }
+    return listed, platforms
+
+
+def pin_from_page(browser: Browser, page: str) -> None:
+    browser.open(page)
+    browser.wait(lambda _: browser.find("#pin").is_displayed(), "no pin button for an admin")
+    browser.find("#pin").click()
+    browser.wait(
+        lambda _: browser.find("#manifest-view").get_attribute("data-pinned") == "true",
+        "the page never showed the image pinned",
+    )
+
+
+def act_as_viewer(browser: Browser, page: str) -> tuple[list[bool], int]:
+    """Whether any action control shows for a viewer, and the status of the page's own
+    unpin POST."""
+    browser.authenticate(VIEWER, VIEWER_PW)
+    browser.open(page)
+    browser.wait(lambda _: browser.find("#session").text == VIEWER, "no viewer session")
+    browser.wait(lambda _: browser.find_all("section.platform"), "no platform shown")
+    shown = [browser.find(f"#{c}").is_displayed() for c in ("actions", "pin", "unpin", "evict")]
+    status = browser.run_async(
+        "Console.post('/api/v1/unpin', arguments[0])"
+        ".then(() => done(200), (error) => done(error.status));",
+        {"upstream": "local", "repository": Upstream.repo("oci"), "reference": TAG},
+    )
+    return shown, int(status)
+
+
+async def test_console_in_a_browser(
+    console_mirror: Mirror,
+    upstream: Upstream,
+    browser: Browser,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    mirror = console_mirror
+    oci, index = upstream.images["oci"], upstream.images["oci-index"]
+
+    # The workload: two images pulled once (misses), one of them again (hits).
+    await pull(mirror, "oci", tmp_path / "pull-1")
+    await pull(mirror, "oci-index", tmp_path / "pull-2")
+    await pull(mirror, "oci", tmp_path / "pull-3")
+    await mirror.settled()
+    from_upstream = transfers(oci) + transfers(index)
+    from_cache = transfers(oci)
+    hits, misses = len(from_cache), len(from_upstream)
+
+    # The overview, as an admin: numbers as the workload made them, charts drawn.
+    overview = await asyncio.to_thread(read_overview, browser, mirror, hits, misses)
+    assert float(overview.values["hit-ratio"]) == pytest.approx(hits / (hits + misses))
+    assert overview.hit_ratio_text == f"{100 * hits / (hits + misses):.1f} %"
+    assert int(overview.values["bytes-upstream"]) == sum(from_upstream)
+    assert int(overview.values["bytes-cache"]) == sum(from_cache)
+    assert int(overview.values["bytes-peer"]) == 0
+    assert int(overview.values["saved"]) == sum(from_cache)
+    assert int(overview.values["usage-bytes"]) == sum(from_upstream)
+    assert overview.session == f"{ADMIN} · admin"
+    assert overview.charts_drawn
+    assert f"local/{Upstream.repo('oci')}:{TAG}" in overview.pulled
+    assert f"local/{Upstream.repo('oci-index')}:{TAG}" in overview.pulled
+    assert upstream.url in overview.upstream_row
+    shot = tmp_path / "console.png"
+    await asyncio.to_thread(browser.screenshot, shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if target := os.environ.get("MIRROR_SCREENSHOT"):
+        await asyncio.to_thread(browser.screenshot, Path(target))
+
+    # Browse: the pulled repositories, then the index with its two platforms.
+    listed, platforms = await asyncio.to_thread(read_browse, browser, mirror)
+    assert listed == {f"local/{Upstream.repo('oci')}", f"local/{Upstream.repo('oci-index')}"}
+    assert platforms == {
+        f"{child.platform.os}/{child.platform.architecture}": child.digest  # type: ignore[union-attr]
+        for child in index.children
+    }
+
+    # Pinning from the page pins the image; an eviction pass then spares it alone.
+    oci_page = browse_url(mirror, upstream="local", repository=Upstream.repo("oci"), reference=TAG)
+    await asyncio.to_thread(pin_from_page, browser, oci_page)
+    metadata = mirror.server.app[METADATA]
+    for digest in digests(oci):
+        record = await metadata.get_blob(digest)
+        assert record is not None
+        assert record.pinned, digest
+    app = mirror.server.app
+    app[STORE].quota = dataclasses.replace(app[STORE].quota, max_size=64 * KIB)
+    await app[EVICTOR].evict()
+    cached = {path.name for path in mirror.blob_files()}
+    assert {d.removeprefix("sha256:") for d in digests(oci)} <= cached
+    assert not {d.removeprefix("sha256:") for d in index.all_blobs()} & cached
+    admin_errors = await asyncio.to_thread(browser.console_errors)
+
+    # A viewer: no action on the page, and the page's own POST is refused.
+    shown, status = await asyncio.to_thread(act_as_viewer, browser, oci_page)
+    assert shown == [False, False, False, False]
+    assert status == 403
+    record = await metadata.get_blob(oci.digest)
+    assert record is not None
+    assert record.pinned
+    viewer_errors = await asyncio.to_thread(browser.console_errors)
+
+    # No page logged an error; the refused POST is the browser's one report.
+    assert admin_errors == []
+    assert [e for e in viewer_errors if "status of 403" not in e["message"]] == []
+    # Nothing was asked of another origin, and the policy would have stopped it.
+    assert await asyncio.to_thread(browser.foreign_requests, mirror.url) == []
+    async with http.get(f"{mirror.url}/ui/", headers=basic(ADMIN, ADMIN_PW)) as response:
+        assert "connect-src 'self'" in response.headers["Content-Security-Policy"]
