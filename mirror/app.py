@@ -22,7 +22,7 @@ from mirror.api.services import SERVICES, Services
 from mirror.api.transport import remember_prepared
 from mirror.concurrency import TaskOwner
 from mirror.config import MirrorConfig, TlsConfig
-from mirror.core import TempSweep, default_sweep, open_core
+from mirror.core import MirrorCore, TempSweep, default_sweep, open_core
 from mirror.errors import MetadataUnavailable, NameUnknown, ObjectStoreUnavailable
 from mirror.eviction import Evictor
 from mirror.memory import MemoryRelease
@@ -49,6 +49,8 @@ UPSTREAMS = web.AppKey[Mapping[str, UpstreamClient]]("upstreams")
 
 SWEEP_TEMP = web.AppKey("sweep_temp", TempSweep)
 NETWORK = web.AppKey("network", NetworkOverrides)
+# The whole core, for what works on the cache as `mirror seed` does (the console's jobs).
+CORE = web.AppKey("core", MirrorCore)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -96,6 +98,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             )
         )
         app[DEFERRED] = core.deferred
+        app[CORE] = core
         background = TaskOwner("lifecycle")
         background.spawn(evictor.run(storage.eviction_interval), name="evictor")
         # Once the store is back: what waited, then files the records do not know yet.
@@ -158,6 +161,10 @@ def create_app(
     routes.add_get("/healthz", _healthz, expect_handler=expect_handler)
     routes.add_get("/readyz", _readyz, expect_handler=expect_handler)
     routes.add_get("/metrics", handle_metrics, expect_handler=expect_handler)
+    if config.ui.enabled:
+        from mirror.console import setup_console  # the console imports this module
+
+        setup_console(app)
     # Every other path too, so that even its `Expect` is answered in OCI form. GET and
     # HEAD only: another method on a known path stays 405, not 404.
     routes.add_get("/{tail:.*}", _no_such_endpoint, expect_handler=expect_handler)

@@ -611,6 +611,16 @@ class LogConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class UiConfig(_Section):
+    """The operators' console (`/ui/`) and its JSON API (`/api/v1/`), mirror/console/."""
+
+    enabled: bool = True
+    # The `auth.groups` group whose members may act (pin, unpin, refresh, evict, seed).
+    admins: str = "admins"
+    # Let anonymous remote clients view (never act); loopback clients always may.
+    allow_remote: bool = False
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port` into its parts."""
     host, sep, port_text = value.rpartition(":")
@@ -645,6 +655,7 @@ class MirrorConfig(BaseSettings):
     server: ServerConfig = ServerConfig()
     cluster: ClusterConfig = ClusterConfig()
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    ui: UiConfig = UiConfig()
 
     @classmethod
     def settings_customise_sources(

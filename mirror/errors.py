@@ -11,6 +11,7 @@ aiohttp, redis or diskcache exceptions escape their module unwrapped.
     ├── OfflineMiss                offline, and not in the cache (404 NAME_UNKNOWN)
     ├── Unsupported
     ├── Unauthorized, Denied
+    ├── BadRequest, Conflict       the console's API: a malformed body; an action refused
     ├── TooManyRequests
     ├── StorageFull                a blob does not fit the storage bounds (seeding)
     ├── BundleError                an OCI layout export/import cannot use; names file and key
@@ -103,6 +104,19 @@ class Unauthorized(MirrorError):
 
 class Denied(MirrorError):
     code, status = "DENIED", 403
+
+
+class BadRequest(MirrorError):
+    """A console API request whose query or JSON body is malformed (not an OCI code:
+    the console's API is not the registry's)."""
+
+    code, status = "BAD_REQUEST", 400
+
+
+class Conflict(MirrorError):
+    """A console action the cache's state refuses (evicting pinned content)."""
+
+    code, status = "CONFLICT", 409
 
 
 class TooManyRequests(MirrorError):

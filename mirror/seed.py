@@ -27,6 +27,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 
 from mirror.core import MirrorCore
 from mirror.errors import MetadataUnavailable, MirrorError, NameInvalid
+from mirror.metadata.base import MetadataStore
 from mirror.oci import (
     INDEX_MEDIA_TYPES,
     MANIFEST_MEDIA_TYPES,
@@ -190,10 +191,21 @@ async def seed_one(
 
 
 async def _pin(core: MirrorCore, digests: list[str]) -> None:
+    await set_pinned(core.metadata, digests, pinned=True)
+
+
+async def set_pinned(metadata: MetadataStore, digests: Sequence[str], *, pinned: bool) -> list[str]:
+    """Mark the recorded blobs among `digests` pinned (never evicted) or not; return the
+    digests that have a record."""
+    marked = []
     for digest in digests:
-        record = await core.metadata.get_blob(digest)
-        if record is not None and not record.pinned:
-            await core.metadata.put_blob(digest, dataclasses.replace(record, pinned=True))
+        record = await metadata.get_blob(digest)
+        if record is None:
+            continue
+        marked.append(digest)
+        if record.pinned != pinned:
+            await metadata.put_blob(digest, dataclasses.replace(record, pinned=pinned))
+    return marked
 
 
 class PlainProgress:
@@ -245,14 +257,19 @@ async def seed(
     *,
     pin: bool,
     concurrency: int,
+    progress: Any = None,
 ) -> list[SeedOutcome]:
+    """Seed `references` (`concurrency` at a time), reporting to `progress` (by default
+    bars on a terminal, plain lines otherwise)."""
     limiter = asyncio.Semaphore(max(concurrency, 1))
 
-    async def one(text: str, progress: Any) -> SeedOutcome:
+    async def one(text: str, reporter: Any) -> SeedOutcome:
         async with limiter:
-            return await seed_one(core, text, platforms, pin=pin, progress=progress)
+            return await seed_one(core, text, platforms, pin=pin, progress=reporter)
 
-    if sys.stdout.isatty():
+    if progress is not None:
+        outcomes = await asyncio.gather(*(one(t, progress) for t in references))
+    elif sys.stdout.isatty():
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),

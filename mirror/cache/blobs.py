@@ -386,6 +386,41 @@ class BlobCache:
         ):
             await self._start_download(route, download.digest)
 
+    # Read-only views, for the console
+
+    def in_flight(self) -> list[InFlight]:
+        """The downloads running in this process, oldest first."""
+        found = [
+            InFlight(
+                str(digest),
+                route.upstream,
+                route.repository,
+                download.written,
+                download.size,
+                download.clients,
+                download.started,
+            )
+            for digest, (download, route) in self._downloads.items()
+        ]
+        return sorted(found, key=lambda item: item.started)
+
+    def note_access(self, digest: str) -> None:
+        """Note that a blob (a manifest) was just served, for its last access time."""
+        self._access_times.note(digest, time.time())
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """One running download, as the console shows it."""
+
+    digest: str
+    upstream: str
+    repository: str
+    received: int
+    size: int | None
+    clients: int
+    started: float
+
 
 async def _joined(download: BlobDownload) -> BlobSource:
     """A source reading `download` once its upstream answered (left in `close`)."""

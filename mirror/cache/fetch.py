@@ -143,6 +143,7 @@ class BlobDownload:
         # Set by the owner once everything about this download is settled: committed
         # and recorded, or failed.
         self.settled = asyncio.Event()
+        self.started = time.time()  # for the console's list of downloads
 
     @property
     def finished(self) -> bool:
@@ -450,6 +451,11 @@ class BlobDownload:
                 yield data
         finally:
             blob.close()
+
+    @property
+    def clients(self) -> int:
+        """Clients reading this download now."""
+        return max(self._joined, 0)
 
 
 def _write_and_flush(writer: BlobWriter, data: bytes) -> None:

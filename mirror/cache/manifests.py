@@ -311,6 +311,16 @@ class ManifestCache:
         )
         return Manifest(record.digest, record.media_type, len(body), body, "stale")
 
+    async def refresh(self, route: Route, tag: str) -> Manifest:
+        """Revalidate the tag with the upstream now, whatever its TTL (the console's
+        refresh). An upstream failure is raised, never answered stale."""
+        await self._fresh_tags.delete(f"{route.upstream}/{route.repository}:{tag}")
+        record = await self._tag_record(route, tag)
+        key = (route.upstream, route.repository, tag)
+        return await self._by_tag.run(
+            key, lambda: self._revalidate(route, tag, record, -1.0, head=False)
+        )
+
     # Negotiation with the client's Accept
 
     async def _negotiate(

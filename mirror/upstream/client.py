@@ -21,6 +21,7 @@ aiohttp's exceptions stop here: callers see `UpstreamUnavailable`.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -74,6 +75,42 @@ class RateLimit:
         limit, window = _quota(headers.get("RateLimit-Limit", ""))
         remaining, remaining_window = _quota(remaining_text)
         return cls(limit, remaining, window or remaining_window)
+
+
+# How many recent failures an upstream's health remembers (the console shows the last hour).
+RECENT_FAILURES = 1000
+
+
+class UpstreamHealth:
+    """How an upstream has been answering, for the console: when it last answered
+    well, and its recent failures by cause. Updated per upstream request (an
+    assignment or an append), read when the console asks."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._clock = clock
+        self.last_success: float | None = None
+        self._failures: collections.deque[tuple[float, str]] = collections.deque(
+            maxlen=RECENT_FAILURES
+        )
+
+    def answered(self, status: int) -> None:
+        # 401 is the first step of every token flow, not a failure; what it ends in is.
+        if status == 429:
+            self.failed("rate_limited")
+        elif status >= 500:
+            self.failed("server_error")
+        elif status == 403:
+            self.failed("denied")
+        elif status != 401:
+            self.last_success = self._clock()
+
+    def failed(self, cause: str) -> None:
+        self._failures.append((self._clock(), cause))
+
+    def recent_failures(self, within: float) -> dict[str, int]:
+        """Failures by cause in the last `within` seconds."""
+        since = self._clock() - within
+        return dict(collections.Counter(cause for when, cause in self._failures if when >= since))
 
 
 def _quota(value: str) -> tuple[int | None, int | None]:
@@ -199,6 +236,7 @@ class UpstreamClient:
             network.guard,
         )
         self.rate_limit: RateLimit | None = None
+        self.health = UpstreamHealth()
 
     def upstream_repository(self, repository: str) -> str:
         """The upstream's name for a client-facing repository (its prefix put in front)."""
@@ -241,10 +279,12 @@ class UpstreamClient:
             try:
                 return await self._follow(method, url, repository, headers)
             except (aiohttp.ClientError, TimeoutError) as exc:
+                self.health.failed("unreachable")
                 raise UpstreamUnavailable(
                     "upstream unreachable", detail={"upstream": self.name}
                 ) from exc
         except aiohttp.ClientError as exc:
+            self.health.failed("unreachable")
             raise UpstreamUnavailable(
                 "upstream request failed", detail={"upstream": self.name}
             ) from exc
@@ -345,6 +385,7 @@ class UpstreamClient:
                 raise refusal from None
             raise
         self._note_rate_limit(response.headers)
+        self.health.answered(response.status)
         if self._observe is not None:
             self._observe(self.name, method, response.status, time.monotonic() - started)
         log.debug(
