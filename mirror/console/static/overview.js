@@ -15,7 +15,8 @@
   function stackedChart(container, parts, formatValue) {
     const bars = uPlot.paths.bars({ size: [0.8, 40] });
     let own = [];
-    const series = [{ value: (u, t) => (t === null ? "–" : new Date(t * 1000).toLocaleTimeString()) }];
+    let step = 60;
+    const series = [{ label: "time", value: (u, t) => (t === null ? "total" : new Date(t * 1000).toLocaleTimeString()) }];
     for (let i = parts.length - 1; i >= 0; i--) {
       const part = parts[i];
       series.push({
@@ -25,7 +26,11 @@
         width: 0,
         paths: bars,
         points: { show: false },
-        value: (u, v, si, idx) => (idx === null || own[i] === undefined ? "–" : formatValue(own[i][idx])),
+        // Under the cursor, that bucket's value; otherwise the window's total.
+        value: (u, v, si, idx) => {
+          if (own[i] === undefined) return "–";
+          return formatValue(idx === null ? own[i].reduce((a, b) => a + b, 0) : own[i][idx]);
+        },
       });
     }
     const chart = new uPlot(
@@ -33,8 +38,12 @@
         width: Math.max(300, container.clientWidth),
         height: 220,
         series,
-        scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max)] } },
-        axes: [{}, { values: (u, ticks) => ticks.map(formatValue), size: 70 }],
+        scales: {
+          // Half a bucket of room each side, so the first and last bars are whole.
+          x: { time: true, range: (u, min, max) => [min - step / 2, max + step / 2] },
+          y: { range: (u, min, max) => [0, Math.max(1, max)] },
+        },
+        axes: [{}, { values: (u, ticks) => ticks.map(formatValue), size: 84 }],
         legend: { live: true },
         cursor: { drag: { x: false, y: false } },
       },
@@ -43,8 +52,9 @@
     );
     return {
       chart,
-      update(times, values) {
+      update(times, values, bucket) {
         own = values;
+        step = bucket;
         const stacked = [];
         let running = times.map(() => 0);
         for (const column of values) {
@@ -66,7 +76,7 @@
       { label: "misses", color: COLORS.misses },
     ], count);
     charts.bytes = stackedChart(document.getElementById("chart-bytes"), [
-      { label: "disk (cache)", color: COLORS.cache },
+      { label: "disk", color: COLORS.cache },
       { label: "peer", color: COLORS.peer },
       { label: "upstream", color: COLORS.upstream },
     ], C.bytes);
@@ -82,14 +92,14 @@
   }
 
   function renderTraffic(data) {
-    const points = data.traffic[range].points;
+    const { points, step } = data.traffic[range];
     const times = points.map((p) => p.t);
-    charts.requests.update(times, [points.map((p) => p.hits), points.map((p) => p.misses)]);
+    charts.requests.update(times, [points.map((p) => p.hits), points.map((p) => p.misses)], step);
     charts.bytes.update(times, [
       points.map((p) => p.bytes.cache),
       points.map((p) => p.bytes.peer),
       points.map((p) => p.bytes.upstream),
-    ]);
+    ], step);
     const hits = sum(points, (p) => p.hits);
     const misses = sum(points, (p) => p.misses);
     C.show("hit-ratio", C.percent(data.hit_ratio[range]), data.hit_ratio[range]);
@@ -106,12 +116,13 @@
   function renderUsage(usage) {
     const max = usage.max_size;
     C.show("usage-bytes", C.bytes(usage.bytes), usage.bytes);
-    C.show("usage-max", max === null ? "no limit" : C.bytes(max), max);
-    C.show("usage-blobs", String(usage.blobs), usage.blobs);
+    C.show("usage-max", max === null ? "cached (no max_size)" : `of ${C.bytes(max)} (max_size)`, max);
+    // null until the first catalog snapshot is taken
+    C.show("usage-blobs", usage.blobs === null ? "–" : String(usage.blobs), usage.blobs);
     const meter = document.getElementById("usage-meter");
-    const limit = max === null ? usage.disk_total : max;
-    meter.value = limit ? Math.min(1, usage.bytes / limit) : 0;
-    meter.title = limit ? C.percent(usage.bytes / limit) + (max === null ? " of the disk" : " of max_size") : "";
+    meter.hidden = max === null; // no limit: the disk meter below says it all
+    meter.value = max ? Math.min(1, usage.bytes / max) : 0;
+    meter.title = max ? C.percent(usage.bytes / max) + " of max_size" : "";
     const used = usage.disk_total - usage.disk_free;
     C.show("disk-used", C.bytes(used), used);
     C.show("disk-total", C.bytes(usage.disk_total), usage.disk_total);
