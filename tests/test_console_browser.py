@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 from conftest import TAG, Mirror, MirrorFactory, Upstream
-from support.browser import Browser, browser_available, chromium
+from support.browser import Browser, browser_available, chromium, foreign
 from support.htpasswd import hash_password
 from support.images import Image
 from support.skopeo import skopeo_copy_async
@@ -109,10 +109,23 @@ class Overview:
     upstream_row: str
 
 
-def read_overview(browser: Browser, mirror: Mirror, hits: int, misses: int) -> Overview:
-    browser.authenticate(ADMIN, ADMIN_PW)
-    browser.open(f"{mirror.url}/")  # `/` leads to the console
+def sign_in(browser: Browser, mirror: Mirror) -> tuple[str, str]:
+    """As a person does: the address, then /sign-in's Basic prompt (answered with the
+    address's credentials). The console first opens anonymously (a loopback viewer is
+    let in unasked), then signed in, and stays signed in without them in the address.
+    Returns the session badge before and after."""
+    browser.open(f"http://{ADMIN}:{ADMIN_PW}@{mirror.host}/")  # `/` leads to the console
+    browser.wait(lambda _: browser.find("#sign-in").is_displayed(), "no sign-in link")
+    before = browser.find("#session").text
+    browser.find("#sign-in").click()
+    browser.wait(lambda _: browser.find("#session").text == f"{ADMIN} · admin", "not signed in")
+    browser.open(f"{mirror.url}/")
+    browser.wait(lambda _: browser.find("#session").text != "…", "no session")
     assert browser.driver.current_url == f"{mirror.url}/ui/"
+    return before, browser.find("#session").text
+
+
+def read_overview(browser: Browser, hits: int, misses: int) -> Overview:
     # It polls: wait for the update that shows the whole workload.
     browser.wait(
         lambda _: browser.value("hits") == str(hits) and browser.value("misses") == str(misses),
@@ -199,7 +212,9 @@ async def test_console_in_a_browser(
     hits, misses = len(from_cache), len(from_upstream)
 
     # The overview, as an admin: numbers as the workload made them, charts drawn.
-    overview = await asyncio.to_thread(read_overview, browser, mirror, hits, misses)
+    badges = await asyncio.to_thread(sign_in, browser, mirror)
+    assert badges == ("anonymous", f"{ADMIN} · admin")
+    overview = await asyncio.to_thread(read_overview, browser, hits, misses)
     # The API rounds the ratio to four places.
     assert float(overview.values["hit-ratio"]) == pytest.approx(hits / (hits + misses), abs=1e-4)
     assert overview.hit_ratio_text == f"{100 * hits / (hits + misses):.1f} %"
@@ -254,6 +269,8 @@ async def test_console_in_a_browser(
     assert admin_errors == []
     assert [e for e in viewer_errors if "status of 403" not in e["message"]] == []
     # Nothing was asked of another origin, and the policy would have stopped it.
-    assert await asyncio.to_thread(browser.foreign_requests, mirror.url) == []
+    requested = await asyncio.to_thread(browser.requested_urls)
+    assert f"{mirror.url}/api/v1/overview" in requested  # the log saw the pages' traffic
+    assert foreign(requested, mirror.url) == []
     async with http.get(f"{mirror.url}/ui/", headers=basic(ADMIN, ADMIN_PW)) as response:
         assert "connect-src 'self'" in response.headers["Content-Security-Policy"]

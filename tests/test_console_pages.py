@@ -1,19 +1,24 @@
 """The console's pages as served (`mirror/console/pages.py`), without a browser: the
-redirect to /ui/, the shells, their headers, and that every asset a page names is
-served from the package. What the pages show is the browser test's
+redirect to /ui/, the shells, their headers, that every asset a page names is served
+from the package, and /sign-in. What the pages show is the browser test's
 (test_console_browser.py)."""
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from conftest import MirrorFactory, Upstream
+from support.htpasswd import hash_password
 
 from mirror.console import pages
+from mirror.console.pages import SIGN_IN
 
 
 @pytest.fixture
@@ -50,7 +55,7 @@ async def test_every_page_is_a_shell_under_a_strict_policy(client: TestClient, p
     assets = re.findall(r'(?:src|href)="([^"#]+)"', html)
     static = [a for a in assets if a.startswith("/ui/static/")]
     assert any(a.startswith("/ui/static/console.js?v=") for a in static)
-    assert set(assets) - set(static) <= {"/ui/", "/ui/browse", "/ui/seed"}
+    assert set(assets) - set(static) <= {*pages.PAGES, SIGN_IN}
     for asset in static:
         served = await client.get(asset)
         assert served.status == 200, asset
@@ -71,3 +76,31 @@ def test_vendored_code_ships_with_its_licence_and_provenance() -> None:
     for vendored in (p for p in static.iterdir() if p.is_dir()):
         assert (vendored / "LICENSE").is_file(), vendored
         assert f"`{vendored.name}/`" in readme, vendored
+
+
+async def test_sign_in_asks_the_browser_until_it_has_a_user(
+    make_mirror: MirrorFactory, upstream: Upstream, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"ada:{hash_password('ada-pw')}\n", encoding="utf-8")
+    mirror = await make_mirror(
+        {"local": {"url": upstream.url}}, auth={"htpasswd": str(htpasswd), "realm": "here"}
+    )
+    open_mirror = await make_mirror({"local": {"url": upstream.url}})
+
+    # The registry API keeps its paths; `/` (past the app's catch-all) leads to the console.
+    async with http.get(mirror.url + "/", allow_redirects=False) as response:
+        assert response.status == 302
+        assert response.headers["Location"] == "/ui/"
+    for authorization in (None, "Basic " + base64.b64encode(b"ada:wrong").decode()):
+        headers = {} if authorization is None else {"Authorization": authorization}
+        async with http.get(mirror.url + SIGN_IN, headers=headers) as response:
+            assert response.status == 401
+            assert response.headers["WWW-Authenticate"] == 'Basic realm="here"'
+    good = {"Authorization": "Basic " + base64.b64encode(b"ada:ada-pw").decode()}
+    async with http.get(mirror.url + SIGN_IN, headers=good, allow_redirects=False) as response:
+        assert response.status == 302
+        assert response.headers["Location"] == "/ui/"
+    # With no users configured there is nobody to sign in as.
+    async with http.get(open_mirror.url + SIGN_IN, allow_redirects=False) as response:
+        assert response.status == 302

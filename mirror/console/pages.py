@@ -1,6 +1,8 @@
 """The console's pages: `/ui/` (overview), `/ui/browse`, `/ui/seed`, their static assets
 under `/ui/static/`, and the redirect from `/` to `/ui/`.
 
+`/sign-in` lets a browser log in where nothing else would ask it to (see `_sign_in`).
+
 The pages are server-rendered Jinja2 shells (templates/); what they show comes from
 the JSON API (`api.py`, `/api/v1/`) through the scripts in static/, so the page and
 `curl` see the same data and the page refreshes without a reload. Every asset ships
@@ -20,10 +22,14 @@ import jinja2
 from aiohttp import web
 
 from mirror.api.errors import expect_handler
+from mirror.api.services import SERVICES
+from mirror.app import CONFIG
+from mirror.errors import Unauthorized
 
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
 STATIC_ROUTE = "console-static"
+SIGN_IN = "/sign-in"
 
 # Scripts and styles from this origin only, no inline code, and requests (fetch) only
 # to this origin: a page can neither run injected script nor reach another host.
@@ -74,9 +80,11 @@ def setup(app: web.Application) -> None:
 
     env.globals["asset"] = asset
     env.globals["nav"] = [(path, title) for path, (_, title) in PAGES.items()]
+    env.globals["sign_in"] = SIGN_IN
     routes = app.router
     routes.add_get("/", _to_console, expect_handler=expect_handler)
     routes.add_get("/ui", _to_console, expect_handler=expect_handler)
+    routes.add_get(SIGN_IN, _sign_in, expect_handler=expect_handler)
     for path in PAGES:
         routes.add_get(path, _page, expect_handler=expect_handler)
     app.on_response_prepare.append(_page_headers)
@@ -84,6 +92,23 @@ def setup(app: web.Application) -> None:
 
 async def _to_console(request: web.Request) -> web.StreamResponse:
     # The registry API stays at /v2/; a person who opens the server's address lands here.
+    raise web.HTTPFound("/ui/")
+
+
+async def _sign_in(request: web.Request) -> web.StreamResponse:
+    """Ask the browser for credentials (a Basic challenge) until it sends valid ones,
+    then lead to the console.
+
+    The gate lets a loopback viewer in anonymously, so the console's own paths never
+    challenge one, and a browser sends Basic credentials only once challenged: a local
+    operator could never act. This path is at the root on purpose: a browser then sends
+    the credentials with every request under `/`, `/api/v1/` included."""
+    principal = await request.app[SERVICES].access.authenticate(
+        request.headers.get("Authorization")
+    )  # wrong credentials: 401 with the challenge, and the browser asks again
+    if principal.user is None and request.app[CONFIG].auth.htpasswd is not None:
+        challenge = request.app[SERVICES].access.challenge
+        raise Unauthorized("sign in to the console", headers={"WWW-Authenticate": challenge})
     raise web.HTTPFound("/ui/")
 
 

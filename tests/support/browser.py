@@ -53,9 +53,8 @@ class Browser:
     def authenticate(self, user: str | None, password: str = "") -> None:
         """Send HTTP Basic credentials with every request from now on (None: none).
 
-        A CDP header rather than http://user:pass@host/ in the address: chromium sends
-        address credentials only after a 401 challenge, and a loopback viewer is let in
-        without one, so the page would run as anonymous."""
+        A CDP header: it replaces whatever credentials the browser remembered (from an
+        address like http://user:pass@host/sign-in), so a test can switch users."""
         headers = {}
         if user is not None:
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -97,16 +96,6 @@ class Browser:
                 urls.append(message["params"]["request"]["url"])
         return urls
 
-    def foreign_requests(self, origin: str) -> list[str]:
-        """Requested URLs not on `origin` (scheme://host:port); data: URLs are local."""
-        own = urlsplit(origin)
-        return [
-            url
-            for url in self.requested_urls()
-            if not url.startswith("data:")
-            and (urlsplit(url).scheme, urlsplit(url).netloc) != (own.scheme, own.netloc)
-        ]
-
     def screenshot(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         assert self.driver.save_screenshot(str(path)), f"no screenshot written to {path}"
@@ -137,3 +126,15 @@ def chromium(width: int = 1280, height: int = 900) -> Iterator[Browser]:
         yield Browser(driver, width, height)
     finally:
         driver.quit()
+
+
+def foreign(urls: list[str], origin: str) -> list[str]:
+    """The URLs not on `origin` (scheme://host:port, whatever credentials an address
+    held); data: URLs are local."""
+
+    def origin_of(url: str) -> tuple[str, str | None, int | None]:
+        parts = urlsplit(url)
+        return parts.scheme, parts.hostname, parts.port
+
+    own = origin_of(origin)
+    return [url for url in urls if not url.startswith("data:") and origin_of(url) != own]

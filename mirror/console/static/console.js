@@ -83,9 +83,13 @@ const Console = (() => {
     return node;
   }
 
+  // A table's rows; with an `empty` note, the note instead of an empty table.
   function fill(tbody, rows, empty) {
     tbody.replaceChildren(...rows);
-    if (empty) empty.hidden = rows.length > 0;
+    if (empty) {
+      empty.hidden = rows.length > 0;
+      tbody.closest("table").hidden = rows.length === 0;
+    }
   }
 
   // Sets an element's text and its raw value (data-value), which scripts and tests read.
@@ -158,7 +162,7 @@ const Console = (() => {
     try {
       const current = await session();
       badge.textContent = (current.user || "anonymous") + (current.admin ? " · admin" : "");
-      document.body.classList.toggle("is-admin", Boolean(current.admin));
+      document.getElementById("sign-in").hidden = current.user !== null;
       for (const node of document.querySelectorAll(".admin-only")) node.hidden = !current.admin;
       return current;
     } catch (error) {
