@@ -19,7 +19,7 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 import pytest
@@ -84,6 +84,11 @@ async def pull(mirror: Mirror, kind: str, destination: Path) -> None:
     await skopeo_copy_async(
         f"docker://{mirror.host}/{Upstream.repo(kind)}:{TAG}", f"dir:{destination}"
     )
+
+
+def mirror_origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def browse_url(mirror: Mirror, **query: str) -> str:
@@ -174,6 +179,22 @@ def pin_from_page(browser: Browser, page: str) -> None:
     )
 
 
+def seed_from_page(browser: Browser, mirror: Mirror, reference: str) -> list[str]:
+    """Submit the seed form; the job's row (id, state, progress, bytes, errors) once done."""
+    browser.open(f"{mirror.url}/ui/seed")
+    browser.wait(lambda _: browser.find("#seed-form").is_displayed(), "no seed form for an admin")
+    browser.find("#references").send_keys(reference)
+    browser.find("#seed-form button[type=submit]").click()
+    browser.wait(
+        lambda _: browser.find_all('#jobs tr[data-state="done"], #jobs tr[data-state="failed"]'),
+        "the seed job never finished on the page",
+    )
+    row = browser.find("#jobs tbody tr")
+    return [str(row.get_attribute("data-state"))] + [
+        c.text for c in row.find_elements("css selector", "td")
+    ]
+
+
 def act_as_viewer(browser: Browser, page: str) -> tuple[list[bool], int]:
     """Whether any action control shows for a viewer, and the status of the page's own
     unpin POST."""
@@ -182,6 +203,9 @@ def act_as_viewer(browser: Browser, page: str) -> tuple[list[bool], int]:
     browser.wait(lambda _: browser.find("#session").text == VIEWER, "no viewer session")
     browser.wait(lambda _: browser.find_all("section.platform"), "no platform shown")
     shown = [browser.find(f"#{c}").is_displayed() for c in ("actions", "pin", "unpin", "evict")]
+    browser.open(f"{mirror_origin(page)}/ui/seed")
+    browser.wait(lambda _: browser.find("#seed-denied").is_displayed(), "no note for a viewer")
+    shown.append(browser.find("#seed-form").is_displayed())
     status = browser.run_async(
         "Console.post('/api/v1/unpin', arguments[0])"
         ".then(() => done(200), (error) => done(error.status));",
@@ -249,16 +273,29 @@ async def test_console_in_a_browser(
         assert record is not None
         assert record.pinned, digest
     app = mirror.server.app
-    app[STORE].quota = dataclasses.replace(app[STORE].quota, max_size=64 * KIB)
+    quota = app[STORE].quota
+    app[STORE].quota = dataclasses.replace(quota, max_size=64 * KIB)
     await app[EVICTOR].evict()
+    app[STORE].quota = quota  # room again for what comes next
     cached = {path.name for path in mirror.blob_files()}
     assert {d.removeprefix("sha256:") for d in digests(oci)} <= cached
     assert not {d.removeprefix("sha256:") for d in index.all_blobs()} & cached
+    # Seeding from the page: the job runs, and the page follows it to the end.
+    docker = upstream.images["docker"]
+    row = await asyncio.to_thread(
+        seed_from_page, browser, mirror, f"{Upstream.repo('docker')}:{TAG}"
+    )
+    assert row[0] == "done", row
+    assert row[3] == "1 of 1"
+    assert row[5] == "none"
+    assert {d.removeprefix("sha256:") for d in digests(docker)} <= {
+        path.name for path in mirror.blob_files()
+    }
     admin_errors = await asyncio.to_thread(browser.console_errors)
 
     # A viewer: no action on the page, and the page's own POST is refused.
     shown, status = await asyncio.to_thread(act_as_viewer, browser, oci_page)
-    assert shown == [False, False, False, False]
+    assert shown == [False, False, False, False, False]
     assert status == 403
     record = await metadata.get_blob(oci.digest)
     assert record is not None
