@@ -138,8 +138,13 @@ def read_overview(browser: Browser, hits: int, misses: int) -> Overview:
     )
     ids = ("hit-ratio", "bytes-upstream", "bytes-cache", "bytes-peer", "saved")
     ids += ("usage-bytes", "usage-blobs")
+    values = {name: browser.value(name) for name in ids}
+    # The day's window holds the same traffic; back to the hour for the screenshot.
+    browser.find('[data-range="day"]').click()
+    values["day-hits"] = browser.value("hits")
+    browser.find('[data-range="hour"]').click()
     return Overview(
-        values={name: browser.value(name) for name in ids},
+        values=values,
         hit_ratio_text=browser.find("#hit-ratio").text,
         session=browser.find("#session").text,
         charts_drawn=all(
@@ -169,7 +174,8 @@ def read_browse(browser: Browser, mirror: Mirror) -> tuple[set[str], dict[str, s
     return listed, platforms
 
 
-def pin_from_page(browser: Browser, page: str) -> None:
+def pin_from_page(browser: Browser, page: str) -> str:
+    """Pin, then refresh the tag; the page's answer to the refresh."""
     browser.open(page)
     browser.wait(lambda _: browser.find("#pin").is_displayed(), "no pin button for an admin")
     browser.find("#pin").click()
@@ -177,6 +183,9 @@ def pin_from_page(browser: Browser, page: str) -> None:
         lambda _: browser.find("#manifest-view").get_attribute("data-pinned") == "true",
         "the page never showed the image pinned",
     )
+    browser.find("#refresh").click()  # revalidates the tag with the upstream now
+    browser.wait(lambda _: browser.find("#flash").text.startswith("Tag "), "no refresh answer")
+    return browser.find("#flash").text
 
 
 def seed_from_page(browser: Browser, mirror: Mirror, reference: str) -> list[str]:
@@ -245,6 +254,7 @@ async def test_console_in_a_browser(
     assert int(overview.values["bytes-upstream"]) == sum(from_upstream)
     assert int(overview.values["bytes-cache"]) == sum(from_cache)
     assert int(overview.values["bytes-peer"]) == 0
+    assert int(overview.values["day-hits"]) == hits
     assert int(overview.values["saved"]) == sum(from_cache)
     assert int(overview.values["usage-bytes"]) == sum(from_upstream)
     assert int(overview.values["usage-blobs"]) == len(digests(oci) | digests(index))
@@ -266,7 +276,8 @@ async def test_console_in_a_browser(
 
     # Pinning from the page pins the image; an eviction pass then spares it alone.
     oci_page = browse_url(mirror, upstream="local", repository=Upstream.repo("oci"), reference=TAG)
-    await asyncio.to_thread(pin_from_page, browser, oci_page)
+    refreshed = await asyncio.to_thread(pin_from_page, browser, oci_page)
+    assert refreshed == f"Tag {TAG} is {oci.digest}."
     metadata = mirror.server.app[METADATA]
     for digest in digests(oci):
         record = await metadata.get_blob(digest)
