@@ -272,6 +272,9 @@ def test_idle_and_slow_clients_are_cut_off(tmp_path: Path) -> None:
 # list honest), and the headers aiohttp reads to frame a request before the mirror sees it.
 FUZZED_QUERY = ("ns", "n", "last", "artifactType")
 FUZZED_HEADERS = ("Accept", "Authorization", "If-None-Match", "Range")
+# The console's API (GET only here: its actions refuse a request before reading more).
+CONSOLE_QUERY = ("q", "limit", "cursor", "upstream", "repository", "reference")
+CONSOLE_HEADERS = ("Origin", "X-CSRF-Token", "Forwarded", "X-Forwarded-For")
 FRAMING_HEADERS = ("Host", "Connection", "Content-Length", "Transfer-Encoding", "Expect")
 HOSTILE_VALUES = [
     "\r\n",
@@ -359,8 +362,8 @@ def request_inputs() -> tuple[set[tuple[str, str]], list[str]]:
 def test_the_fuzz_run_covers_every_request_input() -> None:
     found, unknown = request_inputs()
     assert not unknown, f"request reads the fuzz list cannot see: {unknown}"
-    covered = {("query", q) for q in FUZZED_QUERY} | {
-        ("headers", h) for h in (*FUZZED_HEADERS, *FRAMING_HEADERS)
+    covered = {("query", q) for q in (*FUZZED_QUERY, *CONSOLE_QUERY)} | {
+        ("headers", h) for h in (*FUZZED_HEADERS, *FRAMING_HEADERS, *CONSOLE_HEADERS)
     }
     folded = {(kind, name.lower()) for kind, name in covered}
     missing = {(kind, name) for kind, name in found if (kind, name.lower()) not in folded}
@@ -458,6 +461,7 @@ def fuzzed_mirror(tmp_path: Path, upstream: Upstream) -> Iterator[MirrorProcess]
         {"local": {"url": upstream.url, "tag_ttl": "1h"}},
         default_upstream="local",
         auth={"htpasswd": str(htpasswd), "anonymous": True},
+        ui={"allow_remote": True},  # the console's API answers the fuzz's `Host: mirror`
     ) as process:
         yield process
 
@@ -475,6 +479,9 @@ def _endpoints(upstream: Upstream) -> list[str]:
         f"/v2/{repo}/referrers/{image.digest}",
         "/healthz",
         "/nowhere",
+        "/api/v1/overview",
+        "/api/v1/repositories",
+        "/api/v1/manifest",
     ]
 
 
@@ -491,16 +498,22 @@ def test_hostile_values_in_every_query_parameter_and_header(
     cases: list[tuple[str, bytes]] = []
     for path in _endpoints(upstream):
         target = path.encode()
+        console = path.startswith("/api/")
         for value in HOSTILE_VALUES:
             raw = value.encode()
-            for key in (*FUZZED_QUERY, "x"):
+            for key in (*(CONSOLE_QUERY if console else FUZZED_QUERY), "x"):
                 # Percent-encoded: the server decodes it back into the raw characters.
                 encoded = f"{path}?{key}={quote(value, safe='')}"
                 cases.append((repr(encoded[:100]), _request(encoded.encode())))
                 # Raw in the request line: the parser's to refuse.
                 query = target + b"?" + key.encode() + b"=" + raw
                 cases.append((repr(query[:100]), _request(query)))
-            for name in (*FUZZED_HEADERS, *FRAMING_HEADERS, "X-Other"):
+            for name in (
+                *FUZZED_HEADERS,
+                *(CONSOLE_HEADERS if console else ()),
+                *FRAMING_HEADERS,
+                "X-Other",
+            ):
                 header = (name.encode(), raw)
                 cases.append((f"{name}: {value[:20]!r} on {path}", _request(target, [header])))
         for credentials in HOSTILE_CREDENTIALS:

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from mirror.api.errors import expect_handler
 from mirror.api.services import SERVICES
 from mirror.app import CONFIG, CORE, METADATA, STORE, UPSTREAMS
 from mirror.cache.manifests import Manifest
@@ -353,17 +355,19 @@ async def _replicas(request: web.Request) -> list[dict[str, Any]]:
 
 
 async def repositories(request: web.Request) -> web.Response:
-    query = request.query
-    needle = query.get("q", "").lower()
-    limit = _limit(query.get("limit"))
-    after = _cursor(query.get("cursor"))
+    needle = request.query.get("q", "").lower()
+    limit = _limit(request.query.get("limit"))
+    after = _cursor(request.query.get("cursor"))
     viewer = request[VIEWER]
     metadata = request.app[METADATA]
     snapshot = request.app[CATALOG].snapshot
     known = {} if snapshot is None else snapshot.repositories
     chosen = []
-    for upstream, repository in sorted(await metadata.list_repositories()):
-        name = f"{upstream}/{repository}"
+    # Ordered by the name the cursor holds, so that pages never skip or repeat one.
+    for name, upstream, repository in sorted(
+        (f"{upstream}/{repository}", upstream, repository)
+        for upstream, repository in await metadata.list_repositories()
+    ):
         if after is not None and name <= after:
             continue
         if needle and needle not in name.lower():
@@ -400,7 +404,8 @@ async def repositories(request: web.Request) -> web.Response:
 def _limit(text: str | None) -> int:
     if text is None:
         return PAGE_DEFAULT
-    if not text.isdigit() or not 1 <= int(text) <= PAGE_MAX:
+    # ASCII digits only (str.isdigit() also takes "²"), and few: int() refuses thousands.
+    if not re.fullmatch(r"[0-9]{1,6}", text) or not 1 <= int(text) <= PAGE_MAX:
         raise BadRequest(f"limit is a number from 1 to {PAGE_MAX}")
     return int(text)
 
@@ -433,11 +438,9 @@ async def tags(request: web.Request) -> web.Response:
 
 
 async def manifest(request: web.Request) -> web.Response:
-    query = request.query
-    route = _route(request, query.get("upstream"), query.get("repository"))
-    image = await cached_image(
-        request, route, Reference.parse(_text(query.get("reference"), "reference"))
-    )
+    route = _route(request, request.query.get("upstream"), request.query.get("repository"))
+    reference = Reference.parse(_text(request.query.get("reference"), "reference"))
+    image = await cached_image(request, route, reference)
     record = image.record
     return _json(
         {
@@ -628,7 +631,7 @@ def setup(app: web.Application) -> None:
         ("jobs", jobs),
         ("jobs/{job_id}", job),
     ):
-        routes.add_get(f"/api/v1/{path}", handler)
+        routes.add_get(f"/api/v1/{path}", handler, expect_handler=expect_handler)
     for path, handler in (
         ("pin", pin),
         ("unpin", unpin),
@@ -636,4 +639,4 @@ def setup(app: web.Application) -> None:
         ("evict", evict),
         ("seed", seed),
     ):
-        routes.add_post(f"/api/v1/{path}", handler)
+        routes.add_post(f"/api/v1/{path}", handler, expect_handler=expect_handler)
