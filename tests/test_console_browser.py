@@ -163,6 +163,14 @@ def read_browse(browser: Browser, mirror: Mirror) -> tuple[set[str], dict[str, s
         str(row.get_attribute("data-repository"))
         for row in browser.find_all("#repositories tbody tr")
     }
+    # The search box narrows the list by name.
+    browser.find("#q").send_keys("index\n")
+    browser.wait(lambda _: "q=index" in browser.driver.current_url, "the search did not run")
+    browser.wait(lambda _: browser.find_all("#repositories tbody tr"), "nothing found")
+    found = [
+        row.get_attribute("data-repository") for row in browser.find_all("#repositories tbody tr")
+    ]
+    assert found == [f"local/{Upstream.repo('oci-index')}"], found
     browser.open(
         browse_url(mirror, upstream="local", repository=Upstream.repo("oci-index"), reference=TAG)
     )

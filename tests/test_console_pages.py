@@ -6,7 +6,9 @@ from the package, and /sign-in. What the pages show is the browser test's
 from __future__ import annotations
 
 import base64
+import fnmatch
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from support.htpasswd import hash_password
 
 from mirror.console import pages
 from mirror.console.pages import SIGN_IN
+
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture
@@ -104,3 +108,19 @@ async def test_sign_in_asks_the_browser_until_it_has_a_user(
     # With no users configured there is nobody to sign in as.
     async with http.get(open_mirror.url + SIGN_IN, allow_redirects=False) as response:
         assert response.status == 302
+
+
+def test_the_wheel_carries_every_template_and_asset() -> None:
+    """Each file of the console's templates and static tree matches a package-data
+    pattern, so an installed mirror serves what the source tree does."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["mirror.console"]
+    package = Path(pages.__file__).parent
+    files = [p for d in (pages.TEMPLATES, pages.STATIC) for p in d.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for file in files:
+        relative = file.relative_to(package).as_posix()
+        # setuptools globs: `*` stays within one directory level
+        assert any(
+            fnmatch.fnmatch(relative, p) and relative.count("/") == p.count("/") for p in patterns
+        ), relative
