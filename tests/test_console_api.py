@@ -3,7 +3,6 @@ pulled through with skopeo or plain HTTP, then asked what it holds and told to a
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import aiohttp
 import pytest
 import structlog
 from conftest import TAG, Mirror, MirrorFactory, Upstream
-from support.htpasswd import hash_password
+from support.htpasswd import basic, write_htpasswd
 from support.net import eventually_async
 from support.skopeo import skopeo_copy_async
 
@@ -21,18 +20,13 @@ USERS = {"alice": "alice-pw", "bob": "bob-pw"}  # alice is an admin, bob only vi
 OCI, INDEX = Upstream.repo("oci"), Upstream.repo("oci-index")
 
 
-def basic(user: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{USERS[user]}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
+def login(user: str) -> dict[str, str]:
+    return basic(user, USERS[user])
 
 
 @pytest.fixture
 def htpasswd(tmp_path: Path) -> Path:
-    path = tmp_path / "htpasswd"
-    path.write_text(
-        "".join(f"{user}:{hash_password(pw)}\n" for user, pw in USERS.items()), encoding="utf-8"
-    )
-    return path
+    return write_htpasswd(tmp_path / "htpasswd", USERS)
 
 
 def auth(htpasswd: Path) -> dict[str, Any]:
@@ -44,7 +38,7 @@ class Api:
 
     def __init__(self, http: aiohttp.ClientSession, mirror: Mirror, user: str | None = None):
         self.http, self.base = http, f"{mirror.url}/api/v1"
-        self.headers = basic(user) if user else {}
+        self.headers = login(user) if user else {}
 
     async def get(self, path: str, status: int = 200, **params: str) -> Any:
         async with self.http.get(
@@ -219,9 +213,9 @@ async def test_actions_need_an_admin_a_token_and_this_origin(
     await anonymous.post("seed", seed, status=401)
     await alice.post("pin", body, status=404)  # admitted; nothing pulled yet
     url = f"{mirror.url}/api/v1/pin"
-    async with http.post(url, json=body, headers=basic("alice")) as response:
+    async with http.post(url, json=body, headers=login("alice")) as response:
         assert response.status == 403  # no token
-    wrong = {**basic("alice"), "X-CSRF-Token": (await bob.get("session"))["csrf_token"]}
+    wrong = {**login("alice"), "X-CSRF-Token": (await bob.get("session"))["csrf_token"]}
     async with http.post(url, json=body, headers=wrong) as response:
         assert response.status == 403  # bob's token is not alice's
     await alice.post("pin", body, status=403, Origin="http://evil.example")

@@ -12,7 +12,7 @@ from unittest import mock
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
-from support.htpasswd import hash_password
+from support.htpasswd import basic, write_htpasswd
 
 from mirror.access import AccessControl
 from mirror.config import MirrorConfig, load_config
@@ -34,10 +34,7 @@ def config(tmp_path: Path, **settings: Any) -> MirrorConfig:
 
 
 def with_users(tmp_path: Path, **ui: Any) -> MirrorConfig:
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_text(
-        f"alice:{hash_password('alice-pw')}\nbob:{hash_password('bob-pw')}\n", encoding="utf-8"
-    )
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"alice": "alice-pw", "bob": "bob-pw"})
     auth = {"htpasswd": str(htpasswd), "groups": {"ops": ["alice"]}}
     return config(tmp_path, auth=auth, ui={"admins": "ops", **ui})
 
@@ -56,8 +53,7 @@ def request(remote: str, host: str = "localhost:5000", method: str = "GET", **he
     )
 
 
-BASIC_ALICE = {"Authorization": "Basic YWxpY2U6YWxpY2UtcHc="}  # alice:alice-pw
-BASIC_BOB = {"Authorization": "Basic Ym9iOmJvYi1wdw=="}  # bob:bob-pw
+BASIC_ALICE, BASIC_BOB = basic("alice", "alice-pw"), basic("bob", "bob-pw")
 
 
 async def test_without_users_loopback_acts_and_remote_is_refused(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ their access rules, TLS and mutual TLS, and the audit trail."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import ssl
@@ -19,7 +18,7 @@ import yaml
 from conftest import PUSHER, PUSHER_PASSWORD, TAG, MirrorFactory, Upstream
 from support.cli import containerd_hosts
 from support.containerd import Containerd
-from support.htpasswd import hash_password
+from support.htpasswd import basic, hash_password, write_htpasswd
 from support.images import oci_image, push_with_token
 from support.mirror_process import MirrorProcess
 from support.net import http_request
@@ -36,18 +35,9 @@ pytestmark = pytest.mark.slow  # starts registries, servers or processes
 USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
 
 
-def basic(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
-
-
 @pytest.fixture
 def htpasswd(tmp_path: Path) -> Path:
-    path = tmp_path / "htpasswd"
-    path.write_text(
-        "".join(f"{user}:{hash_password(pw)}\n" for user, pw in USERS.items()), encoding="utf-8"
-    )
-    return path
+    return write_htpasswd(tmp_path / "htpasswd", USERS)
 
 
 def auth_settings(htpasswd: Path) -> dict[str, object]:
