@@ -14,7 +14,6 @@ is always written to the test's tmp dir).
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import aiohttp
 import pytest
 from conftest import TAG, Mirror, MirrorFactory, Upstream
 from support.browser import Browser, browser_available, chromium, foreign
-from support.htpasswd import hash_password
+from support.htpasswd import basic, write_htpasswd
 from support.images import Image
 from support.skopeo import skopeo_copy_async
 
@@ -51,11 +50,7 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Browser]:
 
 @pytest.fixture
 async def console_mirror(make_mirror: MirrorFactory, upstream: Upstream, tmp_path: Path) -> Mirror:
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_text(
-        f"{ADMIN}:{hash_password(ADMIN_PW)}\n{VIEWER}:{hash_password(VIEWER_PW)}\n",
-        encoding="utf-8",
-    )
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {ADMIN: ADMIN_PW, VIEWER: VIEWER_PW})
     return await make_mirror(
         {"local": {"url": upstream.url, "tag_ttl": "1h"}},
         auth={"htpasswd": str(htpasswd), "groups": {"admins": [ADMIN]}},
@@ -93,11 +88,6 @@ def mirror_origin(url: str) -> str:
 
 def browse_url(mirror: Mirror, **query: str) -> str:
     return f"{mirror.url}/ui/browse" + (f"?{urlencode(query)}" if query else "")
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
 
 
 # Each phase in the browser is one synchronous function, run in a thread

@@ -5,7 +5,6 @@ from the package, and /sign-in. What the pages show is the browser test's
 
 from __future__ import annotations
 
-import base64
 import fnmatch
 import re
 import tomllib
@@ -17,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import MirrorFactory, Upstream
-from support.htpasswd import hash_password
+from support.htpasswd import basic, write_htpasswd
 
 from mirror.console import pages
 from mirror.console.pages import SIGN_IN
@@ -85,8 +84,7 @@ def test_vendored_code_ships_with_its_licence_and_provenance() -> None:
 async def test_sign_in_asks_the_browser_until_it_has_a_user(
     make_mirror: MirrorFactory, upstream: Upstream, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_text(f"ada:{hash_password('ada-pw')}\n", encoding="utf-8")
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"ada": "ada-pw"})
     mirror = await make_mirror(
         {"local": {"url": upstream.url}}, auth={"htpasswd": str(htpasswd), "realm": "here"}
     )
@@ -96,12 +94,11 @@ async def test_sign_in_asks_the_browser_until_it_has_a_user(
     async with http.get(mirror.url + "/", allow_redirects=False) as response:
         assert response.status == 302
         assert response.headers["Location"] == "/ui/"
-    for authorization in (None, "Basic " + base64.b64encode(b"ada:wrong").decode()):
-        headers = {} if authorization is None else {"Authorization": authorization}
+    for headers in ({}, basic("ada", "wrong")):
         async with http.get(mirror.url + SIGN_IN, headers=headers) as response:
             assert response.status == 401
             assert response.headers["WWW-Authenticate"] == 'Basic realm="here"'
-    good = {"Authorization": "Basic " + base64.b64encode(b"ada:ada-pw").decode()}
+    good = basic("ada", "ada-pw")
     async with http.get(mirror.url + SIGN_IN, headers=good, allow_redirects=False) as response:
         assert response.status == 302
         assert response.headers["Location"] == "/ui/"
