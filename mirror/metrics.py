@@ -258,8 +258,10 @@ async def cache_stats(
     """What `mirror stats` prints: usage, counts, hit ratio, busiest repositories, and in
     fleet mode the fleet."""
     # Kept counts, not listings: as quick with a million blobs as with a thousand. Usage
-    # is the shared ledger's account (a walk of the disk only when it has none).
-    usage = store.usage if store.usage_known else await store.scan_usage()
+    # on local disk is the shared ledger's account (a walk only when it has none); a
+    # bucket is counted, as replicas with ledgers of their own share it.
+    local = store.local_blobs and store.usage_known
+    usage = store.usage if local else await store.scan_usage()
     totals = await metadata.totals()
     counts = await metadata.counters()
     hits = sum(
