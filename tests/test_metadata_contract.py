@@ -321,7 +321,8 @@ async def test_a_store_from_before_the_indexes_answers_and_rebuilds(
     # Before the rebuild: right, from the full listings.
     assert await store.totals() == want
     assert [d for d, _ in await store.oldest_blobs(3, after=(5 - 4.0, _digest(4)))] == order[1:4]
-    assert await store.rebuild_indexes() is True
+    # Built now, by the rebuild (or, in Redis, by counting for that first `totals`).
+    await store.rebuild_indexes()
     assert await store.rebuild_indexes() is False
     await store.delete_blob(_digest(2))
     assert await store.totals() == StoreTotals(

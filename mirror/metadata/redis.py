@@ -9,9 +9,9 @@ Redis errors become `MetadataUnavailable` here and nowhere else.
 
 Running totals (`totals`: blobs, bytes, manifests, pinned, tags) live in one hash kept by
 Lua scripts that write a record and adjust the hash atomically; `blob-access` is already
-the LRU index `oldest_blobs` reads a page of. A store written before the hash existed
-(no `built` field) answers `totals` from full listings until `rebuild_indexes` (in the
-background at start) has counted it.
+the LRU index `oldest_blobs` reads a page of. A store without the hash's `built` field (new,
+or written by an older version) is counted once by `rebuild_indexes`, in the background at
+start or by the first `totals`.
 
 The server is one Redis or a Sentinel-managed primary (`redis_url.py` opens either). A
 command that meets a broken connection is retried once on a fresh one, which with
@@ -38,7 +38,6 @@ from mirror.metadata.base import (
     LruPosition,
     StoreTotals,
     TagRecord,
-    totals_of,
 )
 from mirror.metadata.redis_url import open_redis
 
@@ -466,8 +465,10 @@ class RedisMetadataStore:
         raw, repositories = await self._run(read)
         kept = {_text(name): int(value) for name, value in raw.items()}
         if "built" not in kept:
-            blobs = await self.list_blobs()
-            return totals_of(blobs, len(await self.tag_records()), int(repositories))
+            # Never counted (a new store, or one from an older version): counting once
+            # costs what answering from the listings would, and is kept from then on.
+            await self.rebuild_indexes()
+            return await self.totals()
         return StoreTotals(
             blobs=kept.get("blobs", 0),
             blob_bytes=kept.get("blob_bytes", 0),
