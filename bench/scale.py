@@ -484,6 +484,13 @@ def main() -> int:
     parser.add_argument("--backend", choices=("embedded", "redis", "both"), default="both")
     parser.add_argument("--tmpdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="a work dir kept by an earlier run (--keep): measure its embedded stores again,"
+        " without writing them (to compare two versions on the same data)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed (scripts/bootstrap test installs it)", file=sys.stderr)
@@ -508,7 +515,10 @@ def main() -> int:
             results: dict[str, dict[str, float | None]] = {}
             for name, synthetic in scales.items():
                 prefix = f"scale-{name}:"
-                root = prepare(work, name, backend, synthetic, redis_url, prefix)
+                if args.reuse is not None and backend == "embedded":
+                    root = work / name
+                else:
+                    root = prepare(work, name, backend, synthetic, redis_url, prefix)
                 results[name] = measure(work, root, backend, synthetic, redis_url, prefix)
                 if backend == "redis":
                     import redis
@@ -532,6 +542,13 @@ def main() -> int:
             print()
         return 0
 
+    if args.reuse is not None:
+        cleanup: list[Any] = []
+        try:
+            return body(args.reuse, cleanup)
+        finally:
+            for step in reversed(cleanup):
+                step()
     return run_in_workdir(
         "scale-bench-",
         parent=args.tmpdir,
