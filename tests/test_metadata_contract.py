@@ -329,3 +329,21 @@ async def test_a_store_from_before_the_indexes_answers_and_rebuilds(
         blobs=4, blob_bytes=40, manifests=0, pinned=1, tags=1, repositories=0
     )
     assert [d for d, _ in await store.oldest_blobs(10)] == [order[0], order[1], order[3], order[4]]
+
+
+async def test_embedded_start_forgets_leases_and_downloads_only(tmp_path: Path) -> None:
+    # Through the tag index, not a walk of every key: a big store starts as fast.
+    store = EmbeddedMetadataStore(tmp_path / "meta")
+    try:
+        assert await store.acquire_lease("blob:a", "crashed", ttl=60)
+        assert await store.renew_lease("blob:a", "crashed", ttl=60)
+        await store.put_download(DIGEST, DownloadRecord("crashed", "tmp-a", 10), ttl=60)
+        await store.put_blob(DIGEST, BlobRecord(size=1, created_at=1.0, last_access=1.0))
+        await store.put_token("hub", "token", ttl=60)
+        assert await store.forget_downloads() == 2
+        assert await store.lease_holder("blob:a") is None
+        assert await store.get_download(DIGEST) is None
+        assert await store.get_blob(DIGEST) is not None
+        assert await store.get_token("hub") is not None
+    finally:
+        await store.close()
