@@ -483,9 +483,16 @@ class RedisMetadataStore:
             counted = dict.fromkeys(TOTALS_FIELDS, 0)
             async for key in self._redis.scan_iter(match=f"{self._k('tags', '')}*", count=500):
                 counted["tags"] += int(await self._redis.scard(key))
-            ordered = await self._redis.zrange(self._k("blob-access"), 0, -1)
-            for start in range(0, len(ordered), SCAN_BATCH):
-                batch = [_text(d) for d in ordered[start : start + SCAN_BATCH]]
+            # A page of the access index at a time: one reply of a million members would
+            # outlast the socket timeout.
+            start = 0
+            while batch := [
+                _text(d)
+                for d in await self._redis.zrange(
+                    self._k("blob-access"), start, start + SCAN_BATCH - 1
+                )
+            ]:
+                start += len(batch)
                 for raw in await self._redis.mget([self._k("blob", d) for d in batch]):
                     if raw is None:
                         continue
