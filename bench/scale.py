@@ -202,7 +202,7 @@ def fill_redis(url: str, prefix: str, synthetic: Synthetic) -> None:
 
     client = redis.Redis.from_url(url)
     try:
-        client.flushdb()
+        client.flushdb(asynchronous=True)
         pipe = client.pipeline(transaction=False)
         for n, (digest, record, repository) in enumerate(records(synthetic), 1):
             pipe.set(f"{prefix}blob:{digest}", record.to_json())
@@ -543,7 +543,9 @@ def main() -> int:
                 if backend == "redis":
                     import redis
 
-                    redis.Redis.from_url(redis_url).flushdb()
+                    redis.Redis.from_url(redis_url).flushdb(
+                        asynchronous=True
+                    )  # FLUSHDB ASYNC: no wait
             print()
             baseline = scales["baseline"].blobs
             print(f"{backend}: {baseline} blobs vs {args.blobs} blobs, {args.tags} tags")
