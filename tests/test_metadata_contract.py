@@ -301,6 +301,7 @@ async def _forget_indexes(store: MetadataStore) -> None:
     if isinstance(store, EmbeddedMetadataStore):
         store._sql("DROP TABLE MirrorLru")
         store._sql("DROP TABLE MirrorTotals")
+        store._cache.delete("counter-names")
         store._create_index_tables()  # as opening it does
         store._indexed = False
     else:
@@ -315,6 +316,7 @@ async def test_a_store_from_before_the_indexes_answers_and_rebuilds(
         record = BlobRecord(size=10, created_at=1.0, last_access=float(5 - n), pinned=n == 0)
         await store.put_blob(_digest(n), record)
     await store.put_tag("hub", "a/b", "1", TagRecord(digest=DIGEST, media_type="m", checked_at=1))
+    await store.add_counters({"requests:hit": 2})
     await _forget_indexes(store)
     want = StoreTotals(blobs=5, blob_bytes=50, manifests=0, pinned=1, tags=1, repositories=0)
     order = [_digest(n) for n in (4, 3, 2, 1, 0)]
@@ -324,6 +326,7 @@ async def test_a_store_from_before_the_indexes_answers_and_rebuilds(
     # Built now, by the rebuild (or, in Redis, by counting for that first `totals`).
     await store.rebuild_indexes()
     assert await store.rebuild_indexes() is False
+    assert await store.counters() == {"requests:hit": 2}
     await store.delete_blob(_digest(2))
     assert await store.totals() == StoreTotals(
         blobs=4, blob_bytes=40, manifests=0, pinned=1, tags=1, repositories=0

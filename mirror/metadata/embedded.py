@@ -186,11 +186,21 @@ class EmbeddedMetadataStore:
         with self._cache.transact():
             for name, amount in counts.items():
                 self._cache.incr(f"counter:{name}", amount, default=0)
+                # The names, so `counters` reads them without walking every key.
+                self._add_to_set_sync("counter-names", name)
 
     async def counters(self) -> dict[str, int]:
         return await self._run(self._counters_sync)
 
     def _counters_sync(self) -> dict[str, int]:
+        if self._is_indexed():
+            raw = self._cache.get("counter-names")
+            kept = {}
+            for name in json.loads(raw) if raw else []:
+                value = self._cache.get(f"counter:{name}")
+                if value is not None:
+                    kept[name] = int(value)
+            return kept
         found = {}
         for key in self._cache.iterkeys():
             if isinstance(key, str) and key.startswith("counter:"):
@@ -486,6 +496,8 @@ class EmbeddedMetadataStore:
                 batch.append(key)
             elif key.startswith("tag:"):
                 tags += 1
+            elif key.startswith("counter:"):
+                self._add_to_set_sync("counter-names", key.removeprefix("counter:"))
             if len(batch) >= REBUILD_BATCH:
                 self._index_keys(batch)
                 batch = []
