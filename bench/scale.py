@@ -298,7 +298,10 @@ def wrk(url: str, paths: list[str], headers: dict[str, str]) -> tuple[float, flo
         ).stdout
     finally:
         script.unlink(missing_ok=True)
-    percentiles = {m[0]: _ms(m[1]) for m in re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M)}
+    found = re.findall(r"^\s*(50|99)(?:\.0+)?%\s+(\S+)", out, re.M)
+    percentiles = {m[0]: _ms(m[1]) for m in found}
+    if "50" not in percentiles or "99" not in percentiles:
+        raise RuntimeError(f"wrk printed no latency distribution:\n{out}")
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
