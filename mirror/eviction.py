@@ -20,7 +20,11 @@ clean-up and scrub.
 
 `reconcile` brings files and records together after a crash: a verified file without a
 record gets one (dated by its mtime), a record without a file is dropped. It runs in
-the background at start, so a large cache serves at once.
+the background at start, so a large cache serves at once, after the metadata store has
+built the indexes an older version did not keep (`rebuild_indexes`).
+
+An eviction pass reads the metadata store's LRU index a page at a time
+(`oldest_blobs`), so its cost follows what it evicts, not the number of blobs cached.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from mirror.errors import MetadataUnavailable, ObjectStoreUnavailable
-from mirror.metadata.base import BlobRecord, MetadataStore
+from mirror.metadata.base import BlobRecord, LruPosition, MetadataStore
 from mirror.oci import Digest
 from mirror.storage.blobstore import BlobStore, Reservation
 from mirror.storage.ledger import HEARTBEAT
@@ -47,6 +51,7 @@ log = structlog.get_logger(__name__)
 Removed = Callable[[str], Awaitable[None]]
 
 RESCAN_EVERY = 10  # intervals
+EVICT_PAGE = 500  # LRU candidates read at a time
 
 
 @dataclass
@@ -135,25 +140,18 @@ class Evictor:
             target = await asyncio.to_thread(store.excess, incoming, "low")
             freed = 0
             busy = self._in_use()
-            for digest, record in await self._metadata.list_blobs():
-                if freed >= target:
+            position: LruPosition | None = None
+            while freed < target:
+                page = await self._metadata.oldest_blobs(EVICT_PAGE, after=position)
+                if not page:
                     break
-                if record.pinned or digest in busy:
-                    continue
-                released = await store.delete(Digest.parse(digest))
-                await self._metadata.delete_blob(digest)
-                if self._on_removed is not None:
-                    await self._on_removed(digest)
-                freed += released
-                if released:
-                    self.evicted_blobs += 1
-                    self.evicted_bytes += released
-                    log.info(
-                        "blob_evicted",
-                        digest=digest,
-                        bytes=released,
-                        last_access=record.last_access,
-                    )
+                for digest, record in page:
+                    position = (record.last_access, digest)
+                    if freed >= target:
+                        break
+                    if record.pinned or digest in busy:
+                        continue
+                    freed += await self._evict_one(digest, record)
             log.info(
                 "eviction_done",
                 freed=freed,
@@ -163,10 +161,24 @@ class Evictor:
             )
             return freed
 
+    async def _evict_one(self, digest: str, record: BlobRecord) -> int:
+        released = await self._store.delete(Digest.parse(digest))
+        await self._metadata.delete_blob(digest)
+        if self._on_removed is not None:
+            await self._on_removed(digest)
+        if released:
+            self.evicted_blobs += 1
+            self.evicted_bytes += released
+            log.info("blob_evicted", digest=digest, bytes=released, last_access=record.last_access)
+        return released
+
     async def run(self, interval: float) -> None:
-        """Reconcile once, then evict whenever a commit crosses the high watermark, and
-        rescan the disk (other processes' writes) every few `interval`s."""
+        """Build missing metadata indexes and reconcile once, then evict whenever a
+        commit crosses the high watermark, and rescan the disk (other processes' writes)
+        every few `interval`s."""
         try:
+            if await self._metadata.rebuild_indexes():
+                log.info("metadata_indexes_built")
             outcome = await self.reconcile()
             log.info(
                 "reconciled",

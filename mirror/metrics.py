@@ -290,13 +290,21 @@ async def fleet_stats(metadata: MetadataStore, digests: list[str]) -> dict[str, 
     }
 
 
+async def _layers(metadata: MetadataStore) -> list[str]:
+    return [digest for digest, record in await metadata.list_blobs() if record.media_type is None]
+
+
 async def cache_stats(
     store: BlobStore, metadata: MetadataStore, top: int = 10, *, fleet: bool = False
 ) -> dict[str, Any]:
     """What `mirror stats` prints: usage, counts, hit ratio, busiest repositories, and in
     fleet mode the fleet."""
-    usage = await store.scan_usage()
-    blobs = await metadata.list_blobs()
+    # Kept counts, not listings: as quick with a million blobs as with a thousand. Usage
+    # on local disk is the shared ledger's account (a walk only when it has none); a
+    # bucket is counted, as replicas with ledgers of their own share it.
+    local = store.local_blobs and store.usage_known
+    usage = store.usage if local else await store.scan_usage()
+    totals = await metadata.totals()
     counts = await metadata.counters()
     hits = sum(
         v
@@ -310,11 +318,11 @@ async def cache_stats(
     )
     return {
         "usage_bytes": usage,
-        "blobs": len(blobs),
-        "manifests": sum(1 for _, record in blobs if record.media_type),
-        "pinned": sum(1 for _, record in blobs if record.pinned),
-        "tags": len(await metadata.tag_records()),
-        "repositories": len(await metadata.list_repositories()),
+        "blobs": totals.blobs,
+        "manifests": totals.manifests,
+        "pinned": totals.pinned,
+        "tags": totals.tags,
+        "repositories": totals.repositories,
         "requests": answered,
         "hit_ratio": round(hits / answered, 4) if answered else None,
         "bytes_from_cache": counts.get("bytes:cache", 0),
@@ -322,9 +330,5 @@ async def cache_stats(
         "bytes_from_peers": counts.get("bytes:peer", 0),
         "top_repositories": [{"repository": name, "pulls": n} for name, n in pulls[:top]],
         # Manifests have no holders: each replica keeps its own.
-        **(
-            {"fleet": await fleet_stats(metadata, [d for d, r in blobs if r.media_type is None])}
-            if fleet
-            else {}
-        ),
+        **({"fleet": await fleet_stats(metadata, await _layers(metadata))} if fleet else {}),
     }

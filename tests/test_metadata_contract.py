@@ -22,6 +22,7 @@ from mirror.metadata.base import (
     CachedResponse,
     DownloadRecord,
     MetadataStore,
+    StoreTotals,
     TagRecord,
 )
 from mirror.metadata.embedded import EmbeddedMetadataStore
@@ -258,3 +259,108 @@ async def test_jobs_are_kept_for_their_lifetime(store: MetadataStore) -> None:
         assert time.monotonic() < deadline, "the job never lapsed"
         await asyncio.sleep(0.02)
     assert await store.list_jobs() == ['{"state": "done"}']
+
+
+# Flat at scale: the LRU index and the running totals
+
+
+def _digest(n: int) -> str:
+    return f"sha256:{n:064x}"
+
+
+async def test_oldest_blobs_page_through_the_lru_order(store: MetadataStore) -> None:
+    # Ties on the access time are ordered by digest, and a page starts after a position.
+    for n, accessed in enumerate([50.0, 10.0, 30.0, 10.0, 20.0]):
+        await store.put_blob(_digest(n), BlobRecord(size=n, created_at=1.0, last_access=accessed))
+    await store.touch_blobs({_digest(1): 60.0})
+    await store.delete_blob(_digest(2))
+    expected = [_digest(3), _digest(4), _digest(0), _digest(1)]
+    assert [d for d, _ in await store.list_blobs()] == expected
+    first = await store.oldest_blobs(2)
+    assert [d for d, _ in first] == expected[:2]
+    digest, record = first[-1]
+    rest = await store.oldest_blobs(10, after=(record.last_access, digest))
+    assert [d for d, _ in rest] == expected[2:]
+    assert rest[-1][1].last_access == 60.0  # the record carries its touched time
+    assert await store.oldest_blobs(10, after=(60.0, _digest(1))) == []
+
+
+async def test_totals_follow_every_change(store: MetadataStore) -> None:
+    await store.put_blob(DIGEST, BlobRecord(size=100, created_at=1.0, last_access=1.0))
+    manifest = BlobRecord(size=7, created_at=1.0, last_access=1.0, media_type="application/x")
+    await store.put_blob(OTHER, manifest)
+    await store.put_blob(_digest(9), BlobRecord(size=5, created_at=1.0, last_access=1.0))
+    # Rewritten (pinned, resized) and touched: counted once, with its new figures.
+    await store.put_blob(DIGEST, BlobRecord(size=90, created_at=1.0, last_access=2.0, pinned=True))
+    await store.touch_blobs({DIGEST: 3.0})
+    await store.delete_blob(_digest(9))
+    await store.delete_blob(_digest(10))  # never there
+    tag = TagRecord(digest=OTHER, media_type="application/x", checked_at=1.0)
+    await store.put_tag("hub", "a/b", "1", tag)
+    await store.put_tag("hub", "a/b", "1", tag)
+    await store.put_tag("hub", "a/b", "2", tag)
+    await store.put_tag("hub", "c/d", "1", tag)
+    await store.delete_tag("hub", "c/d", "1")
+    await store.delete_tag("hub", "c/d", "1")
+    await store.add_repository("hub", "a/b")
+    await store.add_repository("hub", "c/d")
+    await store.rebuild_indexes()  # a fresh store: nothing changes either way
+    assert await store.totals() == StoreTotals(
+        blobs=2, blob_bytes=97, manifests=1, pinned=1, tags=2, repositories=2
+    )
+
+
+async def _forget_indexes(store: MetadataStore) -> None:
+    """Make the store look as a version before the index and totals left it."""
+    if isinstance(store, EmbeddedMetadataStore):
+        store._sql("DROP TABLE MirrorLru")
+        store._sql("DROP TABLE MirrorTotals")
+        store._cache.delete("counter-names")
+        store._create_index_tables()  # as opening it does
+        store._indexed = False
+    else:
+        assert isinstance(store, RedisMetadataStore)
+        await store._redis.delete(store._k("totals"))
+
+
+async def test_a_store_from_before_the_indexes_answers_and_rebuilds(
+    store: MetadataStore,
+) -> None:
+    for n in range(5):
+        record = BlobRecord(size=10, created_at=1.0, last_access=float(5 - n), pinned=n == 0)
+        await store.put_blob(_digest(n), record)
+    await store.put_tag("hub", "a/b", "1", TagRecord(digest=DIGEST, media_type="m", checked_at=1))
+    await store.add_counters({"requests:hit": 2})
+    await _forget_indexes(store)
+    want = StoreTotals(blobs=5, blob_bytes=50, manifests=0, pinned=1, tags=1, repositories=0)
+    order = [_digest(n) for n in (4, 3, 2, 1, 0)]
+    # Before the rebuild: right, from the full listings.
+    assert await store.totals() == want
+    assert [d for d, _ in await store.oldest_blobs(3, after=(5 - 4.0, _digest(4)))] == order[1:4]
+    # Built now, by the rebuild (or, in Redis, by counting for that first `totals`).
+    await store.rebuild_indexes()
+    assert await store.rebuild_indexes() is False
+    assert await store.counters() == {"requests:hit": 2}
+    await store.delete_blob(_digest(2))
+    assert await store.totals() == StoreTotals(
+        blobs=4, blob_bytes=40, manifests=0, pinned=1, tags=1, repositories=0
+    )
+    assert [d for d, _ in await store.oldest_blobs(10)] == [order[0], order[1], order[3], order[4]]
+
+
+async def test_embedded_start_forgets_leases_and_downloads_only(tmp_path: Path) -> None:
+    # Through the tag index, not a walk of every key: a big store starts as fast.
+    store = EmbeddedMetadataStore(tmp_path / "meta")
+    try:
+        assert await store.acquire_lease("blob:a", "crashed", ttl=60)
+        assert await store.renew_lease("blob:a", "crashed", ttl=60)
+        await store.put_download(DIGEST, DownloadRecord("crashed", "tmp-a", 10), ttl=60)
+        await store.put_blob(DIGEST, BlobRecord(size=1, created_at=1.0, last_access=1.0))
+        await store.put_token("hub", "token", ttl=60)
+        assert await store.forget_downloads() == 2
+        assert await store.lease_holder("blob:a") is None
+        assert await store.get_download(DIGEST) is None
+        assert await store.get_blob(DIGEST) is not None
+        assert await store.get_token("hub") is not None
+    finally:
+        await store.close()

@@ -77,6 +77,23 @@ class DownloadRecord(_JsonRecord):
     peer_url: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StoreTotals:
+    """Counts a store keeps as its records change, so reading them costs the same at
+    a thousand blobs as at a million (`mirror stats`)."""
+
+    blobs: int
+    blob_bytes: int  # the sizes the blob records give (the disk's account is the ledger)
+    manifests: int
+    pinned: int
+    tags: int
+    repositories: int
+
+
+# Where eviction stopped: (last_access, digest) of the last record it was given.
+LruPosition = tuple[float, str]
+
+
 class MetadataStore(Protocol):
     """What the cache needs from a metadata backend. Every method may raise
     `MetadataUnavailable` when the backend cannot be reached."""
@@ -173,3 +190,43 @@ class MetadataStore(Protocol):
 
     async def list_jobs(self) -> list[str]:
         """The states of every job still kept (in no particular order)."""
+
+    # Flat at scale: answers that do not list every record (eviction, `mirror stats`).
+    # Each store keeps an index in least-recently-used order and running totals with its
+    # records, in the same transaction; a store written before they existed answers
+    # from full listings until `rebuild_indexes` has run (in the background at start).
+
+    async def oldest_blobs(
+        self, limit: int, after: LruPosition | None = None
+    ) -> list[tuple[str, BlobRecord]]:
+        """Up to `limit` blob records in eviction order (`list_blobs`' order: by
+        last_access, then digest), those after the position `after` only."""
+
+    async def totals(self) -> StoreTotals:
+        """Blob, manifest, pinned, tag and repository counts and the blobs' bytes."""
+
+    async def rebuild_indexes(self) -> bool:
+        """Build the LRU index and the totals from the records if the store lacks them
+        (written by an older version); True if it had to. Safe while others write."""
+
+
+def after_position(
+    records: list[tuple[str, BlobRecord]], limit: int, after: LruPosition | None
+) -> list[tuple[str, BlobRecord]]:
+    """`oldest_blobs` from a full listing in LRU order: a store whose index is not built
+    yet answers this way (slow, but right)."""
+    if after is not None:
+        records = [item for item in records if (item[1].last_access, item[0]) > after]
+    return records[:limit]
+
+
+def totals_of(blobs: list[tuple[str, BlobRecord]], tags: int, repositories: int) -> StoreTotals:
+    """`totals` counted from full listings, for a store whose totals are not built yet."""
+    return StoreTotals(
+        blobs=len(blobs),
+        blob_bytes=sum(record.size for _, record in blobs),
+        manifests=sum(1 for _, record in blobs if record.media_type),
+        pinned=sum(1 for _, record in blobs if record.pinned),
+        tags=tags,
+        repositories=repositories,
+    )

@@ -3,7 +3,19 @@
 diskcache is synchronous and process-safe: each call runs in a worker thread,
 and multi-step updates run inside `Cache.transact()` so several processes on
 one host can share the store. Leases use `Cache.add`, which is atomic and
-honours expiry, the equivalent of Redis `SET NX PX`.
+honours expiry, the equivalent of Redis `SET NX PX`; leases and download records carry
+the diskcache tag `transient`, so a lone process drops them all at start through the tag
+index instead of walking every key.
+
+Eviction order and `mirror stats` totals come from two small tables this module keeps in
+diskcache's own SQLite database, written through its connection inside the same
+`transact()` as the records, so a crash leaves records, index and totals agreeing:
+`MirrorLru` (one row per blob: last access, size, manifest, pinned; indexed by
+last access) and `MirrorTotals` (counts and bytes, kept by triggers on `MirrorLru`; the
+tag count; the `indexed` flag). SQLite rather than a second diskcache or a side file:
+an ordered range query with an index, and atomicity with the records, come for free. A
+store written before these tables existed lacks the `indexed` flag: it answers from full
+listings until `rebuild_indexes` (run in the background at start) has filled them.
 """
 
 from __future__ import annotations
@@ -21,9 +33,52 @@ from typing import Any, TypeVar
 import diskcache
 
 from mirror.errors import MetadataUnavailable
-from mirror.metadata.base import BlobRecord, CachedResponse, DownloadRecord, TagRecord
+from mirror.metadata.base import (
+    BlobRecord,
+    CachedResponse,
+    DownloadRecord,
+    LruPosition,
+    StoreTotals,
+    TagRecord,
+    after_position,
+    totals_of,
+)
 
 T = TypeVar("T")
+
+# Leases and download records: dropped together by `forget_downloads`.
+TRANSIENT = "transient"
+REBUILD_BATCH = 1_000
+_TOTALS = ("blobs", "blob_bytes", "manifests", "pinned", "tags")
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS MirrorLru (digest TEXT PRIMARY KEY,"
+    " last_access REAL NOT NULL, size INTEGER NOT NULL, manifest INTEGER NOT NULL,"
+    " pinned INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS MirrorLru_order ON MirrorLru (last_access, digest)",
+    "CREATE TABLE IF NOT EXISTS MirrorTotals (name TEXT PRIMARY KEY,"
+    " value INTEGER NOT NULL) WITHOUT ROWID",
+    # The running totals follow every change of a row, in its transaction.
+    "CREATE TRIGGER IF NOT EXISTS MirrorLru_insert AFTER INSERT ON MirrorLru BEGIN"
+    " UPDATE MirrorTotals SET value = value + CASE name WHEN 'blobs' THEN 1"
+    " WHEN 'blob_bytes' THEN NEW.size WHEN 'manifests' THEN NEW.manifest"
+    " WHEN 'pinned' THEN NEW.pinned END"
+    " WHERE name IN ('blobs', 'blob_bytes', 'manifests', 'pinned'); END",
+    "CREATE TRIGGER IF NOT EXISTS MirrorLru_delete AFTER DELETE ON MirrorLru BEGIN"
+    " UPDATE MirrorTotals SET value = value - CASE name WHEN 'blobs' THEN 1"
+    " WHEN 'blob_bytes' THEN OLD.size WHEN 'manifests' THEN OLD.manifest"
+    " WHEN 'pinned' THEN OLD.pinned END"
+    " WHERE name IN ('blobs', 'blob_bytes', 'manifests', 'pinned'); END",
+    "CREATE TRIGGER IF NOT EXISTS MirrorLru_update AFTER UPDATE ON MirrorLru BEGIN"
+    " UPDATE MirrorTotals SET value = value + CASE name WHEN 'blob_bytes'"
+    " THEN NEW.size - OLD.size WHEN 'manifests' THEN NEW.manifest - OLD.manifest"
+    " WHEN 'pinned' THEN NEW.pinned - OLD.pinned END"
+    " WHERE name IN ('blob_bytes', 'manifests', 'pinned'); END",
+)
+_UPSERT = (
+    "INSERT INTO MirrorLru VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+    " last_access = excluded.last_access, size = excluded.size,"
+    " manifest = excluded.manifest, pinned = excluded.pinned"
+)
 
 
 def _tag_key(upstream: str, repository: str, tag: str) -> str:
@@ -39,7 +94,33 @@ class EmbeddedMetadataStore:
 
     def __init__(self, directory: Path):
         # A generous SQLite timeout: several worker processes may write at once.
-        self._cache = diskcache.Cache(str(directory), timeout=30, eviction_policy="none")
+        self._cache = diskcache.Cache(
+            str(directory), timeout=30, eviction_policy="none", tag_index=True
+        )
+        self._indexed = False
+        self._create_index_tables()
+
+    def _sql(self, statement: str, *args: Any) -> list[Any]:
+        # diskcache's own connection for this thread: inside `transact()` these
+        # statements commit (or roll back) with the records written beside them.
+        rows: list[Any] = self._cache._sql(statement, args).fetchall()
+        return rows
+
+    def _create_index_tables(self) -> None:
+        with self._cache.transact():
+            for statement in _SCHEMA:
+                self._sql(statement)
+            for name in _TOTALS:
+                self._sql("INSERT OR IGNORE INTO MirrorTotals VALUES (?, 0)", name)
+            if len(self._cache) == 0:  # a new store: nothing to index
+                self._sql("INSERT OR IGNORE INTO MirrorTotals VALUES ('indexed', 1)")
+
+    def _is_indexed(self) -> bool:
+        # Once built, always kept: only a store from before the tables needs asking
+        # again (another process may have finished the rebuild).
+        if not self._indexed:
+            self._indexed = bool(self._sql("SELECT 1 FROM MirrorTotals WHERE name = 'indexed'"))
+        return self._indexed
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
         try:
@@ -57,8 +138,15 @@ class EmbeddedMetadataStore:
         await self._run(self._put_tag_sync, upstream, repository, tag, record)
 
     def _put_tag_sync(self, upstream: str, repository: str, tag: str, record: TagRecord) -> None:
-        self._cache.set(_tag_key(upstream, repository, tag), record.to_json())
-        self._add_to_set_sync(f"tags:{_repo_key(upstream, repository)}", tag)
+        key = _tag_key(upstream, repository, tag)
+        with self._cache.transact():
+            if key not in self._cache:
+                self._count_tags(1)
+            self._cache.set(key, record.to_json())
+            self._add_to_set_sync(f"tags:{_repo_key(upstream, repository)}", tag)
+
+    def _count_tags(self, change: int) -> None:
+        self._sql("UPDATE MirrorTotals SET value = value + ? WHERE name = 'tags'", change)
 
     async def list_tags(self, upstream: str, repository: str) -> list[str]:
         raw = await self._run(self._cache.get, f"tags:{_repo_key(upstream, repository)}")
@@ -84,7 +172,8 @@ class EmbeddedMetadataStore:
 
     def _delete_tag_sync(self, upstream: str, repository: str, tag: str) -> None:
         with self._cache.transact():
-            self._cache.delete(_tag_key(upstream, repository, tag))
+            if self._cache.delete(_tag_key(upstream, repository, tag)):
+                self._count_tags(-1)
             key = f"tags:{_repo_key(upstream, repository)}"
             raw = self._cache.get(key)
             if raw:
@@ -97,11 +186,21 @@ class EmbeddedMetadataStore:
         with self._cache.transact():
             for name, amount in counts.items():
                 self._cache.incr(f"counter:{name}", amount, default=0)
+                # The names, so `counters` reads them without walking every key.
+                self._add_to_set_sync("counter-names", name)
 
     async def counters(self) -> dict[str, int]:
         return await self._run(self._counters_sync)
 
     def _counters_sync(self) -> dict[str, int]:
+        if self._is_indexed():
+            raw = self._cache.get("counter-names")
+            kept = {}
+            for name in json.loads(raw) if raw else []:
+                value = self._cache.get(f"counter:{name}")
+                if value is not None:
+                    kept[name] = int(value)
+            return kept
         found = {}
         for key in self._cache.iterkeys():
             if isinstance(key, str) and key.startswith("counter:"):
@@ -117,7 +216,23 @@ class EmbeddedMetadataStore:
         return BlobRecord.from_json(raw) if raw is not None else None
 
     async def put_blob(self, digest: str, record: BlobRecord) -> None:
-        await self._run(self._cache.set, f"blob:{digest}", record.to_json())
+        await self._run(self._put_blob_sync, digest, record)
+
+    def _put_blob_sync(self, digest: str, record: BlobRecord) -> None:
+        with self._cache.transact():
+            self._cache.set(f"blob:{digest}", record.to_json())
+            self._index_blob(digest, record)
+
+    def _index_blob(self, digest: str, record: BlobRecord) -> None:
+        """The blob's row in MirrorLru (call inside the transaction writing the record)."""
+        self._sql(
+            _UPSERT,
+            digest,
+            record.last_access,
+            record.size,
+            int(record.media_type is not None),
+            int(record.pinned),
+        )
 
     async def delete_blob(self, digest: str) -> None:
         await self._run(self._delete_blob_sync, digest)
@@ -126,6 +241,7 @@ class EmbeddedMetadataStore:
         with self._cache.transact():
             self._cache.delete(f"blob:{digest}")
             self._cache.delete(f"blobrepos:{digest}")
+            self._sql("DELETE FROM MirrorLru WHERE digest = ?", digest)
 
     async def list_blobs(self) -> list[tuple[str, BlobRecord]]:
         return await self._run(self._list_blobs_sync)
@@ -150,7 +266,9 @@ class EmbeddedMetadataStore:
                     continue
                 record = BlobRecord.from_json(raw)
                 if when > record.last_access:
-                    self._cache.set(f"blob:{digest}", replace(record, last_access=when).to_json())
+                    record = replace(record, last_access=when)
+                    self._cache.set(f"blob:{digest}", record.to_json())
+                    self._index_blob(digest, record)
 
     async def add_blob_repository(self, digest: str, upstream: str, repository: str) -> None:
         await self._run(
@@ -195,7 +313,7 @@ class EmbeddedMetadataStore:
 
     async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         return await self._run(
-            functools.partial(self._cache.add, f"lease:{name}", owner, expire=ttl)
+            functools.partial(self._cache.add, f"lease:{name}", owner, expire=ttl, tag=TRANSIENT)
         )
 
     async def renew_lease(self, name: str, owner: str, ttl: float) -> bool:
@@ -205,7 +323,7 @@ class EmbeddedMetadataStore:
         with self._cache.transact():
             if self._cache.get(f"lease:{name}") != owner:
                 return False
-            self._cache.set(f"lease:{name}", owner, expire=ttl)
+            self._cache.set(f"lease:{name}", owner, expire=ttl, tag=TRANSIENT)
             return True
 
     async def release_lease(self, name: str, owner: str) -> None:
@@ -222,7 +340,9 @@ class EmbeddedMetadataStore:
 
     async def put_download(self, digest: str, record: DownloadRecord, ttl: float) -> None:
         await self._run(
-            functools.partial(self._cache.set, f"download:{digest}", record.to_json(), expire=ttl)
+            functools.partial(
+                self._cache.set, f"download:{digest}", record.to_json(), expire=ttl, tag=TRANSIENT
+            )
         )
 
     async def get_download(self, digest: str) -> DownloadRecord | None:
@@ -238,11 +358,9 @@ class EmbeddedMetadataStore:
         return await self._run(self._forget_downloads_sync)
 
     def _forget_downloads_sync(self) -> int:
-        dropped = 0
-        for key in list(self._cache.iterkeys()):
-            if isinstance(key, str) and key.startswith(("lease:", "download:")):
-                dropped += int(self._cache.delete(key))
-        return dropped
+        # Through the tag index: a walk of every key would delay start-up on a big store.
+        # (Untagged ones, written by a version before the tag, lapse with their TTL.)
+        return int(self._cache.evict(TRANSIENT))
 
     # The fleet's directory (a fleet needs Redis; kept here so both pass one contract)
 
@@ -339,6 +457,90 @@ class EmbeddedMetadataStore:
         raw = self._cache.get("jobs")
         found = (self._cache.get(f"job:{job_id}") for job_id in (json.loads(raw) if raw else {}))
         return [str(state) for state in found if state is not None]
+
+    # Flat at scale
+
+    async def oldest_blobs(
+        self, limit: int, after: LruPosition | None = None
+    ) -> list[tuple[str, BlobRecord]]:
+        return await self._run(self._oldest_sync, limit, after)
+
+    def _oldest_sync(self, limit: int, after: LruPosition | None) -> list[tuple[str, BlobRecord]]:
+        if not self._is_indexed():
+            return after_position(self._list_blobs_sync(), limit, after)
+        if after is None:
+            rows = self._sql(
+                "SELECT digest FROM MirrorLru ORDER BY last_access, digest LIMIT ?", limit
+            )
+        else:
+            rows = self._sql(
+                "SELECT digest FROM MirrorLru WHERE (last_access, digest) > (?, ?)"
+                " ORDER BY last_access, digest LIMIT ?",
+                *after,
+                limit,
+            )
+        found = []
+        for (digest,) in rows:
+            raw = self._cache.get(f"blob:{digest}")
+            if raw is not None:  # deleted since the query: nothing to evict
+                found.append((digest, BlobRecord.from_json(raw)))
+        return found
+
+    async def totals(self) -> StoreTotals:
+        return await self._run(self._totals_sync)
+
+    def _totals_sync(self) -> StoreTotals:
+        raw = self._cache.get("repositories")
+        repositories = len(json.loads(raw)) if raw else 0
+        if not self._is_indexed():
+            return totals_of(self._list_blobs_sync(), len(self._tag_records_sync()), repositories)
+        kept = dict(self._sql("SELECT name, value FROM MirrorTotals"))
+        return StoreTotals(
+            blobs=kept["blobs"],
+            blob_bytes=kept["blob_bytes"],
+            manifests=kept["manifests"],
+            pinned=kept["pinned"],
+            tags=kept["tags"],
+            repositories=repositories,
+        )
+
+    async def rebuild_indexes(self) -> bool:
+        return await self._run(self._rebuild_sync)
+
+    def _rebuild_sync(self) -> bool:
+        if self._is_indexed():
+            return False
+        # Batches of records, each indexed in one transaction with a fresh read of them,
+        # so writers are held up for a batch at most, and a record written meanwhile is
+        # indexed by its own write. The tag count is a count of this walk: tags written
+        # during it may be counted twice or missed (a report's figure, not a bound).
+        tags = 0
+        batch: list[str] = []
+        for key in self._cache.iterkeys():
+            if not isinstance(key, str):
+                continue
+            if key.startswith("blob:"):
+                batch.append(key)
+            elif key.startswith("tag:"):
+                tags += 1
+            elif key.startswith("counter:"):
+                self._add_to_set_sync("counter-names", key.removeprefix("counter:"))
+            if len(batch) >= REBUILD_BATCH:
+                self._index_keys(batch)
+                batch = []
+        self._index_keys(batch)
+        with self._cache.transact():
+            self._sql("UPDATE MirrorTotals SET value = ? WHERE name = 'tags'", tags)
+            self._sql("INSERT OR IGNORE INTO MirrorTotals VALUES ('indexed', 1)")
+        self._indexed = True
+        return True
+
+    def _index_keys(self, keys: list[str]) -> None:
+        with self._cache.transact():
+            for key in keys:
+                raw = self._cache.get(key)
+                if raw is not None:
+                    self._index_blob(key.removeprefix("blob:"), BlobRecord.from_json(raw))
 
 
 def _split_repo_keys(keys: list[str]) -> list[tuple[str, str]]:

@@ -7,6 +7,12 @@ read-modify-write and gives eviction its LRU order for free. Leases are
 `SET NX PX`; renewing and releasing check the owner atomically in Lua.
 Redis errors become `MetadataUnavailable` here and nowhere else.
 
+Running totals (`totals`: blobs, bytes, manifests, pinned, tags) live in one hash kept by
+Lua scripts that write a record and adjust the hash atomically; `blob-access` is already
+the LRU index `oldest_blobs` reads a page of. A store without the hash's `built` field (new,
+or written by an older version) is counted once by `rebuild_indexes`, in the background at
+start or by the first `totals`.
+
 The server is one Redis or a Sentinel-managed primary (`redis_url.py` opens either). A
 command that meets a broken connection is retried once on a fresh one, which with
 Sentinel means asking the sentinels again: a failover costs the commands sent while no
@@ -25,7 +31,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from mirror.errors import MetadataUnavailable
-from mirror.metadata.base import BlobRecord, CachedResponse, DownloadRecord, TagRecord
+from mirror.metadata.base import (
+    BlobRecord,
+    CachedResponse,
+    DownloadRecord,
+    LruPosition,
+    StoreTotals,
+    TagRecord,
+)
 from mirror.metadata.redis_url import open_redis
 
 T = TypeVar("T")
@@ -44,6 +57,62 @@ return 0
 """
 
 
+# Adds ARGV[sign] times a blob record's figures to the totals hash KEYS[n].
+_ADJUST = """
+local function adjust(totals, raw, sign)
+  local record = cjson.decode(raw)
+  redis.call('HINCRBY', totals, 'blobs', sign)
+  redis.call('HINCRBY', totals, 'blob_bytes', string.format('%d', sign * record.size))
+  if record.media_type ~= nil and record.media_type ~= cjson.null then
+    redis.call('HINCRBY', totals, 'manifests', sign)
+  end
+  if record.pinned == true then
+    redis.call('HINCRBY', totals, 'pinned', sign)
+  end
+end
+"""
+# KEYS: blob, blob-access, totals; ARGV: record JSON, last access, digest.
+_PUT_BLOB = (
+    _ADJUST
+    + """
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], 'GT', ARGV[2], ARGV[3])
+if old then adjust(KEYS[3], old, -1) end
+adjust(KEYS[3], ARGV[1], 1)
+return 1
+"""
+)
+# KEYS: blob, blobrepos, blob-access, totals; ARGV: digest.
+_DELETE_BLOB = (
+    _ADJUST
+    + """
+local old = redis.call('GET', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if old then adjust(KEYS[4], old, -1) end
+return 1
+"""
+)
+# KEYS: tag, tags set, totals; ARGV: record JSON (absent: delete), tag.
+_PUT_TAG = """
+redis.call('SET', KEYS[1], ARGV[1])
+if redis.call('SADD', KEYS[2], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'tags', 1)
+end
+return 1
+"""
+_DELETE_TAG = """
+redis.call('DEL', KEYS[1])
+if redis.call('SREM', KEYS[2], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'tags', -1)
+end
+return 1
+"""
+TOTALS_FIELDS = ("blobs", "blob_bytes", "manifests", "pinned", "tags")
+SCAN_BATCH = 1_000
+
+
 class RedisMetadataStore:
     """`MetadataStore` on Redis."""
 
@@ -60,6 +129,10 @@ class RedisMetadataStore:
         self._p = prefix
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
+        self._put_blob = self._redis.register_script(_PUT_BLOB)
+        self._delete_blob = self._redis.register_script(_DELETE_BLOB)
+        self._put_tag = self._redis.register_script(_PUT_TAG)
+        self._delete_tag = self._redis.register_script(_DELETE_TAG)
 
     def _k(self, *parts: str) -> str:
         return self._p + ":".join(parts)
@@ -88,14 +161,12 @@ class RedisMetadataStore:
 
     async def put_tag(self, upstream: str, repository: str, tag: str, record: TagRecord) -> None:
         repo = f"{upstream}/{repository}"
-
-        async def write() -> None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(self._k("tag", repo, tag), record.to_json())
-                pipe.sadd(self._k("tags", repo), tag)
-                await pipe.execute()
-
-        await self._run(write)
+        await self._run(
+            lambda: self._put_tag(
+                keys=[self._k("tag", repo, tag), self._k("tags", repo), self._k("totals")],
+                args=[record.to_json(), tag],
+            )
+        )
 
     async def list_tags(self, upstream: str, repository: str) -> list[str]:
         members = await self._run(
@@ -120,14 +191,12 @@ class RedisMetadataStore:
 
     async def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
         repo = f"{upstream}/{repository}"
-
-        async def write() -> None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self._k("tag", repo, tag))
-                pipe.srem(self._k("tags", repo), tag)
-                await pipe.execute()
-
-        await self._run(write)
+        await self._run(
+            lambda: self._delete_tag(
+                keys=[self._k("tag", repo, tag), self._k("tags", repo), self._k("totals")],
+                args=[tag],
+            )
+        )
 
     async def add_counters(self, counts: Mapping[str, int]) -> None:
         if not counts:
@@ -163,22 +232,25 @@ class RedisMetadataStore:
         return record
 
     async def put_blob(self, digest: str, record: BlobRecord) -> None:
-        async def write() -> None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(self._k("blob", digest), record.to_json())
-                pipe.zadd(self._k("blob-access"), {digest: record.last_access}, gt=True)
-                await pipe.execute()
-
-        await self._run(write)
+        await self._run(
+            lambda: self._put_blob(
+                keys=[self._k("blob", digest), self._k("blob-access"), self._k("totals")],
+                args=[record.to_json(), repr(record.last_access), digest],
+            )
+        )
 
     async def delete_blob(self, digest: str) -> None:
-        async def write() -> None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self._k("blob", digest), self._k("blobrepos", digest))
-                pipe.zrem(self._k("blob-access"), digest)
-                await pipe.execute()
-
-        await self._run(write)
+        await self._run(
+            lambda: self._delete_blob(
+                keys=[
+                    self._k("blob", digest),
+                    self._k("blobrepos", digest),
+                    self._k("blob-access"),
+                    self._k("totals"),
+                ],
+                args=[digest],
+            )
+        )
 
     async def list_blobs(self) -> list[tuple[str, BlobRecord]]:
         async def read() -> list[tuple[str, BlobRecord]]:
@@ -368,6 +440,105 @@ class RedisMetadataStore:
             return [_text(state) for state in states if state is not None]
 
         return await self._run(read)
+
+    # Flat at scale
+
+    async def oldest_blobs(
+        self, limit: int, after: LruPosition | None = None
+    ) -> list[tuple[str, BlobRecord]]:
+        async def read() -> list[tuple[str, BlobRecord]]:
+            # By score from `after`'s access time; members with that very time sort by
+            # digest, and those up to `after` are skipped (paging past ties).
+            low: float | str = "-inf" if after is None else after[0]
+            found: list[tuple[str, BlobRecord]] = []
+            offset = 0
+            while len(found) < limit:
+                page = cast(
+                    list[tuple[Any, float]],
+                    await self._redis.zrangebyscore(
+                        self._k("blob-access"),
+                        low,
+                        "+inf",
+                        start=offset,
+                        num=limit,
+                        withscores=True,
+                    ),
+                )
+                if not page:
+                    break
+                offset += len(page)
+                fresh = [
+                    (_text(member), float(score))
+                    for member, score in page
+                    if after is None or (float(score), _text(member)) > after
+                ]
+                if not fresh:
+                    continue
+                raws = await self._redis.mget([self._k("blob", d) for d, _ in fresh])
+                for (digest, accessed), raw in zip(fresh, raws, strict=True):
+                    if raw is not None and len(found) < limit:
+                        record = replace(BlobRecord.from_json(raw), last_access=accessed)
+                        found.append((digest, record))
+            return found
+
+        return await self._run(read)
+
+    async def totals(self) -> StoreTotals:
+        async def read() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self._k("totals"))
+                pipe.scard(self._k("repositories"))
+                return await pipe.execute()
+
+        raw, repositories = await self._run(read)
+        kept = {_text(name): int(value) for name, value in raw.items()}
+        if "built" not in kept:
+            # Never counted (a new store, or one from an older version): counting once
+            # costs what answering from the listings would, and is kept from then on.
+            await self.rebuild_indexes()
+            return await self.totals()
+        return StoreTotals(
+            blobs=kept.get("blobs", 0),
+            blob_bytes=kept.get("blob_bytes", 0),
+            manifests=kept.get("manifests", 0),
+            pinned=kept.get("pinned", 0),
+            tags=kept.get("tags", 0),
+            repositories=int(repositories),
+        )
+
+    async def rebuild_indexes(self) -> bool:
+        async def count() -> dict[str, int]:
+            counted = dict.fromkeys(TOTALS_FIELDS, 0)
+            async for key in self._redis.scan_iter(match=f"{self._k('tags', '')}*", count=500):
+                counted["tags"] += int(await self._redis.scard(key))
+            # A page of the access index at a time: one reply of a million members would
+            # outlast the socket timeout.
+            start = 0
+            while batch := [
+                _text(d)
+                for d in await self._redis.zrange(
+                    self._k("blob-access"), start, start + SCAN_BATCH - 1
+                )
+            ]:
+                start += len(batch)
+                for raw in await self._redis.mget([self._k("blob", d) for d in batch]):
+                    if raw is None:
+                        continue
+                    record = BlobRecord.from_json(raw)
+                    counted["blobs"] += 1
+                    counted["blob_bytes"] += record.size
+                    counted["manifests"] += record.media_type is not None
+                    counted["pinned"] += record.pinned
+            return counted
+
+        if await self._run(lambda: self._redis.hexists(self._k("totals"), "built")):
+            return False
+        # Writes during the count may be counted twice or missed: the totals are a
+        # report's figures, and only a store from an older version is ever counted.
+        counted = await self._run(count)
+        fields: dict[Any, Any] = {**counted, "built": 1}
+        await self._run(lambda: self._redis.hset(self._k("totals"), mapping=fields))
+        return True
 
 
 def _text(value: Any) -> str:

@@ -185,6 +185,11 @@ class BlobStore(ABC):
         committed = self._ledger.read().committed
         return self._usage if committed is None else committed
 
+    @property
+    def usage_known(self) -> bool:
+        """Whether the shared ledger has a count (a new or damaged one has none)."""
+        return self._ledger.read().committed is not None
+
     # Lifecycle
 
     async def start(self) -> None:
