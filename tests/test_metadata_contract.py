@@ -285,6 +285,16 @@ async def test_oldest_blobs_page_through_the_lru_order(store: MetadataStore) -> 
     assert await store.oldest_blobs(10, after=(60.0, _digest(1))) == []
 
 
+async def test_last_accesses_come_from_the_index(store: MetadataStore) -> None:
+    for n in range(3):
+        await store.put_blob(_digest(n), BlobRecord(size=n, created_at=1.0, last_access=10.0))
+    await store.touch_blobs({_digest(1): 70.0})
+    await store.delete_blob(_digest(2))
+    asked = [_digest(n) for n in range(4)]  # 2 deleted, 3 never there
+    assert await store.last_accesses(asked) == {_digest(0): 10.0, _digest(1): 70.0}
+    assert await store.last_accesses([]) == {}
+
+
 async def test_totals_follow_every_change(store: MetadataStore) -> None:
     await store.put_blob(DIGEST, BlobRecord(size=100, created_at=1.0, last_access=1.0))
     manifest = BlobRecord(size=7, created_at=1.0, last_access=1.0, media_type="application/x")

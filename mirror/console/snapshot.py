@@ -5,8 +5,8 @@ every `interval` seconds, sooner when a pull brought new content (`changed`), an
 stretches its interval on a store so large that the scan itself takes long. Requests
 read the last snapshot and never wait for one.
 
-When the metadata stores keep maintained totals, the blob count here can come from
-them instead; the per-repository figures stay a snapshot.
+The blob count comes from the store's kept totals and each repository's last pull
+from its LRU index (`MetadataStore.totals`, `last_accesses`): no record is listed.
 """
 
 from __future__ import annotations
@@ -88,20 +88,25 @@ class Catalog:
 
     async def refresh(self) -> Snapshot:
         started = self._clock()
-        records = dict(await self._metadata.list_blobs())
+        # The blob count from the store's kept totals and the tagged digests' last access
+        # from its LRU index: a listing of every blob record, parsed on the event loop,
+        # held up the requests sharing it (bench/console.py, Redis: 100-180 ms).
+        totals = await self._metadata.totals()
         # One listing of every tag (rather than repository by repository: thousands of
         # round trips to the store took several times as long in bench/console.py).
+        tags = await self._metadata.tag_records()
+        accessed = await self._metadata.last_accesses(sorted({tag.digest for *_, tag in tags}))
         figures: dict[tuple[str, str], tuple[int, float | None]] = {}
-        for upstream, repository, _tag, tag in await self._metadata.tag_records():
+        for upstream, repository, _tag, tag in tags:
             count, last = figures.get((upstream, repository), (0, None))
-            record = records.get(tag.digest)
-            if record is not None and (last is None or record.last_access > last):
-                last = record.last_access
+            when = accessed.get(tag.digest)
+            if when is not None and (last is None or when > last):
+                last = when
             figures[upstream, repository] = (count + 1, last)
         counters = await self._metadata.counters()
         self.snapshot = Snapshot(
             started,
-            len(records),
+            totals.blobs,
             {key: RepositoryFigures(*value) for key, value in figures.items()},
             counters.get("bytes:cache", 0) + counters.get("bytes:peer", 0),
         )

@@ -19,7 +19,7 @@ every backend stores the same bytes.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Self
 
@@ -32,6 +32,10 @@ class _JsonRecord:
     def from_json(cls, text: str | bytes) -> Self:
         data: dict[str, Any] = json.loads(text)
         return cls(**data)
+
+
+# Digests asked of a store in one query (`last_accesses`): SQLite binds at most 999.
+LOOKUP_BATCH = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +208,10 @@ class MetadataStore(Protocol):
 
     async def totals(self) -> StoreTotals:
         """Blob, manifest, pinned, tag and repository counts and the blobs' bytes."""
+
+    async def last_accesses(self, digests: Sequence[str]) -> dict[str, float]:
+        """When each of `digests` that has a blob record was last read, from the LRU
+        index (no record is parsed): the console's last pull per repository."""
 
     async def rebuild_indexes(self) -> bool:
         """Build the LRU index and the totals from the records if the store lacks them

@@ -25,7 +25,7 @@ import functools
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +34,7 @@ import diskcache
 
 from mirror.errors import MetadataUnavailable
 from mirror.metadata.base import (
+    LOOKUP_BATCH,
     BlobRecord,
     CachedResponse,
     DownloadRecord,
@@ -503,6 +504,21 @@ class EmbeddedMetadataStore:
             tags=kept["tags"],
             repositories=repositories,
         )
+
+    async def last_accesses(self, digests: Sequence[str]) -> dict[str, float]:
+        return await self._run(self._last_accesses_sync, list(digests))
+
+    def _last_accesses_sync(self, digests: list[str]) -> dict[str, float]:
+        if not self._is_indexed():
+            records = ((d, self._cache.get(f"blob:{d}")) for d in digests)
+            return {d: BlobRecord.from_json(raw).last_access for d, raw in records if raw}
+        found: dict[str, float] = {}
+        for start in range(0, len(digests), LOOKUP_BATCH):
+            batch = digests[start : start + LOOKUP_BATCH]
+            marks = ",".join("?" * len(batch))  # placeholders only: the digests are bound
+            query = f"SELECT digest, last_access FROM MirrorLru WHERE digest IN ({marks})"  # noqa: S608
+            found.update((digest, float(when)) for digest, when in self._sql(query, *batch))
+        return found
 
     async def rebuild_indexes(self) -> bool:
         return await self._run(self._rebuild_sync)

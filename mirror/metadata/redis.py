@@ -22,7 +22,7 @@ primary is reachable, and those the caller already works around.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from mirror.errors import MetadataUnavailable
 from mirror.metadata.base import (
+    LOOKUP_BATCH,
     BlobRecord,
     CachedResponse,
     DownloadRecord,
@@ -505,6 +506,21 @@ class RedisMetadataStore:
             tags=kept.get("tags", 0),
             repositories=int(repositories),
         )
+
+    async def last_accesses(self, digests: Sequence[str]) -> dict[str, float]:
+        async def read() -> dict[str, float]:
+            found: dict[str, float] = {}
+            for start in range(0, len(digests), LOOKUP_BATCH):
+                batch = list(digests[start : start + LOOKUP_BATCH])
+                scores = await self._redis.zmscore(self._k("blob-access"), batch)
+                found.update(
+                    (digest, float(score))
+                    for digest, score in zip(batch, scores, strict=True)
+                    if score is not None
+                )
+            return found
+
+        return await self._run(read)
 
     async def rebuild_indexes(self) -> bool:
         async def count() -> dict[str, int]:
