@@ -259,7 +259,7 @@ async def test_a_job_stopped_by_shutdown_is_saved_as_failed(
     metadata = EmbeddedMetadataStore(tmp_path / "meta")
     try:
         jobs = Jobs(metadata)
-        job = jobs.start_seed(cast(MirrorCore, None), ["ref"], None, pin=False, user="alice")
+        job = await jobs.start_seed(cast(MirrorCore, None), ["ref"], None, pin=False, user="alice")
         await asyncio.wait_for(started.wait(), timeout=10)
         await jobs.close()
         stored = await Jobs(metadata).get(job.id)  # what another process sees

@@ -612,7 +612,7 @@ async def seed(request: web.Request) -> web.Response:
             ref = parse_image_reference(text, core.router)  # refuse bad names up front
             if not _may_see(request, request[VIEWER], ref.route.upstream, ref.route.repository):
                 raise NameUnknown("no such repository", detail={"reference": text[:200]})
-        started = request.app[JOBS].start_seed(
+        started = await request.app[JOBS].start_seed(
             core, references, platforms, pin=pin_them, user=request[VIEWER].user
         )
         extra["job"] = started.id

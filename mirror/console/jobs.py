@@ -95,8 +95,12 @@ class Jobs:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._tasks = TaskOwner("console-jobs")
         self._numbers = itertools.count(1)
+        # Saves go to the store one at a time, in the order they were asked for: a save
+        # cut short by shut-down still finishes its write (it runs in a thread), and the
+        # final state must land after it, not before.
+        self._save_order = asyncio.Lock()
 
-    def start_seed(
+    async def start_seed(
         self,
         core: MirrorCore,
         references: Sequence[str],
@@ -113,6 +117,8 @@ class Jobs:
             if oldest.state == "running":
                 break  # running jobs are never forgotten
             self._jobs.popitem(last=False)
+        # Saved before it is answered: the client's next request may reach another worker.
+        await self._save(job)
         self._tasks.spawn(self._seed(core, job, references, platforms, pin), name=f"job:{job.id}")
         return job
 
@@ -129,7 +135,6 @@ class Jobs:
             name=f"job:{job.id}:seed",
         )
         try:
-            await self._save(job)
             while not running.done():
                 await asyncio.wait([running], timeout=SAVE_EVERY)
                 await self._save(job)
@@ -167,10 +172,14 @@ class Jobs:
         )
 
     async def _save(self, job: Job) -> None:
-        try:
-            await self._metadata.put_job(job.id, json.dumps(job.view()), KEEP_FOR)
-        except MetadataUnavailable as exc:
-            log.warning("job_state_not_saved", job=job.id, error=exc.message)
+        await asyncio.shield(self._save_in_order(job.id, json.dumps(job.view())))
+
+    async def _save_in_order(self, job_id: str, state: str) -> None:
+        async with self._save_order:
+            try:
+                await self._metadata.put_job(job_id, state, KEEP_FOR)
+            except MetadataUnavailable as exc:
+                log.warning("job_state_not_saved", job=job_id, error=exc.message)
 
     async def get(self, job_id: str) -> Job | None:
         """The job, from this process if it runs here, else as the store last heard."""
