@@ -192,6 +192,9 @@ async def _send_manifest(
         # A whole body in one Response: aiohttp sends it with the headers in one write
         # (a StreamResponse sends its headers first, a second system call per pull).
         request[ACCESS_INFO].body_bytes = len(manifest.body)
+        # A pulled manifest's last access moves, as a blob's does: eviction and the
+        # console's "last pulled" read it.
+        request.app[SERVICES].blobs.note_access(manifest.digest)
         return web.Response(body=manifest.body, headers=headers)
     response = web.StreamResponse(headers=headers)
     response.content_length = manifest.size

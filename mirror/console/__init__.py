@@ -2,7 +2,7 @@
 
 `setup_console(app)` (called by `create_app` when `ui.enabled`) adds the gate middleware
 (`gate.py`: who may view, who may act, CSRF), the API (`api.py`), the pages
-(`pages.py`), one `on_response_prepare` hook (recent pulls, manifest access times), and
+(`pages.py`), one `on_response_prepare` hook (recent pulls, a due snapshot), and
 the console's resources in a `cleanup_ctx` entry that runs after the core is up: the
 traffic history, the catalog snapshot and the marks of upstream failure counts (each an
 owned background task) and the jobs.
@@ -72,18 +72,13 @@ async def _mark_upstreams(app: web.Application) -> None:
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """A blob or manifest GET is answered: note it among the recent pulls; a manifest's
-    last access time moves (eviction and "last pulled" both read it); new content makes
-    the catalog snapshot due."""
+    """A blob or manifest GET is answered: note it among the recent pulls; new content
+    makes the catalog snapshot due."""
     info = request.get(ACCESS_INFO)
     if info is None or request.method != "GET" or info.kind not in ("blob", "manifest"):
         return
     app = request.app
     app[api.PULLS].note(info, response.status)
-    if info.kind != "manifest" or response.status != 200:
-        return
-    digest = response.headers.get("Docker-Content-Digest")
-    if digest:
-        app[SERVICES].blobs.note_access(digest)
-    if info.cache == "miss" and api.CATALOG in app:
+    new_content = info.kind == "manifest" and response.status == 200 and info.cache == "miss"
+    if new_content and api.CATALOG in app:
         app[api.CATALOG].changed()
