@@ -33,7 +33,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from harness import prepare_process, print_table, run_in_workdir  # noqa: E402
+from harness import prepare_process, print_table, reconciled_at, run_in_workdir  # noqa: E402
 from support.images import oci_image, push  # noqa: E402
 from support.mirror_process import MirrorProcess, MirrorProcessError  # noqa: E402
 from support.net import free_port, http_request, wait_until  # noqa: E402
@@ -187,6 +187,9 @@ async def fill(metadata: MetadataStore, storage: Path, blobs: int, repositories:
     for repository, _tag, digest in tagged:
         if digest in manifests:
             await metadata.add_blob_repository(digest, UPSTREAM, repository)
+    # The indexes a mirror builds on its first start over a new store: built here, the
+    # measured mirror starts as a running one would restart, not as an upgrade does.
+    await metadata.rebuild_indexes()
     await store.close()
 
 
@@ -273,11 +276,11 @@ def run_backend(
         work / backend / "mirror",
         {UPSTREAM: {"url": f"http://127.0.0.1:{free_port()}"}},
         storage=storage,
-        log_level="warning",
+        log_level="info",  # the start-up reconcile's end is read from the log
         **settings,
     )
     cleanup.append(mirror.stop)
-    started = time.monotonic()
+    started, wall_started = time.monotonic(), time.time()
     mirror.start(timeout=600)  # start-up counts 100k blob files (the space ledger)
     ready = time.monotonic() - started
     base = mirror.url
@@ -290,14 +293,26 @@ def run_backend(
 
     wait_until(counted, timeout=600)
     snapshot = time.monotonic() - started
+    # Once as soon as the console has its first snapshot, when the start-up reconcile
+    # (a walk of every blob file) may still run beside the requests; once after it.
+    early = reconciled_at(mirror.log_path) is None
+    first_rows = asyncio.run(time_endpoints(base, args.requests))
+    wait_until(lambda: reconciled_at(mirror.log_path) is not None, timeout=900)
+    reconciled = reconciled_at(mirror.log_path)
     rows = asyncio.run(time_endpoints(base, args.requests))
     mirror.stop()
     print(
         f"\n{backend}: {args.blobs:,} blob records, {args.repositories:,} repositories "
         f"x {len(TAGS)} tags; filled in {filled:.1f} s; serving {ready:.1f} s after start, "
-        f"first snapshot {snapshot:.1f} s after start"
+        f"first snapshot {snapshot:.1f} s after start, start-up reconcile done "
+        f"{(reconciled or time.time()) - wall_started:.1f} s after start"
     )
-    print_table(["endpoint", "p50 ms", "p95 ms", "max ms"], rows)
+    headers = ["endpoint", "p50 ms", "p95 ms", "max ms"]
+    if early:
+        print("requests from the first snapshot on, while the start-up reconcile ran:")
+        print_table(headers, first_rows)
+        print("and once it had finished:")
+    print_table(headers, rows)
     if not args.keep:
         shutil.rmtree(work / backend, ignore_errors=True)
 

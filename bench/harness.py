@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
@@ -95,3 +98,19 @@ def add_blob_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--streams", type=int, default=8, help="concurrent warm readers (default 8)"
     )
+
+
+def reconciled_at(log: Path) -> float | None:
+    """When the log says the start-up reconcile ended (epoch seconds), or None yet."""
+    if not log.exists():
+        return None
+    for line in log.read_text(errors="replace").splitlines():
+        if '"reconciled"' in line or '"reconcile_skipped"' in line:
+            try:
+                stamp = json.loads(line).get("timestamp")
+            except ValueError:
+                continue
+            if isinstance(stamp, str):
+                return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+            return time.time()
+    return None

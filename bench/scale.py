@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from harness import prepare_process, print_table, run_in_workdir  # noqa: E402
+from harness import prepare_process, print_table, reconciled_at, run_in_workdir  # noqa: E402
 from support.net import LOOPBACK, free_port, http_request  # noqa: E402
 from support.redis_server import RedisServer  # noqa: E402
 
@@ -313,24 +313,6 @@ def _ms(text: str) -> float:
     value = float(re.sub(r"[a-z]+$", "", text))
     unit = re.search(r"[a-z]+$", text).group(0)  # type: ignore[union-attr]
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-
-def reconciled_at(log: Path) -> float | None:
-    """When the log says the start-up reconcile ended (epoch seconds), or None yet."""
-    if not log.exists():
-        return None
-    for line in log.read_text(errors="replace").splitlines():
-        if '"reconciled"' in line or '"reconcile_skipped"' in line:
-            try:
-                stamp = json.loads(line).get("timestamp")
-            except ValueError:
-                continue
-            if isinstance(stamp, str):
-                from datetime import datetime
-
-                return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-            return time.time()
-    return None
 
 
 def peak_rss_mib(pid: int) -> float:

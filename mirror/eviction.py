@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from mirror.errors import MetadataUnavailable, ObjectStoreUnavailable
-from mirror.metadata.base import BlobRecord, LruPosition, MetadataStore
+from mirror.metadata.base import BlobRecord, LruPosition, MetadataStore, each_blob
 from mirror.oci import Digest
 from mirror.storage.blobstore import BlobStore, Reservation
 from mirror.storage.ledger import HEARTBEAT
@@ -85,15 +85,17 @@ class Evictor:
         """Records for files that lack them; no records for files that are gone."""
         outcome = Reconciled()
         stored = {str(info.digest): info async for info in self._store.list_committed()}
-        recorded = dict(await self._metadata.list_blobs())
+        recorded = {digest async for digest, _ in each_blob(self._metadata)}
         for digest, info in stored.items():
-            if digest not in recorded:
+            # Asked again before writing: a record committed since the walk passed (or
+            # whose time moved past its page) must keep its own access time and pin.
+            if digest not in recorded and await self._metadata.get_blob(digest) is None:
                 when = info.modified
                 record = BlobRecord(size=info.size, created_at=when, last_access=when)
                 await self._metadata.put_blob(digest, record)
                 outcome.records_added += 1
         busy = self._in_use()
-        for digest in recorded.keys() - stored.keys():
+        for digest in recorded - stored.keys():
             if digest not in busy and await self._store.size(Digest.parse(digest)) is None:
                 await self._metadata.delete_blob(digest)
                 if self._on_removed is not None:
@@ -251,15 +253,16 @@ async def collect_garbage(
         if not dry_run:
             await store.abort_upload(upload)
     stored = {str(info.digest): info async for info in store.list_committed()}
-    recorded = dict(await metadata.list_blobs())
-    for digest in sorted(stored.keys() - recorded.keys()):
+    await metadata.rebuild_indexes()  # the walk below pages through the LRU index
+    recorded = {digest async for digest, _ in each_blob(metadata)}
+    for digest in sorted(stored.keys() - recorded):
         report.orphan_files.append(digest)
         report.bytes_freed += stored[digest].size
         if not dry_run:
             await store.delete(Digest.parse(digest))
             if on_removed is not None:
                 await on_removed(digest)
-    for digest in sorted(recorded.keys() - stored.keys()):
+    for digest in sorted(recorded - stored.keys()):
         report.dangling_records.append(digest)
         if not dry_run:
             await metadata.delete_blob(digest)

@@ -29,7 +29,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from mirror.errors import MetadataUnavailable
-from mirror.metadata.base import MetadataStore
+from mirror.metadata.base import MetadataStore, each_blob
 from mirror.storage.blobstore import BlobStore
 from mirror.upstream.client import RateLimit
 
@@ -291,7 +291,7 @@ async def fleet_stats(metadata: MetadataStore, digests: list[str]) -> dict[str, 
 
 
 async def _layers(metadata: MetadataStore) -> list[str]:
-    return [digest for digest, record in await metadata.list_blobs() if record.media_type is None]
+    return [digest async for digest, record in each_blob(metadata) if record.media_type is None]
 
 
 async def cache_stats(

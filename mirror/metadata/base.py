@@ -19,7 +19,7 @@ every backend stores the same bytes.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Self
 
@@ -216,6 +216,21 @@ class MetadataStore(Protocol):
     async def rebuild_indexes(self) -> bool:
         """Build the LRU index and the totals from the records if the store lacks them
         (written by an older version); True if it had to. Safe while others write."""
+
+
+async def each_blob(
+    metadata: MetadataStore, page: int = 500
+) -> AsyncIterator[tuple[str, BlobRecord]]:
+    """Every blob record in LRU order, read a page at a time from the index: a walk of a
+    million records that never holds the event loop for more than one page. A record
+    touched during the walk may come twice (it moved later); none present throughout is
+    missed, as access times only move forward."""
+    position: LruPosition | None = None
+    while batch := await metadata.oldest_blobs(page, after=position):
+        for item in batch:
+            yield item
+        digest, record = batch[-1]
+        position = (record.last_access, digest)
 
 
 def after_position(

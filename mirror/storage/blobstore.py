@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import secrets
 import shutil
@@ -51,6 +52,7 @@ from mirror.oci import Digest
 from mirror.storage.ledger import HEARTBEAT, Ledger, LedgerState
 
 LAYOUT_VERSION = "1"
+LIST_PAGE = 2000  # committed blobs listed per hop to a worker thread
 
 log = structlog.get_logger(__name__)
 
@@ -628,9 +630,12 @@ class FilesystemBlobStore(BlobStore):
         return hasher.hexdigest() == digest.hex
 
     async def list_committed(self) -> AsyncIterator[StoredInfo]:
-        listed = await asyncio.to_thread(list, self.iter_digests())
-        for digest, stat in listed:
-            yield StoredInfo(digest, stat.st_size, stat.st_mtime)
+        # A page of the walk per hop to a thread: a million files listed in one piece
+        # held the event loop for seconds while the caller went through them.
+        walk = self.iter_digests()
+        while page := await asyncio.to_thread(list, itertools.islice(walk, LIST_PAGE)):
+            for digest, stat in page:
+                yield StoredInfo(digest, stat.st_size, stat.st_mtime)
 
     async def scan_usage(self) -> int:
         """Walk blobs/ and set the shared count to the bytes it holds (under the lock,
