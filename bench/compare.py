@@ -152,6 +152,14 @@ def tree_cpu_seconds(pid: int | None) -> float:
     return sum(tree_cpu(pid))
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (/proc/stat: all
+    but idle and iowait), the whole machine's demand during a timed step."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_peak_rss_mib(pid: int | None) -> float | None:
     """The sum of the peaks (VmHWM) of the tree's processes: one process for every server
     here; for a tree, an upper bound of the peak of the whole."""
@@ -615,15 +623,25 @@ def measure_cold(
     seconds: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
     cpu: dict[str, float] = {}
+    machine: dict[str, list[float]] = {}  # machine-wide busy CPU s of each pull
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="verify") as pool:
+        cores = os.cpu_count() or 1
 
         def timed(host: str, name: str) -> float:
             os.sync()
             tree = out / name
+            busy = machine_busy_seconds()
             took = pull_once(host, tree)
+            busy = machine_busy_seconds() - busy
             verify_tree(tree, image, pool)
             shutil.rmtree(tree)
-            print(f"  {name}: {took:.2f} s")
+            # How much of the machine the pull kept busy: a pull that fills every core
+            # is bound by the CPU all its processes need together, not by any wait.
+            print(
+                f"  {name}: {took:.2f} s; machine CPU {busy:.2f} s "
+                f"({busy / (took * cores):.0%} of {cores} cores)"
+            )
+            machine.setdefault(name.rsplit("-", 1)[0], []).append(busy)
             return took
 
         timed(upstream.host, "direct-0")
@@ -647,13 +665,17 @@ def measure_cold(
                 seconds.setdefault(name, []).append(took)
                 ratios.setdefault(name, []).append(took / baseline)
     record(figures, "direct", "cold_pull_s", statistics.median(seconds["direct"]))
-    notes.append(f"direct pulls (the baselines), s: {rounds_text(seconds['direct'], 2)}")
+    notes.append(
+        f"direct pulls (the baselines), s: {rounds_text(seconds['direct'], 2)}; machine CPU "
+        f"{statistics.median(machine['direct'][1:]):.2f} s a pull"
+    )
     for name, values in ratios.items():
         record(figures, name, "cold_pull_s", statistics.median(seconds[name]))
         record(figures, name, "cold_vs_direct", statistics.median(values))
         notes.append(
             f"{name}: cold pulls, s: {rounds_text(seconds[name], 2)}; x direct: "
-            f"{rounds_text(values, 2)}; server CPU {cpu[name] / len(values):.2f} s a pull"
+            f"{rounds_text(values, 2)}; server CPU {cpu[name] / len(values):.2f} s a pull, "
+            f"machine CPU {statistics.median(machine[name + '-cold']):.2f} s a pull"
         )
 
 
