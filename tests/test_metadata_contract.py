@@ -97,9 +97,19 @@ async def test_blobs_and_access_times(store: MetadataStore) -> None:
     await store.put_blob(OTHER, manifest)
     assert await store.get_blob(OTHER) == manifest
 
+    # Several at once: the same records as one by one (access times included), and no
+    # entry for a digest without one.
+    missing = "sha256:" + "3" * 64
+    assert await store.get_blobs([DIGEST, missing, OTHER]) == {
+        DIGEST: await store.get_blob(DIGEST),
+        OTHER: manifest,
+    }
+    assert await store.get_blobs([]) == {}
+
     await store.add_blob_repository(DIGEST, "hub", "a/b")
     await store.delete_blob(DIGEST)
     assert await store.get_blob(DIGEST) is None
+    assert await store.get_blobs([DIGEST]) == {}
     assert await store.blob_repositories(DIGEST) == []
 
 

@@ -172,10 +172,6 @@ def _size(descriptor: dict[str, Any]) -> int:
     return size if isinstance(size, int) else 0
 
 
-async def _records(metadata: MetadataStore, digests: list[str]) -> dict[str, BlobRecord | None]:
-    return {digest: await metadata.get_blob(digest) for digest in digests}
-
-
 def _descriptors(document: dict[str, Any], key: str) -> list[tuple[str, dict[str, Any]]]:
     """(digest, descriptor) for each usable descriptor of a manifest's list `key`."""
     listed = document.get(key)
@@ -191,8 +187,9 @@ async def _platform(
     document = _document(manifest)
     config = _descriptor_digest(document.get("config"))
     layers = _descriptors(document, "layers")
-    records = await _records(
-        metadata, [manifest.digest, *([config] if config else []), *(d for d, _ in layers)]
+    # One read for them all: a round trip each queued behind whatever else the loop ran.
+    records = await metadata.get_blobs(
+        [manifest.digest, *([config] if config else []), *(d for d, _ in layers)]
     )
     if spec is None:
         spec = await _config_platform(request, config) if config else {}
@@ -557,8 +554,8 @@ async def evict(request: web.Request) -> web.Response:
     async with _audited(request, "evict", route.upstream, route.repository, text) as extra:
         image = await cached_image(request, route, reference)
         digests = image.digests
-        records = await _records(app[METADATA], digests)
-        pinned = [d for d, record in records.items() if record is not None and record.pinned]
+        records = await app[METADATA].get_blobs(digests)
+        pinned = [d for d, record in records.items() if record.pinned]
         if pinned:
             raise Conflict("the image is pinned: unpin it first", detail={"pinned": pinned[:20]})
         removed, freed = await _evict(request, [d for d in digests if records.get(d)])

@@ -121,6 +121,10 @@ class MetadataStore(Protocol):
 
     async def get_blob(self, digest: str) -> BlobRecord | None: ...
 
+    async def get_blobs(self, digests: Sequence[str]) -> dict[str, BlobRecord]:
+        """The records of those of `digests` that have one, in one round trip (a page
+        of the console reads an image's every layer)."""
+
     async def put_blob(self, digest: str, record: BlobRecord) -> None: ...
 
     async def delete_blob(self, digest: str) -> None: ...

@@ -216,6 +216,17 @@ class EmbeddedMetadataStore:
         raw = await self._run(self._cache.get, f"blob:{digest}")
         return BlobRecord.from_json(raw) if raw is not None else None
 
+    async def get_blobs(self, digests: Sequence[str]) -> dict[str, BlobRecord]:
+        return await self._run(self._get_blobs_sync, list(digests))
+
+    def _get_blobs_sync(self, digests: list[str]) -> dict[str, BlobRecord]:
+        found = {}
+        for digest in digests:
+            raw = self._cache.get(f"blob:{digest}")
+            if raw is not None:
+                found[digest] = BlobRecord.from_json(raw)
+        return found
+
     async def put_blob(self, digest: str, record: BlobRecord) -> None:
         await self._run(self._put_blob_sync, digest, record)
 

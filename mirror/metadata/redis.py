@@ -225,12 +225,23 @@ class RedisMetadataStore:
                 return await pipe.execute()
 
         raw, accessed = await self._run(read)
-        if raw is None:
-            return None
-        record = BlobRecord.from_json(raw)
-        if accessed is not None and float(accessed) > record.last_access:
-            record = replace(record, last_access=float(accessed))
-        return record
+        return None if raw is None else _with_access(BlobRecord.from_json(raw), accessed)
+
+    async def get_blobs(self, digests: Sequence[str]) -> dict[str, BlobRecord]:
+        async def read() -> dict[str, BlobRecord]:
+            found: dict[str, BlobRecord] = {}
+            for start in range(0, len(digests), LOOKUP_BATCH):
+                batch = list(digests[start : start + LOOKUP_BATCH])
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.mget([self._k("blob", d) for d in batch])
+                    pipe.zmscore(self._k("blob-access"), batch)
+                    raws, scores = await pipe.execute()
+                for digest, raw, accessed in zip(batch, raws, scores, strict=True):
+                    if raw is not None:
+                        found[digest] = _with_access(BlobRecord.from_json(raw), accessed)
+            return found
+
+        return await self._run(read)
 
     async def put_blob(self, digest: str, record: BlobRecord) -> None:
         await self._run(
@@ -555,6 +566,14 @@ class RedisMetadataStore:
         fields: dict[Any, Any] = {**counted, "built": 1}
         await self._run(lambda: self._redis.hset(self._k("totals"), mapping=fields))
         return True
+
+
+def _with_access(record: BlobRecord, accessed: Any) -> BlobRecord:
+    """The record with its access time from the LRU index, where that is later (touches
+    move only the index)."""
+    if accessed is not None and float(accessed) > record.last_access:
+        return replace(record, last_access=float(accessed))
+    return record
 
 
 def _text(value: Any) -> str:
