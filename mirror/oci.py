@@ -19,6 +19,7 @@ _NAME_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME_RE = re.compile(rf"{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+_LOWER_HEX = re.compile(r"[0-9a-f]+")
 NAME_MAX_LENGTH = 255
 
 # The algorithms we can verify, with the exact length of their lower-case hex.
@@ -55,7 +56,7 @@ class Digest:
         length = _ALGORITHMS.get(algorithm)
         if length is None:
             raise DigestInvalid("unsupported digest algorithm", detail={"digest": text[:200]})
-        if len(encoded) != length or not all(c in "0123456789abcdef" for c in encoded):
+        if len(encoded) != length or not _LOWER_HEX.fullmatch(encoded):
             raise DigestInvalid("invalid digest", detail={"digest": text[:200]})
         return cls(algorithm, encoded)
 
