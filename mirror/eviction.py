@@ -21,7 +21,8 @@ clean-up and scrub.
 `reconcile` brings files and records together after a crash: a verified file without a
 record gets one (dated by its mtime), a record without a file is dropped. It runs in
 the background at start, so a large cache serves at once, after the metadata store has
-built the indexes an older version did not keep (`rebuild_indexes`).
+built the indexes an older version did not keep (`rebuild_indexes`). It compares a page
+of files or records at a time, so its memory does not grow with the cache.
 
 An eviction pass reads the metadata store's LRU index a page at a time
 (`oldest_blobs`), so its cost follows what it evicts, not the number of blobs cached.
@@ -42,7 +43,7 @@ import structlog
 from mirror.errors import MetadataUnavailable, ObjectStoreUnavailable
 from mirror.metadata.base import BlobRecord, LruPosition, MetadataStore, each_blob
 from mirror.oci import Digest
-from mirror.storage.blobstore import BlobStore, Reservation
+from mirror.storage.blobstore import BlobStore, Reservation, StoredInfo
 from mirror.storage.ledger import HEARTBEAT
 
 log = structlog.get_logger(__name__)
@@ -52,6 +53,7 @@ Removed = Callable[[str], Awaitable[None]]
 
 RESCAN_EVERY = 10  # intervals
 EVICT_PAGE = 500  # LRU candidates read at a time
+RECONCILE_PAGE = 500  # files, and records, compared at a time
 
 
 @dataclass
@@ -82,27 +84,67 @@ class Evictor:
         self._evicting = asyncio.Lock()
 
     async def reconcile(self) -> Reconciled:
-        """Records for files that lack them; no records for files that are gone."""
+        """Records for files that lack them; no records for files that are gone.
+
+        Both ways a page at a time, so a million blobs take no more memory than a
+        thousand: each page of files is asked of the LRU index (`last_accesses`), each
+        page of records of the disk. An object store is asked by its listing instead,
+        kept as a set of digests (asking it blob by blob costs a request each)."""
+        # The walk of the records pages through the LRU index, which an older version's
+        # store lacks until it is built.
+        if await self._metadata.rebuild_indexes():
+            log.info("metadata_indexes_built")
         outcome = Reconciled()
-        stored = {str(info.digest): info async for info in self._store.list_committed()}
-        recorded = {digest async for digest, _ in each_blob(self._metadata)}
-        for digest, info in stored.items():
-            # Asked again before writing: a record committed since the walk passed (or
-            # whose time moved past its page) must keep its own access time and pin.
-            if digest not in recorded and await self._metadata.get_blob(digest) is None:
+        listed: set[str] | None = None if self._store.local_blobs else set()
+        files: list[StoredInfo] = []
+        async for info in self._store.list_committed():
+            files.append(info)
+            if listed is not None:
+                listed.add(str(info.digest))
+            if len(files) >= RECONCILE_PAGE:
+                outcome.records_added += await self._record_files(files)
+                files = []
+        outcome.records_added += await self._record_files(files)
+        records: list[str] = []
+        async for digest, _ in each_blob(self._metadata, RECONCILE_PAGE):
+            records.append(digest)
+            if len(records) >= RECONCILE_PAGE:
+                outcome.records_dropped += await self._drop_records(records, listed)
+                records = []
+        outcome.records_dropped += await self._drop_records(records, listed)
+        await self._store.scan_usage()
+        return outcome
+
+    async def _record_files(self, files: list[StoredInfo]) -> int:
+        """Records for those of `files` that have none; how many were written."""
+        known = await self._metadata.last_accesses([str(info.digest) for info in files])
+        added = 0
+        for info in files:
+            digest = str(info.digest)
+            # Asked again before writing: a record committed since the index was read
+            # must keep its own access time and pin.
+            if digest not in known and await self._metadata.get_blob(digest) is None:
                 when = info.modified
                 record = BlobRecord(size=info.size, created_at=when, last_access=when)
                 await self._metadata.put_blob(digest, record)
-                outcome.records_added += 1
+                added += 1
+        return added
+
+    async def _drop_records(self, digests: list[str], listed: set[str] | None) -> int:
+        """Drop the records of those of `digests` whose blob is gone; how many."""
+        if listed is None:
+            gone = await asyncio.to_thread(_without_local_file, self._store, digests)
+        else:
+            gone = [digest for digest in digests if digest not in listed]
         busy = self._in_use()
-        for digest in recorded - stored.keys():
+        dropped = 0
+        for digest in gone:
             if digest not in busy and await self._store.size(Digest.parse(digest)) is None:
                 await self._metadata.delete_blob(digest)
                 if self._on_removed is not None:
                     await self._on_removed(digest)
-                outcome.records_dropped += 1
-        await self._store.scan_usage()
-        return outcome
+                dropped += 1
+        return dropped
 
     async def _rescan(self) -> None:
         """Count the store afresh: other processes (or replicas) commit and evict too."""
@@ -179,8 +221,6 @@ class Evictor:
         commit crosses the high watermark, and rescan the disk (other processes' writes)
         every few `interval`s."""
         try:
-            if await self._metadata.rebuild_indexes():
-                log.info("metadata_indexes_built")
             outcome = await self.reconcile()
             log.info(
                 "reconciled",
@@ -309,3 +349,13 @@ async def verify_blobs(
         report.corrupt.append((digest, str(moved)))
         log.error("blob_corrupt", digest=digest, moved_to=str(moved))
     return report
+
+
+def _without_local_file(store: BlobStore, digests: list[str]) -> list[str]:
+    """Those of `digests` with no committed file on the store's local disk."""
+    gone = []
+    for digest in digests:
+        path = store.local_path(Digest.parse(digest))
+        if path is None or not path.exists():
+            gone.append(digest)
+    return gone

@@ -44,7 +44,8 @@ async def metadata(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         store = EmbeddedNoListing(tmp_path / "meta")
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
-        store = RedisNoListing(server.url, prefix=f"evict{id(tmp_path)}:")
+        # A prefix unique to the test: an id() is reused once its object is gone.
+        store = RedisNoListing(server.url, prefix=f"evict-{tmp_path.name}:")
     yield store
     await store.close()
 
@@ -76,3 +77,40 @@ async def test_a_pass_pages_through_the_oldest_and_skips_pinned_and_busy(
     totals = await metadata.totals()
     assert (totals.blobs, totals.blob_bytes, totals.pinned) == (15, 15 * SIZE, 2)
     assert await evictor.evict() == 0  # under the high watermark now
+
+
+async def test_reconcile_pages_both_ways_and_keeps_what_records_say(
+    metadata: MetadataStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files without records get one, records without files go (unless a download holds
+    them), and a record that exists keeps its access time and pin: over several pages each
+    way, without listing every record."""
+    monkeypatch.setattr(eviction, "RECONCILE_PAGE", 3)
+    store = FilesystemBlobStore(tmp_path / "root", Quota(max_size=None))
+    store.prepare()
+    files = []
+    for n in range(10):
+        data = b"file %d" % n
+        digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+        assert await store.put_bytes(digest, data)
+        files.append(str(digest))
+    kept = BlobRecord(6, created_at=1.0, last_access=42.0, pinned=True)
+    for digest in files[:4]:  # the other six files have no record
+        await metadata.put_blob(digest, kept)
+    ghosts = ["sha256:" + hashlib.sha256(b"ghost %d" % n).hexdigest() for n in range(7)]
+    for n, digest in enumerate(ghosts):
+        await metadata.put_blob(digest, BlobRecord(9, created_at=1.0, last_access=float(n)))
+    busy = {ghosts[5]}  # its download is writing the file now
+
+    outcome = await Evictor(store, metadata, lambda: busy).reconcile()
+
+    assert (outcome.records_added, outcome.records_dropped) == (6, 6)
+    for digest in files[:4]:
+        assert await metadata.get_blob(digest) == kept
+    for digest in files[4:]:
+        record = await metadata.get_blob(digest)
+        assert record is not None
+        assert (record.size, record.pinned) == (6, False)
+    assert set(await metadata.get_blobs(ghosts)) == {ghosts[5]}
+    totals = await metadata.totals()
+    assert (totals.blobs, totals.pinned) == (11, 4)
