@@ -227,8 +227,9 @@ async def each_blob(
 ) -> AsyncIterator[tuple[str, BlobRecord]]:
     """Every blob record in LRU order, read a page at a time from the index: a walk of a
     million records that never holds the event loop for more than one page. A record
-    touched during the walk may come twice (it moved later); none present throughout is
-    missed, as access times only move forward."""
+    touched during the walk may come twice (it moved later), and one touched just as its
+    page was read may move the next page's start past a few others: a walk is a sweep
+    for reconcile and reports, not an exact census."""
     position: LruPosition | None = None
     while batch := await metadata.oldest_blobs(page, after=position):
         for item in batch:
