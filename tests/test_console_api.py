@@ -20,6 +20,7 @@ from support.mirror_process import MirrorProcess
 from support.net import eventually_async, free_port, http_request, wait_until
 from support.skopeo import skopeo_copy_async
 
+from mirror.api.services import SERVICES
 from mirror.app import EVICTOR, METADATA
 
 USERS = {"alice": "alice-pw", "bob": "bob-pw"}  # alice is an admin, bob only views
@@ -125,14 +126,18 @@ async def test_browse_lists_images_with_platforms(
 ) -> None:
     api = Api(http, mirror)
     await pull(mirror, INDEX, tmp_path / "index")  # --all: both platforms
+    started = time.time()
     await pull(mirror, OCI, tmp_path / "oci")
     await mirror.settled()
+    await mirror.server.app[SERVICES].blobs.flush_access()  # as it is every few seconds
     listed = await api.get("repositories")
     assert {(r["upstream"], r["repository"]) for r in listed["repositories"]} == {
         ("local", INDEX),
         ("local", OCI),
     }
     assert all(r["tags"] == 1 for r in listed["repositories"])
+    pulled = {r["repository"]: r["last_pulled"] for r in listed["repositories"]}
+    assert pulled[INDEX] <= started <= pulled[OCI] <= time.time()
     found = await api.get("repositories", q="INDEX")
     assert [r["repository"] for r in found["repositories"]] == [INDEX]
     page = await api.get("repositories", limit="1")

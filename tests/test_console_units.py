@@ -22,10 +22,10 @@ from mirror.console import jobs as jobs_module
 from mirror.console.gate import ConsoleGate, csrf_secret, is_console_path
 from mirror.console.history import Totals, TrafficHistory, metric_totals
 from mirror.console.jobs import Jobs
-from mirror.console.snapshot import Catalog, RepositoryFigures
+from mirror.console.snapshot import Catalog
 from mirror.core import MirrorCore
 from mirror.errors import Denied, Unauthorized
-from mirror.metadata.base import BlobRecord, TagRecord
+from mirror.metadata.base import BlobRecord
 from mirror.metadata.embedded import EmbeddedMetadataStore
 from mirror.metrics import Metrics
 from mirror.upstream.client import UpstreamHealth
@@ -220,15 +220,13 @@ def test_upstream_health_counts_the_last_hours_failures_by_cause() -> None:
     }
 
 
-async def test_catalog_snapshot_counts_blobs_tags_and_last_pulls(tmp_path: Path) -> None:
+async def test_catalog_snapshot_counts_blobs_and_bytes_saved(tmp_path: Path) -> None:
     metadata = EmbeddedMetadataStore(tmp_path / "meta")
     try:
         index, old, layer = ("sha256:" + c * 64 for c in "abc")
         await metadata.put_blob(index, BlobRecord(10, 100.0, 500.0, "x"))
         await metadata.put_blob(old, BlobRecord(10, 100.0, 200.0, "x"))
         await metadata.put_blob(layer, BlobRecord(99, 100.0, 900.0))
-        for tag, digest in (("latest", index), ("1.0", old)):
-            await metadata.put_tag("hub", "library/app", tag, TagRecord(digest, "x", 1.0))
         await metadata.add_repository("hub", "library/app")
         await metadata.add_repository("hub", "library/empty")
         await metadata.add_counters({"bytes:cache": 7, "bytes:peer": 3, "bytes:upstream": 50})
@@ -236,10 +234,10 @@ async def test_catalog_snapshot_counts_blobs_tags_and_last_pulls(tmp_path: Path)
         snapshot = await catalog.refresh()
         assert catalog.snapshot is snapshot
         assert (snapshot.taken_at, snapshot.blobs, snapshot.bytes_saved) == (1234.0, 3, 10)
-        # A repository without tags has no figures: the API counts its tags (none) itself.
-        assert snapshot.repositories == {
-            ("hub", "library/app"): RepositoryFigures(tags=2, last_pulled=500.0)
-        }
+        assert await catalog.repository_names() == [
+            ("hub/library/app", "hub", "library/app"),
+            ("hub/library/empty", "hub", "library/empty"),
+        ]
     finally:
         await metadata.close()
 

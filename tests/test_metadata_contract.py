@@ -22,6 +22,7 @@ from mirror.metadata.base import (
     CachedResponse,
     DownloadRecord,
     MetadataStore,
+    RepositoryFigures,
     StoreTotals,
     TagRecord,
 )
@@ -125,6 +126,28 @@ async def test_repositories(store: MetadataStore) -> None:
     await store.add_repository("ghcr", "org/app")
     await store.add_repository("hub", "library/alpine")
     assert await store.list_repositories() == [("ghcr", "org/app"), ("hub", "library/alpine")]
+
+
+async def test_repository_figures_count_tags_and_keep_the_latest_pull(
+    store: MetadataStore,
+) -> None:
+    tag = TagRecord(digest=DIGEST, media_type="m", checked_at=1.0)
+    for name in ("1", "2", "3"):
+        await store.put_tag("hub", "a/b", name, tag)
+    await store.put_tag("hub", "a/b", "1", tag)  # rewritten: still one tag
+    await store.delete_tag("hub", "a/b", "3")
+    await store.put_tag("ghcr", "c/d", "x", tag)
+    await store.touch_repositories({("hub", "a/b"): 50.0, ("ghcr", "c/d"): 20.0})
+    # Never back: an earlier pull (another node's, flushed late) leaves the later one.
+    await store.touch_repositories({("hub", "a/b"): 40.0, ("ghcr", "c/d"): 30.0})
+    await store.touch_repositories({})
+    asked = [("hub", "a/b"), ("ghcr", "c/d"), ("hub", "never/seen")]
+    assert await store.repository_figures(asked) == {
+        ("hub", "a/b"): RepositoryFigures(tags=2, last_pulled=50.0),
+        ("ghcr", "c/d"): RepositoryFigures(tags=1, last_pulled=30.0),
+        ("hub", "never/seen"): RepositoryFigures(tags=0, last_pulled=None),
+    }
+    assert await store.repository_figures([]) == {}
 
 
 async def test_cached_responses(store: MetadataStore) -> None:
@@ -335,12 +358,13 @@ async def _forget_indexes(store: MetadataStore) -> None:
     if isinstance(store, EmbeddedMetadataStore):
         store._sql("DROP TABLE MirrorLru")
         store._sql("DROP TABLE MirrorTotals")
+        store._sql("DROP TABLE MirrorPulls")
         store._cache.delete("counter-names")
         store._create_index_tables()  # as opening it does
-        store._indexed = False
+        store._flags.clear()
     else:
         assert isinstance(store, RedisMetadataStore)
-        await store._redis.delete(store._k("totals"))
+        await store._redis.delete(store._k("totals"), store._k("repo-pulled"))
 
 
 async def test_a_store_from_before_the_indexes_answers_and_rebuilds(
@@ -350,20 +374,31 @@ async def test_a_store_from_before_the_indexes_answers_and_rebuilds(
         record = BlobRecord(size=10, created_at=1.0, last_access=float(5 - n), pinned=n == 0)
         await store.put_blob(_digest(n), record)
     await store.put_tag("hub", "a/b", "1", TagRecord(digest=DIGEST, media_type="m", checked_at=1))
+    # Two tags: the repository's last pull is the later access of the two manifests.
+    for name, n in (("old", 3), ("new", 1)):
+        await store.put_tag("hub", "c/d", name, TagRecord(_digest(n), "m", checked_at=1))
     await store.add_counters({"requests:hit": 2})
     await _forget_indexes(store)
-    want = StoreTotals(blobs=5, blob_bytes=50, manifests=0, pinned=1, tags=1, repositories=0)
+    want = StoreTotals(blobs=5, blob_bytes=50, manifests=0, pinned=1, tags=3, repositories=0)
     order = [_digest(n) for n in (4, 3, 2, 1, 0)]
-    # Before the rebuild: right, from the full listings.
+    figures = {
+        ("hub", "a/b"): RepositoryFigures(tags=1, last_pulled=None),  # DIGEST has no record
+        ("hub", "c/d"): RepositoryFigures(tags=2, last_pulled=4.0),
+    }
+    # Before the rebuild: right, from the full listings (the last pulls from the tags).
+    assert await store.repository_figures(list(figures)) == figures
     assert await store.totals() == want
     assert [d for d, _ in await store.oldest_blobs(3, after=(5 - 4.0, _digest(4)))] == order[1:4]
     # Built now, by the rebuild (or, in Redis, by counting for that first `totals`).
     await store.rebuild_indexes()
     assert await store.rebuild_indexes() is False
     assert await store.counters() == {"requests:hit": 2}
+    assert await store.repository_figures(list(figures)) == figures  # seeded from the tags
+    await store.touch_repositories({("hub", "a/b"): 9.0})
+    assert (await store.repository_figures([("hub", "a/b")]))["hub", "a/b"].last_pulled == 9.0
     await store.delete_blob(_digest(2))
     assert await store.totals() == StoreTotals(
-        blobs=4, blob_bytes=40, manifests=0, pinned=1, tags=1, repositories=0
+        blobs=4, blob_bytes=40, manifests=0, pinned=1, tags=3, repositories=0
     )
     assert [d for d, _ in await store.oldest_blobs(10)] == [order[0], order[1], order[3], order[4]]
 

@@ -176,11 +176,11 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     head = request.method == "HEAD"
     found = await services.manifests.get(route, reference, accept, head=head)
     request[ACCESS_INFO].cache = found.cache_result
-    return await _send_manifest(request, found, head=head)
+    return await _send_manifest(request, route, found, head=head)
 
 
 async def _send_manifest(
-    request: web.Request, manifest: Manifest, *, head: bool
+    request: web.Request, route: Route, manifest: Manifest, *, head: bool
 ) -> web.StreamResponse:
     headers = {
         "Content-Type": manifest.media_type,
@@ -192,9 +192,9 @@ async def _send_manifest(
         # A whole body in one Response: aiohttp sends it with the headers in one write
         # (a StreamResponse sends its headers first, a second system call per pull).
         request[ACCESS_INFO].body_bytes = len(manifest.body)
-        # A pulled manifest's last access moves, as a blob's does: eviction and the
-        # console's "last pulled" read it.
-        request.app[SERVICES].blobs.note_access(manifest.digest)
+        # A pulled manifest's last access moves, as a blob's does (eviction reads it),
+        # and so does its repository's last pull (the console's list).
+        request.app[SERVICES].blobs.note_pull(route, manifest.digest)
         return web.Response(body=manifest.body, headers=headers)
     response = web.StreamResponse(headers=headers)
     response.content_length = manifest.size

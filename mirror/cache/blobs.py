@@ -404,9 +404,12 @@ class BlobCache:
         ]
         return sorted(found, key=lambda item: item.started)
 
-    def note_access(self, digest: str) -> None:
-        """Note that a blob (a manifest) was just served, for its last access time."""
-        self._access_times.note(digest, time.time())
+    def note_pull(self, route: Route, digest: str) -> None:
+        """Note that a manifest was just served from the route's repository: its last
+        access (eviction's order) and the repository's last pull (the console's)."""
+        now = time.time()
+        self._access_times.note(digest, now)
+        self._access_times.note_pull(route.upstream, route.repository, now)
 
 
 @dataclass(frozen=True, slots=True)

@@ -359,9 +359,7 @@ async def repositories(request: web.Request) -> web.Response:
     limit = _limit(request.query.get("limit"))
     after = _cursor(request.query.get("cursor"))
     viewer = request[VIEWER]
-    metadata = request.app[METADATA]
     catalog = request.app[CATALOG]
-    known = {} if catalog.snapshot is None else catalog.snapshot.repositories
     chosen = []
     # Ordered by the name the cursor holds, so that pages never skip or repeat one.
     for name, upstream, repository in await catalog.repository_names():
@@ -375,22 +373,16 @@ async def repositories(request: web.Request) -> web.Response:
         if len(chosen) > limit:
             break
     page, more = chosen[:limit], len(chosen) > limit
-    listed = []
-    for upstream, repository in page:
-        figures = known.get((upstream, repository))
-        if figures is None:
-            # Newer than the snapshot: counted now (the page is bounded).
-            tags, last_pulled = len(await metadata.list_tags(upstream, repository)), None
-        else:
-            tags, last_pulled = figures.tags, figures.last_pulled
-        listed.append(
-            {
-                "upstream": upstream,
-                "repository": repository,
-                "tags": tags,
-                "last_pulled": last_pulled,
-            }
-        )
+    figures = await request.app[METADATA].repository_figures(page)
+    listed = [
+        {
+            "upstream": upstream,
+            "repository": repository,
+            "tags": figures[upstream, repository].tags,
+            "last_pulled": figures[upstream, repository].last_pulled,
+        }
+        for upstream, repository in page
+    ]
     next_cursor = None
     if more and page:
         last = f"{page[-1][0]}/{page[-1][1]}"

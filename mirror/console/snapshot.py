@@ -1,12 +1,13 @@
-"""What the console shows that would cost a scan of the metadata store per request:
-how many blobs the cache holds, each repository's tag count and last pull, and the
-lasting byte counters. An owned background task computes it (`Catalog.run`) at most
-every `interval` seconds, sooner when a pull brought new content (`changed`), and
-stretches its interval on a store so large that the scan itself takes long. Requests
-read the last snapshot and never wait for one.
+"""What the console's overview shows of the metadata store: how many blobs the cache
+holds and the lasting byte counters, and the list of repositories the browse pages
+search and page through. An owned background task reads the figures (`Catalog.run`) at
+most every `interval` seconds, sooner when a pull brought new content (`changed`), and
+stretches its interval should reading them take long. Requests read the last snapshot
+and never wait for one.
 
-The blob count comes from the store's kept totals and each repository's last pull
-from its LRU index (`MetadataStore.totals`, `last_accesses`): no record is listed.
+Both figures are kept by the store (`MetadataStore.totals`, `counters`): no record is
+listed. A repository's tag count and last pull are read for a page of the list at a
+time (`MetadataStore.repository_figures`), so nothing here grows with the tags.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -36,16 +37,9 @@ IDLE_SHARE, BUSY_SHARE = 0.05, 0.2
 
 
 @dataclass(frozen=True, slots=True)
-class RepositoryFigures:
-    tags: int
-    last_pulled: float | None
-
-
-@dataclass(frozen=True, slots=True)
 class Snapshot:
     taken_at: float
     blobs: int
-    repositories: dict[tuple[str, str], RepositoryFigures] = field(default_factory=dict)
     bytes_saved: int = 0  # lasting counters: bytes from the cache or a peer, ever
 
 
@@ -88,26 +82,15 @@ class Catalog:
 
     async def refresh(self) -> Snapshot:
         started = self._clock()
-        # The blob count from the store's kept totals and the tagged digests' last access
-        # from its LRU index: a listing of every blob record, parsed on the event loop,
-        # held up the requests sharing it (bench/console.py, Redis: 100-180 ms).
+        # Kept figures only: a listing of every blob record, parsed on the event loop,
+        # held up the requests sharing it (bench/console.py, Redis: 100-180 ms), and one
+        # of every tag, in a worker thread, doubled the tail latency of pulls at 50,000
+        # tags (bench/scale.py: the loop waits on the GIL).
         totals = await self._metadata.totals()
-        # One listing of every tag (rather than repository by repository: thousands of
-        # round trips to the store took several times as long in bench/console.py).
-        tags = await self._metadata.tag_records()
-        accessed = await self._metadata.last_accesses(sorted({tag.digest for *_, tag in tags}))
-        figures: dict[tuple[str, str], tuple[int, float | None]] = {}
-        for upstream, repository, _tag, tag in tags:
-            count, last = figures.get((upstream, repository), (0, None))
-            when = accessed.get(tag.digest)
-            if when is not None and (last is None or when > last):
-                last = when
-            figures[upstream, repository] = (count + 1, last)
         counters = await self._metadata.counters()
         self.snapshot = Snapshot(
             started,
             totals.blobs,
-            {key: RepositoryFigures(*value) for key, value in figures.items()},
             counters.get("bytes:cache", 0) + counters.get("bytes:peer", 0),
         )
         return self.snapshot

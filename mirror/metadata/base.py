@@ -19,6 +19,7 @@ every backend stores the same bytes.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Self
@@ -94,6 +95,14 @@ class StoreTotals:
     repositories: int
 
 
+@dataclass(frozen=True, slots=True)
+class RepositoryFigures:
+    """What the console lists beside a repository's name."""
+
+    tags: int
+    last_pulled: float | None  # when a client last pulled one of its manifests
+
+
 # Where eviction stopped: (last_access, digest) of the last record it was given.
 LruPosition = tuple[float, str]
 
@@ -142,6 +151,16 @@ class MetadataStore(Protocol):
     async def add_repository(self, upstream: str, repository: str) -> None: ...
 
     async def list_repositories(self) -> list[tuple[str, str]]: ...
+
+    async def touch_repositories(self, pulled: Mapping[tuple[str, str], float]) -> None:
+        """Move each (upstream, repository)'s last pull forward to the given time (never
+        back)."""
+
+    async def repository_figures(
+        self, repositories: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], RepositoryFigures]:
+        """The tag count and last pull of each of `repositories` (every one asked has an
+        entry), in one round trip: a page of the console's list, at any store size."""
 
     async def get_response(self, key: str) -> CachedResponse | None: ...
 
@@ -215,11 +234,12 @@ class MetadataStore(Protocol):
 
     async def last_accesses(self, digests: Sequence[str]) -> dict[str, float]:
         """When each of `digests` that has a blob record was last read, from the LRU
-        index (no record is parsed): the console's last pull per repository."""
+        index (no record is parsed)."""
 
     async def rebuild_indexes(self) -> bool:
-        """Build the LRU index and the totals from the records if the store lacks them
-        (written by an older version); True if it had to. Safe while others write."""
+        """Build the LRU index, the totals and the repositories' last pulls from the
+        records if the store lacks them (written by an older version); True if it had
+        to. Safe while others write."""
 
 
 async def each_blob(
@@ -246,6 +266,39 @@ def after_position(
     if after is not None:
         records = [item for item in records if (item[1].last_access, item[0]) > after]
     return records[:limit]
+
+
+async def pulls_from_tags(
+    metadata: MetadataStore,
+    repositories: Sequence[tuple[str, str]],
+    kept: Mapping[tuple[str, str], float],
+) -> dict[tuple[str, str], float]:
+    """`kept` last pulls, and for the repositories it lacks, as a store from before the
+    pulls were kept can tell it (until `rebuild_indexes` has seeded them): the latest
+    access of a manifest one of its tags names. A round trip per tag, so for a page of
+    repositories only."""
+    tagged: list[tuple[tuple[str, str], str]] = []
+    for upstream, repository in repositories:
+        if (upstream, repository) in kept:  # pulled since: later than any from the tags
+            continue
+        for tag in await metadata.list_tags(upstream, repository):
+            record = await metadata.get_tag(upstream, repository, tag)
+            if record is not None:
+                tagged.append(((upstream, repository), record.digest))
+    accessed = await metadata.last_accesses(sorted({digest for _, digest in tagged}))
+    return {**latest_pulls(tagged, accessed), **kept}
+
+
+def latest_pulls(
+    tagged: Sequence[tuple[tuple[str, str], str]], accessed: Mapping[str, float]
+) -> dict[tuple[str, str], float]:
+    """Per repository, the latest of `accessed` among the digests its tags name."""
+    latest: dict[tuple[str, str], float] = {}
+    for repository, digest in tagged:
+        when = accessed.get(digest)
+        if when is not None and when > latest.get(repository, -math.inf):
+            latest[repository] = when
+    return latest
 
 
 def totals_of(blobs: list[tuple[str, BlobRecord]], tags: int, repositories: int) -> StoreTotals:

@@ -11,11 +11,13 @@ Eviction order and `mirror stats` totals come from two small tables this module 
 diskcache's own SQLite database, written through its connection inside the same
 `transact()` as the records, so a crash leaves records, index and totals agreeing:
 `MirrorLru` (one row per blob: last access, size, manifest, pinned; indexed by
-last access) and `MirrorTotals` (counts and bytes, kept by triggers on `MirrorLru`; the
-tag count; the `indexed` flag). SQLite rather than a second diskcache or a side file:
-an ordered range query with an index, and atomicity with the records, come for free. A
-store written before these tables existed lacks the `indexed` flag: it answers from full
-listings until `rebuild_indexes` (run in the background at start) has filled them.
+last access), `MirrorTotals` (counts and bytes, kept by triggers on `MirrorLru`; the
+tag count; the flags below) and `MirrorPulls` (each repository's last pull, for the
+console's list). SQLite rather than a second diskcache or a side file: an ordered range
+query with an index, and atomicity with the records, come for free. A store written
+before these tables existed lacks their flags (`indexed`, `pulls`): it answers from full
+listings (the pulls: from its tags) until `rebuild_indexes` (run in the background at
+start) has filled them.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ from mirror.metadata.base import (
     CachedResponse,
     DownloadRecord,
     LruPosition,
+    RepositoryFigures,
     StoreTotals,
     TagRecord,
     after_position,
+    latest_pulls,
+    pulls_from_tags,
     totals_of,
 )
 
@@ -59,6 +64,8 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS MirrorLru_order ON MirrorLru (last_access, digest)",
     "CREATE TABLE IF NOT EXISTS MirrorTotals (name TEXT PRIMARY KEY,"
     " value INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS MirrorPulls (repository TEXT PRIMARY KEY,"
+    " last_pulled REAL NOT NULL) WITHOUT ROWID",
     # The running totals follow every change of a row, in its transaction.
     "CREATE TRIGGER IF NOT EXISTS MirrorLru_insert AFTER INSERT ON MirrorLru BEGIN"
     " UPDATE MirrorTotals SET value = value + CASE name WHEN 'blobs' THEN 1"
@@ -75,6 +82,12 @@ _SCHEMA = (
     " THEN NEW.size - OLD.size WHEN 'manifests' THEN NEW.manifest - OLD.manifest"
     " WHEN 'pinned' THEN NEW.pinned - OLD.pinned END"
     " WHERE name IN ('blob_bytes', 'manifests', 'pinned'); END",
+)
+# Flags in MirrorTotals: the LRU index and totals are built; the last pulls are kept.
+INDEXED, PULLS = "indexed", "pulls"
+_PULL_UPSERT = (
+    "INSERT INTO MirrorPulls VALUES (?, ?) ON CONFLICT (repository) DO UPDATE SET"
+    " last_pulled = max(last_pulled, excluded.last_pulled)"
 )
 _UPSERT = (
     "INSERT INTO MirrorLru VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
@@ -99,7 +112,7 @@ class EmbeddedMetadataStore:
         self._cache = diskcache.Cache(
             str(directory), timeout=30, eviction_policy="none", tag_index=True
         )
-        self._indexed = False
+        self._flags: set[str] = set()  # those seen set: once set, never cleared
         self._create_index_tables()
 
     def _sql(self, statement: str, *args: Any) -> list[Any]:
@@ -132,14 +145,21 @@ class EmbeddedMetadataStore:
             for name in _TOTALS:
                 self._sql("INSERT OR IGNORE INTO MirrorTotals VALUES (?, 0)", name)
             if len(self._cache) == 0:  # a new store: nothing to index
-                self._sql("INSERT OR IGNORE INTO MirrorTotals VALUES ('indexed', 1)")
+                for flag in (INDEXED, PULLS):
+                    self._set_flag(flag)
 
-    def _is_indexed(self) -> bool:
+    def _set_flag(self, flag: str) -> None:
+        self._sql("INSERT OR IGNORE INTO MirrorTotals VALUES (?, 1)", flag)
+
+    def _has_flag(self, flag: str) -> bool:
         # Once built, always kept: only a store from before the tables needs asking
         # again (another process may have finished the rebuild).
-        if not self._indexed:
-            self._indexed = bool(self._sql("SELECT 1 FROM MirrorTotals WHERE name = 'indexed'"))
-        return self._indexed
+        if flag not in self._flags and self._sql("SELECT 1 FROM MirrorTotals WHERE name = ?", flag):
+            self._flags.add(flag)
+        return flag in self._flags
+
+    def _is_indexed(self) -> bool:
+        return self._has_flag(INDEXED)
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
         try:
@@ -314,6 +334,39 @@ class EmbeddedMetadataStore:
     async def list_repositories(self) -> list[tuple[str, str]]:
         raw = await self._run(self._cache.get, "repositories")
         return _split_repo_keys(json.loads(raw) if raw else [])
+
+    async def touch_repositories(self, pulled: Mapping[tuple[str, str], float]) -> None:
+        if pulled:
+            await self._run(self._touch_repositories_sync, dict(pulled))
+
+    def _touch_repositories_sync(self, pulled: dict[tuple[str, str], float]) -> None:
+        with self._cache.transact():
+            for (upstream, repository), when in pulled.items():
+                self._sql(_PULL_UPSERT, _repo_key(upstream, repository), when)
+
+    async def repository_figures(
+        self, repositories: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], RepositoryFigures]:
+        asked = list(repositories)
+        tags, pulled = await self._run(self._repository_figures_sync, asked)
+        if not self._has_flag(PULLS):  # (a cached flag: no query once set)
+            pulled = await pulls_from_tags(self, asked, pulled)
+        return {key: RepositoryFigures(tags[key], pulled.get(key)) for key in asked}
+
+    def _repository_figures_sync(
+        self, repositories: list[tuple[str, str]]
+    ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], float]]:
+        """Tag counts from each repository's list of tags, and last pulls from
+        `MirrorPulls`."""
+        tags = {}
+        for upstream, repository in repositories:
+            raw = self._cache.get(f"tags:{_repo_key(upstream, repository)}")
+            tags[upstream, repository] = len(json.loads(raw)) if raw else 0
+        names = {_repo_key(*key): key for key in repositories}
+        rows = self._rows_in(
+            "SELECT repository, last_pulled FROM MirrorPulls WHERE repository", list(names)
+        )
+        return tags, {names[name]: float(when) for name, when in rows}
 
     def _add_to_set_sync(self, key: str, member: str) -> None:
         # Read first without the write lock: the member is almost always there already.
@@ -537,18 +590,35 @@ class EmbeddedMetadataStore:
         if not self._is_indexed():
             records = ((d, self._cache.get(f"blob:{d}")) for d in digests)
             return {d: BlobRecord.from_json(raw).last_access for d, raw in records if raw}
-        found: dict[str, float] = {}
-        for start in range(0, len(digests), LOOKUP_BATCH):
-            batch = digests[start : start + LOOKUP_BATCH]
-            marks = ",".join("?" * len(batch))  # placeholders only: the digests are bound
-            query = f"SELECT digest, last_access FROM MirrorLru WHERE digest IN ({marks})"  # noqa: S608
-            found.update((digest, float(when)) for digest, when in self._sql(query, *batch))
-        return found
+        rows = self._rows_in("SELECT digest, last_access FROM MirrorLru WHERE digest", digests)
+        return {digest: float(when) for digest, when in rows}
+
+    def _rows_in(self, select: str, values: list[str]) -> Iterator[Any]:
+        """The rows of `<select> IN (values)`, a query per `LOOKUP_BATCH` values."""
+        for start in range(0, len(values), LOOKUP_BATCH):
+            batch = values[start : start + LOOKUP_BATCH]
+            marks = ",".join("?" * len(batch))  # placeholders only: the values are bound
+            yield from self._sql(f"{select} IN ({marks})", *batch)
 
     async def rebuild_indexes(self) -> bool:
         return await self._run(self._rebuild_sync)
 
     def _rebuild_sync(self) -> bool:
+        seeded = not self._has_flag(PULLS) and self._seed_pulls()
+        return self._build_index() or seeded
+
+    def _seed_pulls(self) -> bool:
+        """Each repository's last pull, for a store from before they were kept: the
+        latest access of a manifest one of its tags names (a pull since moves it on)."""
+        tagged = [((up, repo), record.digest) for up, repo, _, record in self._tag_records_sync()]
+        accessed = self._last_accesses_sync(sorted({digest for _, digest in tagged}))
+        with self._cache.transact():
+            for (upstream, repository), when in latest_pulls(tagged, accessed).items():
+                self._sql(_PULL_UPSERT, _repo_key(upstream, repository), when)
+            self._set_flag(PULLS)
+        return True
+
+    def _build_index(self) -> bool:
         if self._is_indexed():
             return False
         # Batches of records, each indexed in one transaction with a fresh read of them,
@@ -567,8 +637,7 @@ class EmbeddedMetadataStore:
         self._index_keys(batch)
         with self._cache.transact():
             self._sql("UPDATE MirrorTotals SET value = ? WHERE name = 'tags'", tags)
-            self._sql("INSERT OR IGNORE INTO MirrorTotals VALUES ('indexed', 1)")
-        self._indexed = True
+            self._set_flag(INDEXED)
         return True
 
     def _index_keys(self, keys: list[str]) -> None:

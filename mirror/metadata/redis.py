@@ -9,9 +9,11 @@ Redis errors become `MetadataUnavailable` here and nowhere else.
 
 Running totals (`totals`: blobs, bytes, manifests, pinned, tags) live in one hash kept by
 Lua scripts that write a record and adjust the hash atomically; `blob-access` is already
-the LRU index `oldest_blobs` reads a page of. A store without the hash's `built` field (new,
-or written by an older version) is counted once by `rebuild_indexes`, in the background at
-start or by the first `totals`.
+the LRU index `oldest_blobs` reads a page of, and `repo-pulled` (a sorted set too) each
+repository's last pull. A store without the hash's `built` field (new, or written by an
+older version) is counted once by `rebuild_indexes`, in the background at start or by the
+first `totals`; one without its `pulls` field has its last pulls seeded from its tags
+there, and answers from them until then.
 
 The server is one Redis or a Sentinel-managed primary (`redis_url.py` opens either). A
 command that meets a broken connection is retried once on a fresh one, which with
@@ -37,8 +39,11 @@ from mirror.metadata.base import (
     CachedResponse,
     DownloadRecord,
     LruPosition,
+    RepositoryFigures,
     StoreTotals,
     TagRecord,
+    latest_pulls,
+    pulls_from_tags,
 )
 from mirror.metadata.redis_url import open_redis
 
@@ -111,6 +116,8 @@ end
 return 1
 """
 TOTALS_FIELDS = ("blobs", "blob_bytes", "manifests", "pinned", "tags")
+# Fields of the totals hash that say what was built: the counts, the last pulls.
+BUILT, PULLS = "built", "pulls"
 SCAN_BATCH = 1_000
 
 
@@ -179,13 +186,16 @@ class RedisMetadataStore:
         async def read() -> list[tuple[str, str, str, TagRecord]]:
             found = []
             prefix = self._k("tag", "")
-            async for key in self._redis.scan_iter(match=f"{prefix}*", count=500):
-                raw = await self._redis.get(key)
-                if raw is None:
-                    continue
-                repo_key, _, tag = _text(key).removeprefix(prefix).rpartition(":")
-                upstream, _, repository = repo_key.partition("/")
-                found.append((upstream, repository, tag, TagRecord.from_json(raw)))
+            cursor: int | None = None
+            while cursor != 0:  # a page of keys, and their records in one MGET
+                cursor, keys = await self._redis.scan(cursor or 0, f"{prefix}*", SCAN_BATCH)
+                raws = await self._redis.mget(keys) if keys else []
+                for key, raw in zip(keys, raws, strict=True):
+                    if raw is None:
+                        continue
+                    repo_key, _, tag = _text(key).removeprefix(prefix).rpartition(":")
+                    upstream, _, repository = repo_key.partition("/")
+                    found.append((upstream, repository, tag, TagRecord.from_json(raw)))
             return sorted(found, key=lambda item: item[:3])
 
         return await self._run(read)
@@ -308,6 +318,37 @@ class RedisMetadataStore:
 
     async def list_repositories(self) -> list[tuple[str, str]]:
         return _split(await self._run(lambda: self._redis.smembers(self._k("repositories"))))
+
+    async def touch_repositories(self, pulled: Mapping[tuple[str, str], float]) -> None:
+        if pulled:
+            # GT: a later pull another node wrote stays.
+            members = {f"{up}/{repo}": when for (up, repo), when in pulled.items()}
+            await self._run(lambda: self._redis.zadd(self._k("repo-pulled"), members, gt=True))
+
+    async def repository_figures(
+        self, repositories: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], RepositoryFigures]:
+        asked = list(repositories)
+        if not asked:
+            return {}
+        names = [f"{upstream}/{repository}" for upstream, repository in asked]
+
+        async def read() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.scard(self._k("tags", name))
+                pipe.zmscore(self._k("repo-pulled"), names)
+                pipe.hexists(self._k("totals"), PULLS)
+                return await pipe.execute()
+
+        *tags, scores, seeded = await self._run(read)
+        pulled = {key: float(s) for key, s in zip(asked, scores, strict=True) if s is not None}
+        if not seeded:
+            pulled = await pulls_from_tags(self, asked, pulled)
+        return {
+            key: RepositoryFigures(int(count), pulled.get(key))
+            for key, count in zip(asked, tags, strict=True)
+        }
 
     # Cached upstream responses
 
@@ -504,7 +545,7 @@ class RedisMetadataStore:
 
         raw, repositories = await self._run(read)
         kept = {_text(name): int(value) for name, value in raw.items()}
-        if "built" not in kept:
+        if BUILT not in kept:
             # Never counted (a new store, or one from an older version): counting once
             # costs what answering from the listings would, and is kept from then on.
             await self.rebuild_indexes()
@@ -558,14 +599,24 @@ class RedisMetadataStore:
                     counted["pinned"] += record.pinned
             return counted
 
-        if await self._run(lambda: self._redis.hexists(self._k("totals"), "built")):
-            return False
-        # Writes during the count may be counted twice or missed: the totals are a
-        # report's figures, and only a store from an older version is ever counted.
-        counted = await self._run(count)
-        fields: dict[Any, Any] = {**counted, "built": 1}
-        await self._run(lambda: self._redis.hset(self._k("totals"), mapping=fields))
-        return True
+        built, seeded = await self._run(lambda: self._redis.hmget(self._k("totals"), BUILT, PULLS))
+        if seeded is None:
+            await self._seed_pulls()
+        if built is None:
+            # Writes during the count may be counted twice or missed: the totals are a
+            # report's figures, and only a store from an older version is ever counted.
+            counted = await self._run(count)
+            fields: dict[Any, Any] = {**counted, BUILT: 1}
+            await self._run(lambda: self._redis.hset(self._k("totals"), mapping=fields))
+        return built is None or seeded is None
+
+    async def _seed_pulls(self) -> None:
+        """Each repository's last pull, for a store from before they were kept: the
+        latest access of a manifest one of its tags names (a pull since moves it on)."""
+        tagged = [((up, repo), record.digest) for up, repo, _, record in await self.tag_records()]
+        accessed = await self.last_accesses(sorted({digest for _, digest in tagged}))
+        await self.touch_repositories(latest_pulls(tagged, accessed))
+        await self._run(lambda: self._redis.hset(self._k("totals"), PULLS, 1))
 
 
 def _with_access(record: BlobRecord, accessed: Any) -> BlobRecord:
