@@ -1,15 +1,23 @@
 """Does the mirror stay flat as its cache grows? A small store against a synthetic big one.
 
     .venv/bin/python bench/scale.py [--blobs 1000000] [--tags 50000] [--repositories 3000]
-        [--baseline 1000] [--backend embedded|redis|both] [--keep] [--tmpdir DIR]
+        [--baseline 1000] [--backend embedded|redis|both] [--rounds 3] [--keep]
+        [--tmpdir DIR] [--reuse DIR]
 
-For each metadata backend it builds two stores, a baseline (`--baseline` blobs, tags in
-the same proportion) and a big one (`--blobs`, `--tags`), and measures on each: start-up
-(spawn of `mirror serve` to /readyz 200 and to /v2/ answering), the time until the
-background reconcile logs its end, blob GET and manifest-by-tag hit latency (wrk, p50 and
-p99), `mirror stats --json` wall time, one forced eviction pass (in this process, on the
-real `Evictor`, with max_size just below usage) and the server's peak RSS. It prints one
-table per backend: baseline, big, and big over baseline.
+For each metadata backend it builds two stores, a baseline (`--baseline` blobs, tags and
+repositories in the same proportion, but at least enough for the hot set below) and a big
+one (`--blobs`, `--tags`), and measures on each: start-up (spawn of `mirror serve` to
+/readyz 200 and to /v2/ answering), the time until the background reconcile logs its end,
+blob GET and manifest-by-tag hit latency (wrk, p50 and p99), `mirror stats --json` wall
+time, one forced eviction pass (in this process, on the real `Evictor`, with max_size just
+below usage) and the server's peak RSS. It prints one table per backend: baseline, big,
+and big over baseline.
+
+The hits are the same work on both stores, so that only the size differs: HOT blobs, and
+HOT tags that each name their own manifest in their own repository (a hot set of a few
+manifests in a few repositories makes every access flush smaller, and its tail shorter).
+Both servers run at once, and wrk takes turns between them for `--rounds` rounds; each hit
+figure is the median of its rounds, so a machine that is slow for a while is slow for both.
 
 The store is written directly, fast: every blob record has a real small file under
 `blobs/` (so hits are real hits and reconcile finds what it expects), a size, an access
@@ -32,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -202,7 +211,6 @@ def fill_redis(url: str, prefix: str, synthetic: Synthetic) -> None:
 
     client = redis.Redis.from_url(url)
     try:
-        client.flushdb(asynchronous=True)
         pipe = client.pipeline(transaction=False)
         for n, (digest, record, repository) in enumerate(records(synthetic), 1):
             pipe.set(f"{prefix}blob:{digest}", record.to_json())
@@ -243,11 +251,6 @@ async def build_indexes(store: MetadataStore) -> None:
 
 
 # Measuring
-
-
-@dataclass
-class Figures:
-    values: dict[str, float | None] = field(default_factory=dict)
 
 
 def http_status(url: str, headers: dict[str, str] | None = None) -> int | None:
@@ -322,12 +325,31 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def measure(
-    work: Path, root: Path, backend: str, synthetic: Synthetic, redis_url: str | None, prefix: str
-) -> dict[str, float | None]:
-    figures: dict[str, float | None] = {}
+@dataclass
+class Running:
+    """A `mirror serve` on one store, and the figures measured on it so far."""
+
+    name: str
+    synthetic: Synthetic
+    process: subprocess.Popen[bytes]
+    base: str
+    config: Path
+    env: dict[str, str]
+    figures: dict[str, float | None] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+
+def start(
+    work: Path,
+    name: str,
+    root: Path,
+    backend: str,
+    synthetic: Synthetic,
+    redis_url: str | None,
+    prefix: str,
+) -> Running:
+    """Spawn the mirror on a store; time it to ready, then to the end of its reconcile."""
     config, port = mirror_config(work, root, backend, redis_url, prefix)
-    base = f"http://{LOOPBACK}:{port}"
     log_path = work / f"mirror-{backend}-{root.name}.log"
     log = log_path.open("wb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
@@ -340,88 +362,110 @@ def measure(
         env=env,
     )
     log.close()
+    running = Running(name, synthetic, process, f"http://{LOOPBACK}:{port}", config, env)
+    ready = v2 = None
+    while ready is None or v2 is None:
+        if process.poll() is not None:
+            raise RuntimeError(f"mirror exited with {process.returncode}: see {log_path}")
+        if time.time() - started > START_TIMEOUT:
+            raise RuntimeError(f"{backend} {root.name}: not ready in {START_TIMEOUT:.0f}s")
+        if ready is None and http_status(running.base + "/readyz") == 200:
+            ready = time.time() - started
+        if v2 is None and http_status(running.base + "/v2/") == 200:
+            v2 = time.time() - started
+        time.sleep(0.01)
+    running.figures["start: /readyz 200 (s)"] = ready
+    running.figures["start: /v2/ 200 (s)"] = v2
+    # Hits are measured after the reconcile, so that it does not compete with them.
+    while (done := reconciled_at(log_path)) is None:
+        if time.time() - started > RECONCILE_TIMEOUT or process.poll() is not None:
+            raise RuntimeError(f"{backend} {root.name}: no reconcile end; see {log_path}")
+        time.sleep(0.2)
+    running.figures["reconcile done (s)"] = done - started
+    return running
+
+
+def hot_paths(running: Running) -> tuple[list[str], list[str]]:
+    """HOT blobs (not manifests) and HOT tags, each tag naming its own manifest in its own
+    repository on both stores: the same work per hit and per access flush, so that only
+    the store's size differs."""
+    synthetic = running.synthetic
+    first = synthetic.tags // 10  # manifests come first
+    step = max((synthetic.blobs - first) // HOT, 1)
+    blob_paths = [
+        f"/v2/{synthetic.repository(i)}/blobs/{digest_of(synthetic.blob(i))}"
+        for i in range(first, synthetic.blobs, step)[:HOT]
+    ]
+    tag_paths = []
+    for j in range(0, first, max(first // HOT, 1))[:HOT]:
+        repository, tag, _ = synthetic.tag(j)
+        tag_paths.append(f"/v2/{repository}/manifests/{tag}")
+    # An earlier eviction pass on a reused store may have taken a few: only hits count.
+    blob_paths = [p for p in blob_paths if http_status(running.base + p) == 200]
+    tag_paths = [
+        p for p in tag_paths if http_status(running.base + p, {"Accept": OCI_MANIFEST}) == 200
+    ]
+    if len(blob_paths) < HOT // 2 or len(tag_paths) < HOT // 2:
+        raise RuntimeError(f"too few hits: {len(blob_paths)} blobs, {len(tag_paths)} tags")
+    return blob_paths, tag_paths
+
+
+def hit_rounds(servers: list[Running], rounds: int) -> None:
+    """Blob and tag hit latency, in rounds that take turns between the servers (a machine
+    that slows down for a while slows both), each figure the median of its rounds."""
+    paths = {running.name: hot_paths(running) for running in servers}
+    for round_number in range(rounds):
+        # Each goes first in every other round: what follows a run pays for its wake.
+        for running in servers if round_number % 2 == 0 else reversed(servers):
+            blob_paths, tag_paths = paths[running.name]
+            for kind, hot, headers in (
+                ("blob", blob_paths, {}),
+                ("tag", tag_paths, {"Accept": OCI_MANIFEST}),
+            ):
+                p50, p99, count = wrk(running.base, hot, headers)
+                for figure, value in (
+                    (f"{kind} hit p50 (ms)", p50),
+                    (f"{kind} hit p99 (ms)", p99),
+                    (f"{kind} hits/s", count / WRK_SECONDS),
+                ):
+                    running.samples.setdefault(figure, []).append(value)
+    for running in servers:
+        for figure, values in running.samples.items():
+            running.figures[figure] = statistics.median(values)
+
+
+def finish(running: Running) -> None:
+    """`mirror stats` against the running server's store, its peak RSS, then stop it."""
     try:
-        ready = v2 = None
-        while ready is None or v2 is None:
-            if process.poll() is not None:
-                raise RuntimeError(f"mirror exited with {process.returncode}: see {log_path}")
-            if time.time() - started > START_TIMEOUT:
-                print(f"  {backend} {root.name}: not ready in {START_TIMEOUT:.0f}s; no hit figures")
-                break
-            if ready is None and http_status(base + "/readyz") == 200:
-                ready = time.time() - started
-            if v2 is None and http_status(base + "/v2/") == 200:
-                v2 = time.time() - started
-            time.sleep(0.01)
-        figures["start: /readyz 200 (s)"] = ready
-        figures["start: /v2/ 200 (s)"] = v2
-        if ready is not None and v2 is not None:
-            figures.update(hit_figures(base, synthetic, log_path, started, process))
         before = time.time()
         stats = subprocess.run(
-            [sys.executable, "-m", "mirror", "stats", "--config", str(config), "--json"],
+            [sys.executable, "-m", "mirror", "stats", "--config", str(running.config), "--json"],
             capture_output=True,
             text=True,
             timeout=1800,
-            env=env,
+            env=running.env,
         )
         if stats.returncode == 0:
-            figures["mirror stats (s)"] = time.time() - before
+            running.figures["mirror stats (s)"] = time.time() - before
             reported = json.loads(stats.stdout)
-            if reported["blobs"] != synthetic.blobs:
-                print(f"  note: stats says {reported['blobs']} blobs, {synthetic.blobs} written")
+            if reported["blobs"] != running.synthetic.blobs:
+                print(f"  note: stats says {reported['blobs']} blobs, {running.synthetic.blobs}")
         else:
             print(
                 f"  mirror stats failed after {time.time() - before:.1f}s: {stats.stderr.strip()}"
             )
-        figures["peak RSS (MiB)"] = peak_rss_mib(process.pid)
+        running.figures["peak RSS (MiB)"] = peak_rss_mib(running.process.pid)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    figures["eviction pass (s)"] = asyncio.run(evict_once(root, backend, redis_url, prefix))
-    return figures
+        stop(running.process)
 
 
-def hit_figures(
-    base: str,
-    synthetic: Synthetic,
-    log_path: Path,
-    started: float,
-    process: subprocess.Popen[bytes],
-) -> dict[str, float | None]:
-    """Reconcile's end, then blob and tag hit latency (after it, so it does not compete)."""
-    figures: dict[str, float | None] = {}
-    while (done := reconciled_at(log_path)) is None:
-        if time.time() - started > RECONCILE_TIMEOUT or process.poll() is not None:
-            break
-        time.sleep(0.2)
-    figures["reconcile done (s)"] = None if done is None else done - started
-    # HOT blobs (not manifests) and HOT tags.
-    first = synthetic.tags // 10
-    step = max((synthetic.blobs - first) // HOT, 1)
-    blob_paths = []
-    for i in range(first, synthetic.blobs, step)[:HOT]:
-        blob_paths.append(f"/v2/{synthetic.repository(i)}/blobs/{digest_of(synthetic.blob(i))}")
-    tag_paths = []
-    for j in range(0, synthetic.tags, max(synthetic.tags // HOT, 1))[:HOT]:
-        repository, tag, _ = synthetic.tag(j)
-        tag_paths.append(f"/v2/{repository}/manifests/{tag}")
-    # An earlier eviction pass on a reused store may have taken a few: only hits count.
-    blob_paths = [p for p in blob_paths if http_status(base + p) == 200]
-    tag_paths = [p for p in tag_paths if http_status(base + p, {"Accept": OCI_MANIFEST}) == 200]
-    if len(blob_paths) < HOT // 2 or len(tag_paths) < HOT // 2:
-        raise RuntimeError(f"too few hits: {len(blob_paths)} blobs, {len(tag_paths)} tags")
-    p50, p99, count = wrk(base, blob_paths, {})
-    figures["blob hit p50 (ms)"], figures["blob hit p99 (ms)"] = p50, p99
-    figures["blob hits/s"] = count / WRK_SECONDS
-    p50, p99, count = wrk(base, tag_paths, {"Accept": OCI_MANIFEST})
-    figures["tag hit p50 (ms)"], figures["tag hit p99 (ms)"] = p50, p99
-    figures["tag hits/s"] = count / WRK_SECONDS
-    return figures
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 async def evict_once(root: Path, backend: str, redis_url: str | None, prefix: str) -> float:
@@ -489,12 +533,14 @@ def main() -> int:
     parser.add_argument("--backend", choices=("embedded", "redis", "both"), default="both")
     parser.add_argument("--tmpdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="wrk rounds per figure (median)")
     parser.add_argument(
         "--reuse",
         type=Path,
         default=None,
         help="a work dir kept by an earlier run (--keep): measure its embedded stores again,"
-        " without writing them (to compare two versions on the same data)",
+        " without writing them (to compare two versions on the same data; a store whose"
+        " directory was removed is written again)",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -504,7 +550,10 @@ def main() -> int:
     ratio = args.baseline / args.blobs
     scales = {
         "baseline": Synthetic(
-            args.baseline, max(int(args.tags * ratio), 10), max(int(args.repositories * ratio), 3)
+            args.baseline,
+            # Enough for the hot set of the big one: HOT manifests in HOT repositories.
+            max(int(args.tags * ratio), 10 * HOT),
+            max(int(args.repositories * ratio), HOT),
         ),
         "big": Synthetic(args.blobs, args.tags, args.repositories),
     }
@@ -517,20 +566,40 @@ def main() -> int:
             cleanup.append(server.kill)
             redis_url = server.url
         for backend in backends:
-            results: dict[str, dict[str, float | None]] = {}
-            for name, synthetic in scales.items():
-                prefix = f"scale-{name}:"
-                if args.reuse is not None and backend == "embedded":
-                    root = work / name
-                else:
-                    root = prepare(work, name, backend, synthetic, redis_url, prefix)
-                results[name] = measure(work, root, backend, synthetic, redis_url, prefix)
-                if backend == "redis":
-                    import redis
+            if backend == "redis":
+                import redis
 
-                    redis.Redis.from_url(redis_url).flushdb(
-                        asynchronous=True
-                    )  # FLUSHDB ASYNC: no wait
+                redis.Redis.from_url(redis_url).flushdb()  # both stores are written next
+            roots = {
+                name: work / name
+                if args.reuse is not None and backend == "embedded" and (work / name).exists()
+                else prepare(work, name, backend, synthetic, redis_url, f"scale-{name}:")
+                for name, synthetic in scales.items()
+            }
+            # Both servers run at once, so that their hit rounds can take turns.
+            servers: list[Running] = []
+            try:
+                for name, synthetic in scales.items():
+                    prefix = f"scale-{name}:"
+                    servers.append(
+                        start(work, name, roots[name], backend, synthetic, redis_url, prefix)
+                    )
+                hit_rounds(servers, args.rounds)
+                for running in servers:
+                    finish(running)
+            finally:
+                for running in servers:
+                    stop(running.process)
+            results: dict[str, dict[str, float | None]] = {}
+            for running in servers:
+                evicted = asyncio.run(
+                    evict_once(roots[running.name], backend, redis_url, f"scale-{running.name}:")
+                )
+                results[running.name] = {**running.figures, "eviction pass (s)": evicted}
+            if backend == "redis":
+                import redis
+
+                redis.Redis.from_url(redis_url).flushdb(asynchronous=True)  # no wait
             print()
             baseline = scales["baseline"].blobs
             print(f"{backend}: {baseline} blobs vs {args.blobs} blobs, {args.tags} tags")

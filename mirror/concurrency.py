@@ -109,6 +109,11 @@ class TaskOwner:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    @property
+    def closing(self) -> bool:
+        """True once `close` began: `spawn` refuses from then on."""
+        return self._closed
+
     async def close(self, grace: float = 0.0) -> None:
         """Let running tasks finish for up to `grace` seconds, then cancel the rest."""
         self._closed = True

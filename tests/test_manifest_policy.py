@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.net import eventually_async
 from support.stub_upstream import StubUpstream
 
 from mirror.app import eviction_listener
 from mirror.cache.context import CacheContext
-from mirror.cache.hot import CONFIRM_EVERY, ENTRY_OVERHEAD, HotManifests
+from mirror.cache.hot import CONFIRM_EVERY, ENTRY_OVERHEAD, REFRESH_BY, HotManifests
 from mirror.cache.manifests import MEMORY_BYTES, Manifest, ManifestCache
 from mirror.cache.provenance import ContentAccess
 from mirror.config import TagRule
@@ -340,6 +341,63 @@ async def test_a_hot_manifest_is_answered_with_no_store_read(
     world.clock.now += CONFIRM_EVERY
     assert (await world.get()).digest == digest
     assert reads.counts == {"get_tag": 1, "get_blob": 1, "read_bytes": 1}
+
+
+async def test_a_manifest_pulled_on_is_read_again_in_the_background(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await cached_tag(world)
+    await world.get()  # the tag record and the manifest into memory
+    reads = StoreReads(world, monkeypatch)
+    world.clock.now += REFRESH_BY
+    # Answered from memory; the stores are read after, with no request waiting on them.
+    assert (await world.get()).cache_result == "hit"
+    read_once = {"get_tag": 1, "get_blob": 1}  # a manifest's bytes never change
+
+    async def read_again() -> bool:
+        return reads.counts == read_once
+
+    await eventually_async(read_again)
+    assert (await world.get()).cache_result == "hit"  # one read at a time, not one per hit
+    # Past the first read's CONFIRM_EVERY: the second read keeps it in memory.
+    world.clock.now = START + CONFIRM_EVERY + 1
+    assert (await world.get()).cache_result == "hit"
+    assert reads.counts == read_once
+    assert world.upstream.asked == []
+
+
+async def test_a_read_in_the_background_drops_what_another_process_evicted(
+    world: World,
+) -> None:
+    digest = await cached_tag(world)
+    assert (await world.get(digest)).cache_result == "hit"  # hot now
+    await evicted_elsewhere(world, digest)
+    world.clock.now += REFRESH_BY
+    assert (await world.get(digest)).cache_result == "hit"  # memory, within CONFIRM_EVERY
+
+    async def dropped() -> bool:
+        return world.cache.hot.manifest(digest) is None
+
+    await eventually_async(dropped)
+    manifest = await world.get(digest)
+    assert (manifest.digest, manifest.cache_result) == (digest, "miss")
+    assert world.upstream.asked == [("GET", REPO, f"manifests/{digest}")]
+
+
+def test_a_read_again_that_began_before_an_eviction_is_void() -> None:
+    clock = Clock()
+    hot = HotManifests(MEMORY_BYTES, clock)
+    hot.put_manifest("a", OCI_MANIFEST, b"a")
+    assert hot.due("a") is False  # just read
+    clock.now += REFRESH_BY
+    assert hot.due("a") is True
+    assert hot.due("a") is False  # one read at a time
+    hot.forget("a")  # this process evicted it while the read ran
+    assert hot.refreshed("a") is False
+    hot.put_manifest("a", OCI_MANIFEST, b"a")
+    clock.now += REFRESH_BY
+    assert hot.due("a") is True
+    assert hot.refreshed("a") is True
 
 
 async def test_memory_off_reads_the_stores_every_time(

@@ -25,14 +25,15 @@ import dataclasses
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
 from mirror.cache.context import CacheContext
-from mirror.cache.hot import HotManifests
-from mirror.concurrency import SingleFlight
+from mirror.cache.hot import HotManifests, TagKey
+from mirror.concurrency import SingleFlight, TaskOwner
 from mirror.errors import (
     DigestInvalid,
     ManifestInvalid,
@@ -95,10 +96,20 @@ class ManifestCache:
         self._by_tag: SingleFlight[tuple[str, str, str], Manifest] = SingleFlight()
         self.stale_answers: Counter[str] = Counter()  # by upstream
         self.hot = HotManifests(memory_bytes, clock)
+        self._refreshes = TaskOwner("hot-manifest-refreshes")
 
     async def close(self) -> None:
+        await self._refreshes.close()
         await self._by_digest.close()
         await self._by_tag.close()
+
+    def _refresh_if_due(
+        self, key: str | TagKey, refresh: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        """Read a hot entry again in the background once it is due (`HotManifests.due`):
+        the request that noticed is answered from memory all the same."""
+        if not self._refreshes.closing and self.hot.due(key):
+            self._refreshes.spawn(refresh(), name="hot-manifest-refresh")
 
     async def get(
         self, route: Route, reference: Reference, accept: AcceptSet, *, head: bool = False
@@ -139,12 +150,29 @@ class ManifestCache:
         """A manifest we hold, or None: from memory while it is hot there."""
         hot = self.hot.manifest(digest)
         if hot is not None:
+            self._refresh_if_due(digest, lambda: self._refresh_manifest(digest))
             media_type, body = hot
             return Manifest(digest, media_type, len(body), body, cache_result)
         manifest = await self._load_stored(digest, cache_result)
         if manifest is not None and manifest.body is not None:
             self.hot.put_manifest(digest, manifest.media_type, manifest.body)
         return manifest
+
+    async def _refresh_manifest(self, digest: str) -> None:
+        # Its record alone: the bytes of a digest never change, and whoever removes the
+        # blob (eviction, `mirror gc`) removes the record.
+        try:
+            record = await self._ctx.metadata.get_blob(digest)
+        except MetadataUnavailable:
+            return  # left to lapse at its time: the request after it reads the stores
+        finally:
+            current = self.hot.refreshed(digest)
+        if not current:
+            return  # evicted meanwhile: the read may predate it
+        if record is None or record.media_type is None:
+            self.hot.forget(digest)  # evicted or collected by another process
+        else:
+            self.hot.confirm_manifest(digest)
 
     async def _load_stored(self, digest: str, cache_result: str) -> Manifest | None:
         try:
@@ -221,6 +249,7 @@ class ManifestCache:
         key = (route.upstream, route.repository, tag)
         remembered = self.hot.tag(key)
         if remembered is not None:
+            self._refresh_if_due(key, lambda: self._refresh_tag(route, tag))
             return remembered
         try:
             record = await self._ctx.metadata.get_tag(route.upstream, route.repository, tag)
@@ -229,6 +258,21 @@ class ManifestCache:
         if record is not None:
             self.hot.put_tag(key, record, record.checked_at + self._tag_ttl(route, tag))
         return record
+
+    async def _refresh_tag(self, route: Route, tag: str) -> None:
+        key = (route.upstream, route.repository, tag)
+        try:
+            record = await self._ctx.metadata.get_tag(route.upstream, route.repository, tag)
+        except MetadataUnavailable:
+            return  # left to lapse at its time
+        finally:
+            current = self.hot.refreshed(key)
+        if not current:
+            return
+        if record is None:
+            self.hot.drop_tag(key)  # deleted (`mirror gc`)
+        else:
+            self.hot.put_tag(key, record, record.checked_at + self._tag_ttl(route, tag))
 
     def _tag_ttl(self, route: Route, tag: str) -> float:
         # Offline, what we hold is the truth whatever its age.

@@ -3,9 +3,10 @@
 The store holds what the blob files cannot say themselves: tag records
 (upstream, repository, tag → digest), blob records (size, media type for
 manifests, access times, pinning), which repositories are known to hold a
-blob, the repositories held locally, short-lived cached upstream responses
-(tags lists, referrers), leases for single-flight downloads, and where a
-running download writes, so other processes on a shared volume can follow it.
+blob, the repositories held locally and when each was last pulled, short-lived
+cached upstream responses (tags lists, referrers), leases for single-flight
+downloads, and where a running download writes, so other processes on a shared
+volume can follow it.
 
 In fleet mode (replicas with their own disks) it is also the fleet's directory: which
 replicas are alive (a heartbeat with a lapse time), which hold each committed blob, and
