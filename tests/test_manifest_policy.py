@@ -326,6 +326,14 @@ async def evicted_elsewhere(world: World, digest: str) -> None:
     await world.metadata.delete_blob(digest)
 
 
+async def hot_then_evicted_elsewhere(world: World) -> str:
+    """A cached manifest in this process's memory, then removed by another process."""
+    digest = await cached_tag(world)
+    assert (await world.get(digest)).cache_result == "hit"  # hot now
+    await evicted_elsewhere(world, digest)
+    return digest
+
+
 async def test_a_hot_manifest_is_answered_with_no_store_read(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -369,9 +377,7 @@ async def test_a_manifest_pulled_on_is_read_again_in_the_background(
 async def test_a_read_in_the_background_drops_what_another_process_evicted(
     world: World,
 ) -> None:
-    digest = await cached_tag(world)
-    assert (await world.get(digest)).cache_result == "hit"  # hot now
-    await evicted_elsewhere(world, digest)
+    digest = await hot_then_evicted_elsewhere(world)
     world.clock.now += REFRESH_BY
     assert (await world.get(digest)).cache_result == "hit"  # memory, within CONFIRM_EVERY
 
@@ -415,9 +421,7 @@ async def test_memory_off_reads_the_stores_every_time(
 async def test_a_manifest_evicted_by_another_process_leaves_memory_within_confirm_every(
     world: World,
 ) -> None:
-    digest = await cached_tag(world)
-    assert (await world.get(digest)).cache_result == "hit"  # hot now
-    await evicted_elsewhere(world, digest)
+    digest = await hot_then_evicted_elsewhere(world)
     world.clock.now += CONFIRM_EVERY
     manifest = await world.get(digest)
     assert (manifest.digest, manifest.cache_result) == (digest, "miss")
