@@ -18,10 +18,10 @@ What it holds is never more than a short-lived copy of what the stores say:
   `CONFIRM_EVERY` seconds, so a tag another process moved is seen as soon as it would
   be without this memory, give or take those seconds.
 
-An entry asked for once it is `REFRESH_FROM` to `REFRESH_BY` old is read again in the background
-(`due`; the manifest policy does the reading: a tag's record, a manifest's record alone,
-as the bytes of a digest never change), so that a manifest pulled all day never makes a
-request wait on the stores: those reads were the slowest 1% of hot pulls
+An entry asked for once it is `REFRESH_FROM` to `REFRESH_BY` old is read again in the
+background (`due`; the manifest policy does the reading: a tag's record, a manifest's
+record alone, as the bytes of a digest never change), so that a manifest pulled all day
+never makes a request wait on the stores: those reads were the slowest 1% of hot pulls
 (bench/scale.py, tag hit p99), and the slower the bigger the store.
 
 Times come from the clock the manifest policy is given (an injected one in tests).
@@ -39,9 +39,9 @@ from mirror.metadata.base import TagRecord
 
 CONFIRM_EVERY = 5.0  # seconds an entry is answered from memory before the stores are asked
 # Age from which an entry asked for is read again in the background: a random one in this
-# range, so that a hot set read together does not come due together (a burst of reads in
-# worker threads held up the event loop), by a second before it would lapse (time for the
-# read), and the stores are asked no more often than twice as often as without it.
+# range, so that a hot set read together does not come due together, and a second before
+# it would lapse at the latest (time for the read). Each hot entry is read at most twice
+# as often as it would be without this.
 REFRESH_FROM, REFRESH_BY = CONFIRM_EVERY / 2, CONFIRM_EVERY - 1.0
 # What an entry costs beyond its body (keys, record, bookkeeping): a rough, fixed share,
 # so that many tiny entries are bounded too.
