@@ -179,6 +179,27 @@ async def test_wrong_bytes_are_never_committed(backend: Backend) -> None:
     assert store.excess(0, "max") == 0
 
 
+async def test_a_download_discarded_on_a_full_disk_leaves_no_temp_file(
+    backend: Backend,
+) -> None:
+    store = backend.store
+    data = os.urandom(KIB)  # less than a buffer: it stays in the writer's
+    reservation = store.reserve(len(data))
+    assert reservation is not None
+    writer = store.new_writer(digest_of(data), len(data), reservation)
+    # The bytes still in the writer's buffer meet a full disk when it closes: /dev/full
+    # answers every write with ENOSPC, as a filled volume does.
+    writer._file.close()
+    writer._file = open("/dev/full", "wb")  # noqa: SIM115 - closed by discard
+    writer._file.write(data)
+    writer.discard()
+    assert writer._file.closed
+    assert not writer.temp_path.exists()
+    assert temp_files(store) == []
+    assert reservation.released
+    assert store.usage == 0
+
+
 async def test_right_bytes_of_the_wrong_size_are_never_committed(backend: Backend) -> None:
     store = backend.store
     data = os.urandom(10 * KIB)

@@ -761,7 +761,10 @@ class BlobWriter:
         """Close and delete the temp file unless it became the committed blob, and give
         back the reservation. Safe to call twice."""
         if not self._file.closed:
-            self._file.close()
+            # Closing flushes what is buffered, which fails on a full disk (ENOSPC). Those
+            # bytes are being thrown away, and the file is closed all the same.
+            with contextlib.suppress(OSError):
+                self._file.close()
         if not self.committed:
             self.temp_path.unlink(missing_ok=True)
         if self.reservation is not None:
