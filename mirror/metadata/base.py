@@ -286,14 +286,22 @@ async def pulls_from_tags(
             record = await metadata.get_tag(upstream, repository, tag)
             if record is not None:
                 tagged.append(((upstream, repository), record.digest))
-    accessed = await metadata.last_accesses(sorted({digest for _, digest in tagged}))
-    return {**latest_pulls(tagged, accessed), **kept}
+    return {**await _latest_pulls(metadata, tagged), **kept}
 
 
-def latest_pulls(
-    tagged: Sequence[tuple[tuple[str, str], str]], accessed: Mapping[str, float]
+async def seed_pulls(metadata: MetadataStore) -> None:
+    """Every repository's last pull, for a store from before they were kept (its
+    `rebuild_indexes`): as `pulls_from_tags` tells it, from one listing of every tag. A
+    pull meanwhile stays, as touches never move a pull back."""
+    tagged = [((up, repo), record.digest) for up, repo, _, record in await metadata.tag_records()]
+    await metadata.touch_repositories(await _latest_pulls(metadata, tagged))
+
+
+async def _latest_pulls(
+    metadata: MetadataStore, tagged: Sequence[tuple[tuple[str, str], str]]
 ) -> dict[tuple[str, str], float]:
-    """Per repository, the latest of `accessed` among the digests its tags name."""
+    """Per repository, the latest access of the manifests its tags name."""
+    accessed = await metadata.last_accesses(sorted({digest for _, digest in tagged}))
     latest: dict[tuple[str, str], float] = {}
     for repository, digest in tagged:
         when = accessed.get(digest)

@@ -45,8 +45,8 @@ from mirror.metadata.base import (
     StoreTotals,
     TagRecord,
     after_position,
-    latest_pulls,
     pulls_from_tags,
+    seed_pulls,
     totals_of,
 )
 
@@ -348,16 +348,16 @@ class EmbeddedMetadataStore:
         self, repositories: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], RepositoryFigures]:
         asked = list(repositories)
-        tags, pulled = await self._run(self._repository_figures_sync, asked)
-        if not self._has_flag(PULLS):  # (a cached flag: no query once set)
+        tags, pulled, seeded = await self._run(self._repository_figures_sync, asked)
+        if not seeded:
             pulled = await pulls_from_tags(self, asked, pulled)
         return {key: RepositoryFigures(tags[key], pulled.get(key)) for key in asked}
 
     def _repository_figures_sync(
         self, repositories: list[tuple[str, str]]
-    ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], float]]:
-        """Tag counts from each repository's list of tags, and last pulls from
-        `MirrorPulls`."""
+    ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], float], bool]:
+        """Tag counts from each repository's list of tags, last pulls from `MirrorPulls`,
+        and whether those were seeded (a store from before them answers from its tags)."""
         tags = {}
         for upstream, repository in repositories:
             raw = self._cache.get(f"tags:{_repo_key(upstream, repository)}")
@@ -366,7 +366,8 @@ class EmbeddedMetadataStore:
         rows = self._rows_in(
             "SELECT repository, last_pulled FROM MirrorPulls WHERE repository", list(names)
         )
-        return tags, {names[name]: float(when) for name, when in rows}
+        pulled = {names[name]: float(when) for name, when in rows}
+        return tags, pulled, self._has_flag(PULLS)
 
     def _add_to_set_sync(self, key: str, member: str) -> None:
         # Read first without the write lock: the member is almost always there already.
@@ -601,22 +602,11 @@ class EmbeddedMetadataStore:
             yield from self._sql(f"{select} IN ({marks})", *batch)
 
     async def rebuild_indexes(self) -> bool:
-        return await self._run(self._rebuild_sync)
-
-    def _rebuild_sync(self) -> bool:
-        seeded = not self._has_flag(PULLS) and self._seed_pulls()
-        return self._build_index() or seeded
-
-    def _seed_pulls(self) -> bool:
-        """Each repository's last pull, for a store from before they were kept: the
-        latest access of a manifest one of its tags names (a pull since moves it on)."""
-        tagged = [((up, repo), record.digest) for up, repo, _, record in self._tag_records_sync()]
-        accessed = self._last_accesses_sync(sorted({digest for _, digest in tagged}))
-        with self._cache.transact():
-            for (upstream, repository), when in latest_pulls(tagged, accessed).items():
-                self._sql(_PULL_UPSERT, _repo_key(upstream, repository), when)
-            self._set_flag(PULLS)
-        return True
+        seeding = not await self._run(self._has_flag, PULLS)
+        if seeding:
+            await seed_pulls(self)
+            await self._run(self._set_flag, PULLS)  # a crash before it: seeded again
+        return await self._run(self._build_index) or seeding
 
     def _build_index(self) -> bool:
         if self._is_indexed():

@@ -42,8 +42,8 @@ from mirror.metadata.base import (
     RepositoryFigures,
     StoreTotals,
     TagRecord,
-    latest_pulls,
     pulls_from_tags,
+    seed_pulls,
 )
 from mirror.metadata.redis_url import open_redis
 
@@ -601,7 +601,8 @@ class RedisMetadataStore:
 
         built, seeded = await self._run(lambda: self._redis.hmget(self._k("totals"), BUILT, PULLS))
         if seeded is None:
-            await self._seed_pulls()
+            await seed_pulls(self)
+            await self._run(lambda: self._redis.hset(self._k("totals"), PULLS, 1))
         if built is None:
             # Writes during the count may be counted twice or missed: the totals are a
             # report's figures, and only a store from an older version is ever counted.
@@ -609,14 +610,6 @@ class RedisMetadataStore:
             fields: dict[Any, Any] = {**counted, BUILT: 1}
             await self._run(lambda: self._redis.hset(self._k("totals"), mapping=fields))
         return built is None or seeded is None
-
-    async def _seed_pulls(self) -> None:
-        """Each repository's last pull, for a store from before they were kept: the
-        latest access of a manifest one of its tags names (a pull since moves it on)."""
-        tagged = [((up, repo), record.digest) for up, repo, _, record in await self.tag_records()]
-        accessed = await self.last_accesses(sorted({digest for _, digest in tagged}))
-        await self.touch_repositories(latest_pulls(tagged, accessed))
-        await self._run(lambda: self._redis.hset(self._k("totals"), PULLS, 1))
 
 
 def _with_access(record: BlobRecord, accessed: Any) -> BlobRecord:
